@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random GPT-Neo checkpoints built with transformers."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+HF_CLASSES = {
+    "base": "GPTNeoModel",
+    "causal-lm": "GPTNeoForCausalLM",
+    "sequence-classification": "GPTNeoForSequenceClassification",
+    "token-classification": "GPTNeoForTokenClassification",
+    "question-answering": "GPTNeoForQuestionAnswering",
+}
+
+
+def tiny_config(**overrides) -> transformers.GPTNeoConfig:
+    """A small GPT-Neo: window 4 so short sequences already cross the local window."""
+    settings = dict(
+        vocab_size=97,
+        max_position_embeddings=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        window_size=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        num_labels=3,
+    )
+    settings.update(overrides)
+    return transformers.GPTNeoConfig(**settings)
+
+
+def tiny_hf_model(task: str = "causal-lm", seed: int = 0, **overrides):
+    """A random transformers GPTNeo* model in eval mode, with non-trivial biases and norms."""
+    torch.manual_seed(seed)
+    model = getattr(transformers, HF_CLASSES[task])(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # default init leaves biases 0 and norms 1: randomize them too
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+@pytest.fixture
+def hf_causal_lm():
+    return tiny_hf_model("causal-lm")
