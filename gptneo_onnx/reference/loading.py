@@ -105,7 +105,7 @@ def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "flax_model.msgpack").is_file():
         raise CheckpointError(
             f"{folder} holds only Flax weights; convert them with "
-            "`gptneo_onnx.reference.from_transformers(GPTNeoForCausalLM.from_pretrained(path, from_flax=True))` "
+            "`from_transformers(GPTNeoForCausalLM.from_pretrained(path, from_flax=True))` "
             "(needs flax installed)"
         )
     raise FileNotFoundError(
