@@ -1,0 +1,6 @@
+"""The exporter: reference GPT-Neo to validated ONNX graphs (needs the `export` extra)."""
+
+from gptneo_onnx.export.api import ExportResult, export
+from gptneo_onnx.export.validate import ParityError
+
+__all__ = ["ExportResult", "ParityError", "export"]

@@ -1,0 +1,114 @@
+"""A small helper for writing ONNX graphs op by op, with weights kept as numpy until saved."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17  # LayerNormalization; loadable by onnxruntime >= 1.12, onnxruntime-web, TensorRT 8.6+
+MS_DOMAIN = "com.microsoft"
+NUMPY_TO_ONNX = {
+    np.dtype("float32"): TensorProto.FLOAT,
+    np.dtype("float16"): TensorProto.FLOAT16,
+    np.dtype("int64"): TensorProto.INT64,
+    np.dtype("int32"): TensorProto.INT32,
+    np.dtype("bool"): TensorProto.BOOL,
+}
+
+
+class GraphBuilder:
+    """Collects nodes, inputs, outputs and initializers; `make_node` returns output names."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.weights: dict[str, np.ndarray] = {}
+        self.uses_ms_domain = False
+        self._counter = 0
+
+    def unique(self, hint: str) -> str:
+        self._counter += 1
+        return f"{hint}_{self._counter}"
+
+    def add_input(self, name: str, dtype: np.dtype | type, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, NUMPY_TO_ONNX[np.dtype(dtype)], shape))
+        return name
+
+    def add_output(self, value: str, name: str, dtype: np.dtype | type, shape: list) -> str:
+        self.op("Identity", [value], outputs=[name])
+        self.outputs.append(helper.make_tensor_value_info(name, NUMPY_TO_ONNX[np.dtype(dtype)], shape))
+        return name
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        if name in self.weights:
+            raise ValueError(f"weight {name} added twice")
+        self.weights[name] = np.ascontiguousarray(array)
+        return name
+
+    def const(self, value, dtype: np.dtype | type = np.int64) -> str:
+        """A small constant (scalar or 1-D list) as an initializer."""
+        return self.weight(self.unique("const"), np.array(value, dtype=dtype))
+
+    def op(self, op_type: str, inputs: list[str], outputs: list[str] | int = 1, domain: str = "", **attrs):
+        """Add a node; returns its output name, or a list of names when it has several."""
+        if isinstance(outputs, int):
+            outputs = [self.unique(op_type.lower()) for _ in range(outputs)]
+        if domain == MS_DOMAIN:
+            self.uses_ms_domain = True
+        self.nodes.append(
+            helper.make_node(op_type, inputs, outputs, name=self.unique(op_type), domain=domain, **attrs)
+        )
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def weight_bytes(self) -> int:
+        return sum(array.nbytes for array in self.weights.values())
+
+    def to_model(self, external_data_file: Path | None = None) -> onnx.ModelProto:
+        """The ModelProto; with `external_data_file`, weights are streamed there instead."""
+        initializers = []
+        handle = external_data_file.open("wb") if external_data_file else None
+        try:
+            for name, array in self.weights.items():
+                if handle is None or array.nbytes < 1024:
+                    initializers.append(numpy_helper.from_array(array, name))
+                    continue
+                initializers.append(_external_tensor(name, array, handle, external_data_file.name))
+        finally:
+            if handle:
+                handle.close()
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if self.uses_ms_domain:
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="gptneo-onnx")
+        model.ir_version = 8  # readable by onnxruntime >= 1.14
+        return model
+
+
+def _external_tensor(name: str, array: np.ndarray, handle, location: str) -> TensorProto:
+    """A TensorProto whose bytes go to the open external-data file, 64-byte aligned."""
+    padding = (-handle.tell()) % 64
+    handle.write(b"\0" * padding)
+    offset = handle.tell()
+    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    handle.write(data)
+    tensor = TensorProto(name=name, data_type=NUMPY_TO_ONNX[array.dtype], dims=array.shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,122 @@
+"""Execution providers: pick one, build its options, and report the one that actually runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from gptneo_onnx.runtime.errors import ProviderError
+
+# Our short names, in `auto`'s order of preference, and onnxruntime's names for them.
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+SHORT_NAMES = {ort_name: short for short, ort_name in PROVIDER_NAMES.items()}
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class ProviderOptions:
+    """How to run a graph: provider, its options, and session settings."""
+
+    provider: str = "auto"
+    device_id: int = 0
+    trt_fp16: bool = False
+    trt_engine_cache_dir: str | Path | None = None
+    intra_op_threads: int | None = None
+    graph_optimization_level: str = "all"
+
+
+def available_providers() -> list[str]:
+    """Our short names of the providers this onnxruntime build offers, best first."""
+    offered = set(ort.get_available_providers())
+    return [short for short, ort_name in PROVIDER_NAMES.items() if ort_name in offered]
+
+
+def resolve_provider(name: str) -> str:
+    """Turn `auto` or an explicit short name into the short name to use; errors list what exists."""
+    available = available_providers()
+    key = name.lower()
+    if key == "auto":
+        return available[0] if available else "cpu"
+    if key not in PROVIDER_NAMES:
+        raise ProviderError(
+            f"unknown provider {name!r}; expected auto, {', '.join(PROVIDER_NAMES)}. "
+            f"Available here: {', '.join(available) or 'none'}"
+        )
+    if key not in available:
+        raise ProviderError(
+            f"provider {key!r} ({PROVIDER_NAMES[key]}) is not available in this onnxruntime build; "
+            f"available: {', '.join(available)} (onnxruntime reports {', '.join(ort.get_available_providers())}). "
+            + ("Install onnxruntime-gpu (`pip install gptneo-onnx[gpu]`)" if key != "cpu" else "")
+        )
+    return key
+
+
+def provider_list(short_name: str, options: ProviderOptions) -> list[tuple[str, dict[str, Any]]]:
+    """The (provider, options) list for an InferenceSession: the choice, then its fallbacks."""
+    cuda = ("CUDAExecutionProvider", {"device_id": options.device_id})
+    cpu = ("CPUExecutionProvider", {})
+    if short_name == "cpu":
+        return [cpu]
+    if short_name == "cuda":
+        return [cuda, cpu]
+    trt: dict[str, Any] = {"device_id": options.device_id, "trt_fp16_enable": options.trt_fp16}
+    if options.trt_engine_cache_dir is not None:
+        cache_dir = Path(options.trt_engine_cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir))
+    # TensorRT hands the nodes it cannot build to CUDA, then to CPU.
+    return [("TensorrtExecutionProvider", trt), cuda, cpu]
+
+
+def session_options(options: ProviderOptions) -> ort.SessionOptions:
+    settings = ort.SessionOptions()
+    if options.intra_op_threads is not None:
+        if options.intra_op_threads < 0:
+            raise ProviderError(
+                f"intra_op_threads must be >= 0 (0 = onnxruntime's default), got {options.intra_op_threads}"
+            )
+        settings.intra_op_num_threads = options.intra_op_threads
+    level = options.graph_optimization_level
+    if level not in OPTIMIZATION_LEVELS:
+        raise ProviderError(
+            f"unknown graph_optimization_level {level!r}; expected one of {', '.join(OPTIMIZATION_LEVELS)}"
+        )
+    settings.graph_optimization_level = OPTIMIZATION_LEVELS[level]
+    return settings
+
+
+def create_session(graph_path: Path, options: ProviderOptions) -> tuple[ort.InferenceSession, str]:
+    """An InferenceSession on the requested provider, and the short name of the one that runs.
+
+    Asking explicitly for a GPU provider that onnxruntime cannot start (missing CUDA libraries,
+    no device) is an error, never a silent fall back to CPU. With `auto` the fall back is
+    allowed, and the returned name says what runs.
+    """
+    short_name = resolve_provider(options.provider)
+    providers = provider_list(short_name, options)
+    session = ort.InferenceSession(
+        str(graph_path),
+        sess_options=session_options(options),
+        providers=[name for name, _ in providers],
+        provider_options=[settings for _, settings in providers],
+    )
+    running = SHORT_NAMES.get(session.get_providers()[0], session.get_providers()[0])
+    if running != short_name and options.provider.lower() != "auto":
+        raise ProviderError(
+            f"asked for {short_name!r} but onnxruntime started {running!r} (providers: "
+            f"{', '.join(session.get_providers())}); check the GPU drivers and the CUDA/TensorRT libraries, "
+            "or ask for provider='cpu'"
+        )
+    return session, running

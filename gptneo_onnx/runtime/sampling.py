@@ -1,0 +1,153 @@
+"""Logits processors and the sampler, in numpy, matching transformers' processors exactly.
+
+Every processor takes `scores` of shape (batch, vocab) float32 and returns a new array; none
+modifies its input. Filtered entries become -inf.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gptneo_onnx.runtime.errors import GenerationConfigError
+
+NEG_INF = np.float32(-np.inf)
+
+
+def apply_temperature(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """transformers' TemperatureLogitsWarper: scores / temperature."""
+    if not temperature > 0:
+        raise GenerationConfigError(
+            f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy"
+        )
+    return scores / np.float32(temperature)
+
+
+def apply_top_k(scores: np.ndarray, top_k: int, min_tokens_to_keep: int = 1) -> np.ndarray:
+    """transformers' TopKLogitsWarper: keep the k highest scores (ties with the k-th stay)."""
+    if top_k <= 0:
+        raise GenerationConfigError(f"top_k must be a positive integer here (0 disables it), got {top_k}")
+    k = min(max(top_k, min_tokens_to_keep), scores.shape[-1])
+    kth_largest = np.partition(scores, -k, axis=-1)[..., -k, None]
+    return np.where(scores < kth_largest, NEG_INF, scores)
+
+
+def apply_top_p(scores: np.ndarray, top_p: float, min_tokens_to_keep: int = 1) -> np.ndarray:
+    """transformers' TopPLogitsWarper: keep the smallest set of tokens whose probability sums to top_p."""
+    if not 0 < top_p <= 1:
+        raise GenerationConfigError(f"top_p must be in (0, 1], got {top_p}")
+    order = np.argsort(scores, axis=-1, kind="stable")  # ascending, as transformers sorts
+    sorted_scores = np.take_along_axis(scores, order, axis=-1)
+    cumulative = np.cumsum(softmax(sorted_scores), axis=-1)
+    remove_sorted = cumulative <= np.float32(1 - top_p)
+    remove_sorted[..., -min_tokens_to_keep:] = False
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, NEG_INF, scores)
+
+
+def apply_repetition_penalty(input_ids: np.ndarray, scores: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' RepetitionPenaltyLogitsProcessor: every token seen in the row is penalized once.
+
+    Like transformers, `input_ids` is the whole row, prompt and padding included.
+    """
+    if not penalty > 0:
+        raise GenerationConfigError(f"repetition_penalty must be > 0 (1.0 = none), got {penalty}")
+    seen = np.take_along_axis(scores, input_ids, axis=-1)
+    penalized = np.where(seen < 0, seen * np.float32(penalty), seen / np.float32(penalty)).astype(
+        scores.dtype
+    )
+    result = scores.copy()
+    np.put_along_axis(result, input_ids, penalized, axis=-1)
+    return result
+
+
+def suppress_tokens(scores: np.ndarray, token_ids: list[int]) -> np.ndarray:
+    """Set the scores of `token_ids` to -inf (MinLength / MinNewTokens processors use this for EOS)."""
+    result = scores.copy()
+    if token_ids:
+        result[..., token_ids] = NEG_INF
+    return result
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in the input's dtype (all -inf rows are not expected)."""
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draw one token per row from softmax(scores); (batch, vocab) -> (batch,) int64."""
+    probs = softmax(scores.astype(np.float64))
+    cdf = np.cumsum(probs, axis=-1)
+    draws = rng.random(scores.shape[0]) * cdf[:, -1]
+    # The first index whose cumulative probability exceeds the draw; zero-probability tokens
+    # never qualify because the cdf does not increase there.
+    return (cdf <= draws[:, None]).sum(axis=-1).astype(np.int64)
+
+
+def sample_without_replacement(scores: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw `count` distinct indices per row from softmax(scores) (beam sampling); (B, N) -> (B, count)."""
+    probs = softmax(scores.astype(np.float64))
+    rows = []
+    for row in probs:
+        available = int(np.count_nonzero(row))
+        if available < count:
+            raise GenerationConfigError(
+                f"beam sampling needs {count} candidates but only {available} tokens survive the filters; "
+                "raise top_k / top_p or lower num_beams"
+            )
+        rows.append(rng.choice(row.shape[0], size=count, replace=False, p=row / row.sum()))
+    return np.stack(rows).astype(np.int64)
+
+
+class LogitsProcessor:
+    """The processors `generate` applies, in transformers' order.
+
+    Penalty, then EOS suppression for min_length/min_new_tokens, then (when sampling)
+    temperature, top-k and top-p.
+    """
+
+    def __init__(
+        self,
+        *,
+        do_sample: bool,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        min_new_tokens: int = 0,
+        min_length: int = 0,
+        eos_token_ids: list[int] | None = None,
+        min_tokens_to_keep: int = 1,
+    ):
+        self.do_sample = do_sample
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.repetition_penalty = repetition_penalty
+        self.min_new_tokens = min_new_tokens
+        self.min_length = min_length
+        self.eos_token_ids = list(eos_token_ids or [])
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray, prompt_length: int) -> np.ndarray:
+        """Process (batch, vocab) scores; `input_ids` (batch, length) is everything so far."""
+        if self.repetition_penalty != 1.0:
+            scores = apply_repetition_penalty(input_ids, scores, self.repetition_penalty)
+        length = input_ids.shape[-1]
+        if length < self.min_length or length - prompt_length < self.min_new_tokens:
+            scores = suppress_tokens(scores, self.eos_token_ids)
+        if self.do_sample:
+            if self.temperature != 1.0:
+                scores = apply_temperature(scores, self.temperature)
+            if self.top_k:
+                scores = apply_top_k(scores, self.top_k, self.min_tokens_to_keep)
+            if self.top_p < 1.0:
+                scores = apply_top_p(scores, self.top_p, self.min_tokens_to_keep)
+        return scores
