@@ -1,0 +1,99 @@
+"""`gptneo-onnx export` and `gptneo-onnx verify`. torch is imported only when they run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TASK_CHOICES = ("causal-lm", "base", "sequence-classification", "token-classification", "question-answering")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser(
+        "export",
+        help="export a GPT-Neo checkpoint (folder or hub id) to a validated ONNX folder",
+        description="Export a GPT-Neo checkpoint to ONNX, then validate it against PyTorch.",
+    )
+    export.add_argument("--model", required=True, help="checkpoint folder or Hugging Face hub id")
+    export.add_argument("--task", default="causal-lm", choices=TASK_CHOICES)
+    export.add_argument("--output", required=True, type=Path, help="folder to write the export to")
+    export.add_argument("--precision", default="float32", choices=("float32", "float16"))
+    export.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    export.add_argument("--external-data", action="store_true", help="force weights into model.onnx.data")
+    export.add_argument("--no-validate", action="store_true", help="skip the parity run against PyTorch")
+    export.add_argument("--json", action="store_true", help="print the result as JSON")
+    export.set_defaults(handler=run_export)
+
+    verify = subparsers.add_parser(
+        "verify",
+        help="re-run the parity validation of an export against its PyTorch checkpoint",
+    )
+    verify.add_argument("export_dir", type=Path)
+    verify.add_argument("--reference", required=True, help="checkpoint folder or hub id the export came from")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(handler=run_verify)
+
+
+def _optional_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from gptneo_onnx.export import export
+    from gptneo_onnx.reference.loading import from_pretrained, resolve_checkpoint
+
+    folder = resolve_checkpoint(args.model, args.revision)
+    model = from_pretrained(folder, task=args.task)
+    tokenizer = folder / "tokenizer.json"
+    result = export(
+        model,
+        args.output,
+        precision=args.precision,
+        validate=not args.no_validate,
+        tokenizer_file=tokenizer if tokenizer.is_file() else None,
+        generation_config=_optional_json(folder / "generation_config.json"),
+        external_data=True if args.external_data else None,
+        progress=not args.json,
+    )
+    if args.json:
+        print(
+            json.dumps({"output_dir": str(result.output_dir), "files": result.files, "report": result.report})
+        )
+    else:
+        print(result.summary())
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from gptneo_onnx.export.validate import ParityError, Tolerance, validate_export
+    from gptneo_onnx.reference.loading import from_pretrained
+
+    manifest_path = args.export_dir / "gptneo_onnx.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{args.export_dir} is not a gptneo-onnx export (no gptneo_onnx.json)")
+    manifest = json.loads(manifest_path.read_text())
+    model = from_pretrained(args.reference, task=manifest["task"])
+    quantization = (manifest.get("quantization") or {}).get("method")
+    tolerance = Tolerance.for_precision(manifest["precision"], quantization)
+    try:
+        report = validate_export(model, args.export_dir, manifest, tolerance)
+    except ParityError as error:
+        report = json.loads((args.export_dir / "parity_report.json").read_text())
+        report["error"] = str(error)
+    quality = _optional_json(args.export_dir / "quality_report.json")
+    if args.json:
+        print(json.dumps({"parity": report, "quality": quality}))
+    else:
+        verdict = "passed" if report["passed"] else "FAILED"
+        print(
+            f"parity {verdict}: max |diff| {report['max_abs_diff']:.2e} (allowed {report['max_abs_diff_allowed']:.2e})"
+        )
+        print(
+            f"top-1 agreement {report['top1_agreement']:.2%} (required {report['top1_agreement_required']:.0%})"
+        )
+        for check in report["checks"]:
+            print(f"  {check['output']:<36} max |diff| {check['max_abs_diff']:.2e}")
+        if quality:
+            print("quality: " + json.dumps(quality))
+    return 0 if report["passed"] else 1
