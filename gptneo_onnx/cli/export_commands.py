@@ -86,12 +86,9 @@ def run_verify(args: argparse.Namespace) -> int:
         print(json.dumps({"parity": report, "quality": quality}))
     else:
         verdict = "passed" if report["passed"] else "FAILED"
-        print(
-            f"parity {verdict}: max |diff| {report['max_abs_diff']:.2e} (allowed {report['max_abs_diff_allowed']:.2e})"
-        )
-        print(
-            f"top-1 agreement {report['top1_agreement']:.2%} (required {report['top1_agreement_required']:.0%})"
-        )
+        allowed, required = report["max_abs_diff_allowed"], report["top1_agreement_required"]
+        print(f"parity {verdict}: max |diff| {report['max_abs_diff']:.2e} (allowed {allowed:.2e})")
+        print(f"top-1 agreement {report['top1_agreement']:.2%} (required {required:.0%})")
         for check in report["checks"]:
             print(f"  {check['output']:<36} max |diff| {check['max_abs_diff']:.2e}")
         if quality:

@@ -18,7 +18,7 @@ from gptneo_onnx.runtime.sampling import LogitsProcessor, sample
 
 # forward(input_ids, attention_mask, cache) -> (last-position logits (B, V) float32, cache)
 ForwardFn = Callable[[np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
-StopCheck = Callable[[int, list[int]], bool]
+StopCheck = Callable[[list[int]], bool]  # new tokens of one row -> hit a stop string?
 
 
 @dataclass
@@ -49,7 +49,8 @@ class GenerationConfig:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise GenerationConfigError(
-                f"unknown generation option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
+                f"unknown generation option(s) {', '.join(unknown)}; "
+                f"expected some of {', '.join(sorted(known))}"
             )
         settings = {key: value for key, value in defaults.items() if key in known and value is not None}
         settings.update({key: value for key, value in overrides.items() if value is not None})
@@ -110,7 +111,7 @@ class GenerationConfig:
         return f"{name}={getattr(self, name)!r}"
 
     def processor(self, eos_token_ids: list[int]) -> LogitsProcessor:
-        """The logits processors for this config (beam sampling keeps len(eos) + 1 tokens, as transformers)."""
+        """The logits processors for this config (beam sampling keeps len(eos) + 1 tokens)."""
         keep = max(2, len(eos_token_ids) + 1) if self.num_beams > 1 else 1
         return LogitsProcessor(
             do_sample=self.do_sample,
@@ -146,6 +147,7 @@ class GenerationResult:
     finish_reasons: list[str]  # "eos", "stop_string" or "length"
     prompt_index: list[int]  # which prompt (row of the batch) each sequence continues
     scores: list[float] | None = None  # beam scores (length-penalized sum of log-probabilities)
+    texts: list[str] | None = None  # decoded new text (cut before a stop string), when there is a tokenizer
 
 
 def check_finite(logits: np.ndarray, rows: np.ndarray | None = None) -> None:
@@ -196,7 +198,7 @@ def decode(
         for row in np.flatnonzero(produced):
             if eos.size and next_tokens[row] in eos:
                 reasons[row] = "eos"
-            elif stop_check is not None and stop_check(row, tokens[row, prompt_length:].tolist()):
+            elif stop_check is not None and stop_check(tokens[row, prompt_length:].tolist()):
                 reasons[row] = "stop_string"
             elif step + 1 == config.max_new_tokens:
                 reasons[row] = "length"

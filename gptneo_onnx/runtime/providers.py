@@ -57,7 +57,8 @@ def resolve_provider(name: str) -> str:
     if key not in available:
         raise ProviderError(
             f"provider {key!r} ({PROVIDER_NAMES[key]}) is not available in this onnxruntime build; "
-            f"available: {', '.join(available)} (onnxruntime reports {', '.join(ort.get_available_providers())}). "
+            f"available: {', '.join(available)} "
+            f"(onnxruntime reports {', '.join(ort.get_available_providers())}). "
             + ("Install onnxruntime-gpu (`pip install gptneo-onnx[gpu]`)" if key != "cpu" else "")
         )
     return key
