@@ -137,3 +137,17 @@ def test_greedy_generation_left_padded_batch_matches_transformers():
         input_ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     assert greedy_generate(model, input_ids, 40, attention_mask=mask).tolist() == expected.tolist()
+
+
+@torch.no_grad()
+def test_sequence_classification_pools_the_last_non_pad_token_with_right_padding():
+    hf_model = tiny_hf_model("sequence-classification")
+    model = from_transformers(hf_model)
+    input_ids = random_ids(3, 12)
+    mask = torch.ones_like(input_ids)
+    input_ids[0, 7:], mask[0, 7:] = 0, 0  # right padding: the last position is a pad
+    input_ids[2, 10:], mask[2, 10:] = 0, 0
+    expected = hf_model(input_ids, attention_mask=mask).logits
+    torch.testing.assert_close(model(input_ids, mask), expected, atol=1e-5, rtol=1e-5)
+    alone = model(input_ids[:1, :7], mask[:1, :7])  # and equals the unpadded row
+    torch.testing.assert_close(model(input_ids, mask)[:1], alone, atol=1e-5, rtol=1e-5)
