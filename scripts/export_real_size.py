@@ -36,8 +36,9 @@ def main() -> None:
     started = time.perf_counter()
     with torch.no_grad():
         model = build_model(config, "causal-lm")
-        for parameter in model.parameters():  # GPT-Neo's init scale keeps activations sane
-            parameter.normal_(0.0, 0.02)
+        for parameter in model.parameters():  # GPT-Neo's init scale; norms keep their 1s and 0s
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.02)
     built = time.perf_counter()
     result = export(model, args.output, precision=args.precision)
     finished = time.perf_counter()

@@ -12,10 +12,13 @@ import torch
 from tqdm.auto import tqdm
 
 from gptneo_onnx.export.graphs import PRECISIONS, build_graph
+from gptneo_onnx.export.optimized import optimization_summary
+from gptneo_onnx.export.quantize import quality_report, quantize_graph
 from gptneo_onnx.export.sidecar import build_manifest, write_manifest
 from gptneo_onnx.export.validate import Tolerance, validate_export
 
 GRAPH_FILE = "model.onnx"
+QUALITY_REPORT = "quality_report.json"
 EXTERNAL_DATA_FILE = "model.onnx.data"
 # Protobuf cannot hold more than 2 GiB; stay clear of it, since the graph itself adds bytes.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -53,10 +56,18 @@ def export(
     generation_config: dict | None = None,
     external_data: bool | None = None,
     progress: bool = True,
+    optimize: bool = False,
+    quantize: str | None = None,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    quality_windows=None,
 ) -> ExportResult:
     """Export a reference model (see `gptneo_onnx.reference`) to an ONNX folder with a sidecar.
 
     external_data: None decides by size (over ~1.8 GB of weights), True forces it.
+    optimize: the `optimized` flavor (ONNX Runtime fused ops, see export/optimized.py).
+    quantize: None, "int8" (dynamic) or "int4" (MatMulNBits, `block_size`, `accuracy_level`).
+    quality_windows: token windows (N, L) for quality_report.json (quantized causal-lm exports).
     """
     task = task or model.task
     if task != model.task:
@@ -67,8 +78,11 @@ def export(
     output_dir.mkdir(parents=True, exist_ok=True)
     steps = tqdm(total=4 if validate else 3, desc="export", unit="step", disable=not progress)
 
+    if quantize is not None and precision != "float32":
+        raise ValueError(f"quantize needs precision='float32' weights to start from, got {precision!r}")
+    flavor = "optimized" if optimize else "portable"
     steps.set_postfix_str("building graph")
-    graph, inputs, outputs = build_graph(model, task, precision)
+    graph, inputs, outputs = build_graph(model, task, precision, flavor)
     steps.update()
 
     steps.set_postfix_str("writing files")
@@ -77,6 +91,16 @@ def export(
     data_path.unlink(missing_ok=True)
     onnx.save_model(graph.to_model(data_path if use_external else None), output_dir / GRAPH_FILE)
     del graph
+    quantization = None
+    if quantize is not None:
+        steps.set_postfix_str(f"quantizing ({quantize})")
+        quantization = quantize_graph(
+            output_dir / GRAPH_FILE,
+            quantize,
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+            external_data_file=EXTERNAL_DATA_FILE if use_external else None,
+        )
     tokenizer_name = _copy_tokenizer(tokenizer_file, output_dir)
     _write_hf_files(model, output_dir, generation_config)
     steps.update()
@@ -90,16 +114,23 @@ def export(
         graph_file=GRAPH_FILE,
         external_data=[EXTERNAL_DATA_FILE] if use_external else [],
         precision=precision,
+        flavor=flavor,
+        quantization=quantization,
         tokenizer_file=tokenizer_name,
         generation_config=generation_config,
     )
+    if optimize:
+        manifest["optimization"] = optimization_summary(model.config)
+        if manifest["cache"] is not None:
+            manifest["cache"]["modes"] = manifest["optimization"]["cache_modes"]
     write_manifest(output_dir, manifest)
     steps.update()
 
     report = None
     if validate:
         steps.set_postfix_str("validating against the reference")
-        report = validate_export(model, output_dir, manifest, Tolerance.for_precision(precision))
+        tolerance = Tolerance.for_precision(precision, quantize)
+        report = validate_export(model, output_dir, manifest, tolerance)
         manifest["validation"] = {
             "report": "parity_report.json",
             "passed": report["passed"],
@@ -108,6 +139,15 @@ def export(
         }
         write_manifest(output_dir, manifest)
         steps.update()
+    if quality_windows is not None and task == "causal-lm":
+        steps.set_postfix_str("quality report")
+        quality = quality_report(output_dir, quality_windows, model)
+        (output_dir / QUALITY_REPORT).write_text(json.dumps(quality, indent=2) + "\n")
+        manifest["quality"] = {
+            "report": QUALITY_REPORT,
+            **{key: quality[key] for key in ("perplexity", "reference_perplexity", "top1_agreement")},
+        }
+        write_manifest(output_dir, manifest)
     steps.close()
     files = {path.name: path.stat().st_size for path in output_dir.iterdir() if path.is_file()}
     return ExportResult(output_dir, manifest, report, files)

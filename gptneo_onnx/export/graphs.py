@@ -11,6 +11,7 @@ import torch
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.export import layers
 from gptneo_onnx.export.graph_builder import GraphBuilder
+from gptneo_onnx.export.optimized import transformer_body_fused
 
 BATCH, SEQUENCE, PAST, TOTAL = (
     "batch_size",
@@ -19,6 +20,7 @@ BATCH, SEQUENCE, PAST, TOTAL = (
     "total_sequence_length",
 )
 PRECISIONS = {"float32": np.float32, "float16": np.float16}
+FLAVORS = ("portable", "optimized")
 
 
 @dataclass(frozen=True)
@@ -205,9 +207,11 @@ def head_outputs(
 
 
 def build_graph(
-    model: torch.nn.Module, task: str, precision: str = "float32"
+    model: torch.nn.Module, task: str, precision: str = "float32", flavor: str = "portable"
 ) -> tuple[GraphBuilder, list[IOSpec], list[IOSpec]]:
-    """The portable graph for `task`, from the reference model `model`."""
+    """The graph for `task` from the reference model `model`: `portable`, or `optimized` (fused ops)."""
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}")
     config: GPTNeoConfig = model.config
     dtype = PRECISIONS[precision]
     weights = numpy_weights(model, dtype)
@@ -222,9 +226,8 @@ def build_graph(
     else:
         query_length = g.op("Slice", [g.op("Shape", ["input_ids"]), g.const([1]), g.const([2])])
         position_ids = layers.positions_from_mask(g, "attention_mask", query_length)
-    hidden, presents = transformer_body(
-        g, config, weights, dtype, "input_ids", "attention_mask", position_ids, past
-    )
+    body = transformer_body_fused if flavor == "optimized" else transformer_body
+    hidden, presents = body(g, config, weights, dtype, "input_ids", "attention_mask", position_ids, past)
     values = head_outputs(g, config, task, weights, hidden, "input_ids", dtype)
     if task == "causal-lm":
         values += [tensor for pair in presents for tensor in pair]

@@ -8,7 +8,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from gptneo_onnx.runtime.errors import ProviderError
+from gptneo_onnx.runtime.errors import ExportFolderError, ProviderError
 
 # Our short names, in `auto`'s order of preference, and onnxruntime's names for them.
 PROVIDER_NAMES = {
@@ -107,12 +107,19 @@ def create_session(graph_path: Path, options: ProviderOptions) -> tuple[ort.Infe
     """
     short_name = resolve_provider(options.provider)
     providers = provider_list(short_name, options)
-    session = ort.InferenceSession(
-        str(graph_path),
-        sess_options=session_options(options),
-        providers=[name for name, _ in providers],
-        provider_options=[settings for _, settings in providers],
-    )
+    settings = session_options(options)
+    try:
+        session = ort.InferenceSession(
+            str(graph_path),
+            sess_options=settings,
+            providers=[name for name, _ in providers],
+            provider_options=[settings for _, settings in providers],
+        )
+    except Exception as error:  # onnxruntime's pybind errors share no public base class
+        raise ExportFolderError(
+            f"onnxruntime could not load {graph_path} on {short_name}: {error}; "
+            "the file may be damaged (load with verify_hashes=True to check it) or need a newer onnxruntime"
+        ) from error
     running = SHORT_NAMES.get(session.get_providers()[0], session.get_providers()[0])
     if running != short_name and options.provider.lower() != "auto":
         raise ProviderError(
