@@ -1,6 +1,6 @@
 """Export a random-weight GPT-Neo at a real size and report time, peak memory and file sizes.
 
-    .venv/bin/python scripts/export_real_size.py --shape 1.3b --output /tmp/neo-1.3b
+.venv/bin/python scripts/export_real_size.py --shape 1.3b --output /tmp/neo-1.3b
 """
 
 from __future__ import annotations

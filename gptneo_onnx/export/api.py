@@ -120,7 +120,7 @@ def export(
         generation_config=generation_config,
     )
     if optimize:
-        manifest["optimization"] = optimization_summary(model.config)
+        manifest["optimization"] = optimization_summary(model.config, task)
         if manifest["cache"] is not None:
             manifest["cache"]["modes"] = manifest["optimization"]["cache_modes"]
     write_manifest(output_dir, manifest)

@@ -11,7 +11,7 @@ import torch
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.export import layers
 from gptneo_onnx.export.graph_builder import GraphBuilder
-from gptneo_onnx.export.optimized import transformer_body_fused
+from gptneo_onnx.export.optimized import fused_body
 
 BATCH, SEQUENCE, PAST, TOTAL = (
     "batch_size",
@@ -226,7 +226,7 @@ def build_graph(
     else:
         query_length = g.op("Slice", [g.op("Shape", ["input_ids"]), g.const([1]), g.const([2])])
         position_ids = layers.positions_from_mask(g, "attention_mask", query_length)
-    body = transformer_body_fused if flavor == "optimized" else transformer_body
+    body = fused_body(task) if flavor == "optimized" else transformer_body
     hidden, presents = body(g, config, weights, dtype, "input_ids", "attention_mask", position_ids, past)
     values = head_outputs(g, config, task, weights, hidden, "input_ids", dtype)
     if task == "causal-lm":

@@ -1,0 +1,113 @@
+"""A minimal greedy decode loop over a gptneo-onnx export, for timing (numpy + onnxruntime only).
+
+It reads the manifest (docs/sidecar.md) and supports both cache modes:
+- `concat`: presents are fed back as the next pasts;
+- `shared-buffer`: one (B, H, capacity, D) buffer per layer tensor, bound with IOBinding as
+  both the past input and the present output, so onnxruntime writes new rows in place.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+PAIRS = (("past_key", "present_key"), ("past_value", "present_value"))
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+class ExportDecoder:
+    """Greedy decoding of a causal-lm export; `cache_mode` picks how the KV cache is carried."""
+
+    def __init__(self, folder: str | Path, cache_mode: str = "concat", threads: int | None = None):
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / "gptneo_onnx.json").read_text())
+        modes = self.manifest["cache"].get("modes", [self.manifest["cache"]["mode"]])
+        if cache_mode not in modes:
+            raise ValueError(f"export supports cache modes {modes}, not {cache_mode!r}")
+        self.cache_mode = cache_mode
+        graph = str(self.folder / self.manifest["graph"]["file"])
+        self.session = ort.InferenceSession(
+            graph, session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        self.output_names = [output.name for output in self.session.get_outputs()]
+        self.layers = self.manifest["cache"]["layers"]
+        self.dtype = np.dtype(self.manifest["cache"]["dtype"])
+        model = self.manifest["model"]
+        self.num_heads, self.head_dim = model["num_heads"], model["head_dim"]
+
+    def _empty(self, batch: int, length: int) -> np.ndarray:
+        return np.zeros((batch, self.num_heads, length, self.head_dim), self.dtype)
+
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        new_tokens: int,
+        logits: list | None = None,
+        on_token: Callable[[], None] | None = None,
+    ) -> np.ndarray:
+        """Greedy ids (B, new_tokens) after the (left-padded) prompt; no early stop at EOS.
+
+        With `logits` given, each step's last-position logits (B, V) are appended to it;
+        `on_token` is called as each new token is chosen.
+        """
+        step = self._shared_steps if self.cache_mode == "shared-buffer" else self._concat_steps
+        batch = input_ids.shape[0]
+        ids, mask, chosen = input_ids, attention_mask, []
+        runner = step(batch, input_ids.shape[1] + new_tokens)
+        next(runner)
+        for _ in range(new_tokens):
+            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1] :]
+            last = runner.send((ids, mask, positions))
+            ids = last.argmax(-1)[:, None].astype(np.int64)
+            if on_token is not None:
+                on_token()
+            if logits is not None:
+                logits.append(last)
+            chosen.append(ids)
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        runner.close()
+        return np.concatenate(chosen, axis=1)
+
+    def _concat_steps(self, batch: int, capacity: int):
+        """A coroutine: send (ids, mask, positions), get last-position logits; presents become pasts."""
+        past = {layer[name]: self._empty(batch, 0) for layer in self.layers for name, _ in PAIRS}
+        last = None
+        while True:
+            ids, mask, positions = yield last
+            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
+            named = dict(zip(self.output_names, self.session.run(None, feed), strict=True))
+            past = {layer[p]: named[layer[q]] for layer in self.layers for p, q in PAIRS}
+            last = named["logits"][:, -1]
+
+    def _shared_steps(self, batch: int, capacity: int):
+        """The same coroutine in shared-buffer mode: one buffer per layer tensor, written in place."""
+        buffers = {
+            layer[p]: ort.OrtValue.ortvalue_from_numpy(self._empty(batch, capacity))
+            for layer in self.layers
+            for p, _ in PAIRS
+        }
+        last = None
+        while True:
+            ids, mask, positions = yield last
+            binding = self.session.io_binding()
+            for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", positions)):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            binding.bind_output("logits")  # the first bound output: get_outputs()[0]
+            for layer in self.layers:
+                for p, q in PAIRS:
+                    binding.bind_ortvalue_input(layer[p], buffers[layer[p]])
+                    binding.bind_ortvalue_output(layer[q], buffers[layer[p]])
+            self.session.run_with_iobinding(binding)
+            last = binding.get_outputs()[0].numpy()[:, -1]

@@ -1,0 +1,181 @@
+"""The benchmark: this project's exports against transformers and Optimum, in one run.
+
+    .venv/bin/python -m bench.run                 # gpt-neo-125m shape, random init (~15 min on 2 cores)
+    .venv/bin/python -m bench.run --quick         # tiny shape, seconds: a smoke test
+
+Every system generates greedily from the same random-init weights. Scenarios are repeated and
+interleaved across systems (so load drifts hit all alike); medians are reported with ratios
+against each peer. Cold start and peak RSS come from fresh processes (bench/cold.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from bench.models import OUR_VARIANTS, build_all
+from bench.report import evaluate_targets, markdown_table, write_chart
+from bench.runners import load_runner
+
+# variant -> (export it uses, runner kind)
+VARIANTS = {
+    "ours-portable-fp32": ("ours-portable-fp32", "ours"),
+    "ours-optimized-fp32-concat": ("ours-optimized-fp32", "ours"),
+    "ours-optimized-fp32": ("ours-optimized-fp32", "ours-shared"),
+    "ours-optimized-int8": ("ours-optimized-int8", "ours-shared"),
+    "ours-optimized-int4": ("ours-optimized-int4", "ours-shared"),
+    "transformers-fp32": ("transformers-fp32", "transformers"),
+    "optimum-fp32": ("optimum-fp32", "optimum"),
+    "optimum-int4": ("optimum-int4", "optimum"),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: str
+    short: tuple[int, int]  # (prompt, new tokens)
+    long: tuple[int, int]
+    contexts: tuple[tuple[int, int], ...]  # extra (prompt, new) points for the chart and prefill
+    batch: tuple[int, int, int]  # (rows, prompt, new)
+    repeats: int
+    cold: tuple[int, int]  # (prompt, new) in the fresh process
+    cold_repeats: int
+
+
+FULL = Plan("125m", (32, 128), (1500, 64), ((512, 16), (1024, 16)), (8, 32, 64), 3, (32, 16), 3)
+QUICK = Plan("tiny", (8, 8), (96, 4), ((32, 4), (64, 4)), (2, 8, 4), 1, (8, 2), 1)
+
+
+def timed(generate, ids: np.ndarray, new_tokens: int) -> dict:
+    """Wall time, time to the first token, and the decode rate after it."""
+    stamps: list[float] = []
+    start = time.perf_counter()
+    generate(ids, np.ones_like(ids), new_tokens, lambda: stamps.append(time.perf_counter()))
+    total = time.perf_counter() - start
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return {"total_s": total, "first_token_s": stamps[0] - start, "decode_tok_s": decode}
+
+
+def prompt(rows: int, length: int, vocab: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, vocab, size=(rows, length), dtype=np.int64)
+
+
+def measure_warm(plan: Plan, runners: dict, vocab: int, bar) -> dict[str, dict[str, list[float]]]:
+    """Each scenario, `plan.repeats` times, interleaved across the runners."""
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
+
+    def add(name: str, metric: str, value: float) -> None:
+        samples[name].setdefault(metric, []).append(value)
+
+    for generate in runners.values():  # warm-up: first-run allocations, thread pools
+        generate(prompt(1, plan.short[0], vocab, 99), np.ones((1, plan.short[0]), np.int64), 2, lambda: None)
+    for repeat in range(plan.repeats):
+        for name, generate in runners.items():
+            length, new = plan.short
+            bar.set_postfix_str(f"{name}: decode after {length}")
+            add(
+                name,
+                f"decode_tok_s@{length}",
+                timed(generate, prompt(1, length, vocab, repeat), new)["decode_tok_s"],
+            )
+            for length, new in (*plan.contexts, plan.long):
+                bar.set_postfix_str(f"{name}: prefill {length} + decode")
+                result = timed(generate, prompt(1, length, vocab, repeat), new)
+                add(name, f"prefill_tok_s@{length}", length / result["first_token_s"])
+                add(name, f"decode_tok_s@{length}", result["decode_tok_s"])
+            rows, length, new = plan.batch
+            bar.set_postfix_str(f"{name}: batch {rows}")
+            result = timed(generate, prompt(rows, length, vocab, repeat), new)
+            add(name, f"batch{rows}_tok_s", rows * new / result["total_s"])
+            bar.update()
+    return samples
+
+
+def measure_cold(plan: Plan, name: str, kind: str, path: Path) -> dict[str, list[float]]:
+    """Spawn-to-first-token and peak RSS of a fresh process serving `path`."""
+    samples: dict[str, list[float]] = {"cold_start_s": [], "peak_rss_mb": []}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for _ in range(plan.cold_repeats):
+        command = [sys.executable, "-m", "bench.cold", kind, str(path), *map(str, plan.cold)]
+        spawned = time.time()
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        if done.returncode:
+            raise RuntimeError(f"cold start of {name} failed:\n{done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        samples["cold_start_s"].append(result["first_token_at"] - spawned)
+        samples["peak_rss_mb"].append(result["peak_rss_mb"])
+    return samples
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gptneo-onnx bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shape and short scenarios (smoke test)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-results"), help="folder for JSON, table, chart"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=None, help="folder for the checkpoint and exports (cached)"
+    )
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of variants")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per scenario (default 3, quick 1)")
+    parser.add_argument("--no-cold", action="store_true", help="skip cold start and peak RSS")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.repeats:
+        plan = Plan(**{**plan.__dict__, "repeats": args.repeats})
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
+    work = args.work or args.out / "work"
+    args.out.mkdir(parents=True, exist_ok=True)
+    exports_needed = sorted({VARIANTS[name][0] for name in variants})
+    with tqdm(total=len(exports_needed), desc="exports", unit="model") as bar:
+        artifacts = build_all(
+            work, plan.shape, exports_needed, lambda text: (bar.set_postfix_str(text), bar.update())
+        )
+    vocab = json.loads((artifacts.checkpoint / "config.json").read_text())["vocab_size"]
+    runners = {
+        name: load_runner(VARIANTS[name][1], artifacts.exports[VARIANTS[name][0]]) for name in variants
+    }
+    with tqdm(total=plan.repeats * len(runners), desc="warm scenarios", unit="run") as bar:
+        samples = measure_warm(plan, runners, vocab, bar)
+    del runners
+    if not args.no_cold:
+        for name in tqdm(variants, desc="cold start + peak RSS", unit="process"):
+            export_name, kind = VARIANTS[name]
+            samples[name].update(measure_cold(plan, name, kind, artifacts.exports[export_name]))
+    medians = {name: {metric: statistics.median(v) for metric, v in m.items()} for name, m in samples.items()}
+    results = {
+        "plan": plan.__dict__,
+        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "variants": {name: {"export": VARIANTS[name][0], "runner": VARIANTS[name][1]} for name in variants},
+        "our_variants": list(OUR_VARIANTS),
+        "samples": samples,
+        "medians": medians,
+    }
+    results["targets"] = evaluate_targets(medians, plan)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results, plan)
+    (args.out / "table.md").write_text(table + "\n")
+    write_chart(medians, plan, args.out / "speedup_vs_context.png")
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Weight quantization of an exported graph: int8 dynamic and int4 weight-only (MatMulNBits).
+
+Both methods first untie lm_head (the portable graph reads the embedding table through
+`Gemm(transB=1)`), so lm_head becomes a MatMul with its own (E, V) weight that the quantizer
+covers, and the token embedding becomes a block-quantized `GatherBlockQuantized`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+METHODS = {"int8": "int8-dynamic", "int4": "int4-weight-only"}
+EMBEDDING = "transformer.wte.weight"
+LM_HEAD = "lm_head.weight"
+
+
+class QuantizationError(ValueError):
+    """A quantization request the graph or onnxruntime cannot serve."""
+
+
+def quantization_record(method: str, block_size: int, accuracy_level: int) -> dict:
+    """The manifest's `quantization` object (docs/sidecar.md)."""
+    if method not in METHODS:
+        raise QuantizationError(f"quantize must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "int8":
+        return {"method": METHODS[method], "embedding_block_size": block_size}
+    return {"method": METHODS[method], "block_size": block_size, "accuracy_level": accuracy_level}
+
+
+def untie_lm_head(model: onnx.ModelProto) -> bool:
+    """Replace `Gemm(hidden, wte, transB=1)` by `MatMul(hidden, lm_head.weight)`; True if found."""
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] != EMBEDDING:
+            continue
+        attrs = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+        if attrs.get("transB") != 1 or attrs.get("transA", 0) or len(node.input) > 2:
+            raise QuantizationError(f"unexpected lm_head node {node.name}: {attrs}")
+        table = numpy_helper.to_array(initializers[EMBEDDING])
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.T), LM_HEAD))
+        matmul = helper.make_node(
+            "MatMul", [node.input[0], LM_HEAD], list(node.output), name="lm_head.MatMul"
+        )
+        graph.node.remove(node)
+        graph.node.insert(index, matmul)
+        return True
+    return False
+
+
+def block_quantize_rows(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block quantization along the last axis, as GatherBlockQuantized reads uint8 data.
+
+    Returns (data uint8, scales float): value = (q - 2**(bits-1)) * scale. 4-bit values are packed
+    two per byte along the last axis, low-order nibble first.
+    """
+    rows, width = table.shape
+    if width % block_size:
+        raise QuantizationError(f"hidden size {width} is not a multiple of block_size {block_size}")
+    blocks = table.astype(np.float32).reshape(rows, width // block_size, block_size)
+    largest = 2 ** (bits - 1) - 1
+    scales = np.abs(blocks).max(axis=-1, keepdims=True) / largest
+    scales[scales == 0] = 1.0
+    quantized = np.clip(np.rint(blocks / scales), -largest, largest).astype(np.int32) + 2 ** (bits - 1)
+    quantized = quantized.reshape(rows, width).astype(np.uint8)
+    if bits == 4:
+        quantized = quantized[:, 0::2] | (quantized[:, 1::2] << 4)
+    return quantized, scales.reshape(rows, -1).astype(table.dtype)
+
+
+def quantize_embedding(model: onnx.ModelProto, bits: int, block_size: int) -> bool:
+    """Swap the token-embedding Gather for GatherBlockQuantized; False when it can't serve."""
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    users = [node for node in graph.node if EMBEDDING in node.input]
+    if len(users) != 1 or users[0].op_type != "Gather" or users[0].input[0] != EMBEDDING:
+        return False  # still tied to lm_head, or used elsewhere
+    table = numpy_helper.to_array(initializers[EMBEDDING])
+    if table.shape[1] % block_size or table.shape[1] % 2:
+        return False
+    data, scales = block_quantize_rows(table, bits, block_size)
+    graph.initializer.remove(initializers[EMBEDDING])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(data, f"{EMBEDDING}.quantized"),
+            numpy_helper.from_array(scales, f"{EMBEDDING}.scales"),
+        ]
+    )
+    node = users[0]
+    index = list(graph.node).index(node)
+    gather = helper.make_node(
+        "GatherBlockQuantized",
+        [f"{EMBEDDING}.quantized", node.input[1], f"{EMBEDDING}.scales"],
+        list(node.output),
+        name="wte.GatherBlockQuantized",
+        domain="com.microsoft",
+        bits=bits,
+        block_size=block_size,
+        gather_axis=0,
+        quantize_axis=1,
+    )
+    graph.node.remove(node)
+    graph.node.insert(index, gather)
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return True
+
+
+def quantize_graph(
+    graph_path: Path,
+    method: str,
+    *,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    external_data_file: str | None = None,
+) -> dict:
+    """Quantize the graph at `graph_path` in place; returns the manifest `quantization` record."""
+    record = quantization_record(method, block_size, accuracy_level)
+    if block_size < 16 or block_size & (block_size - 1):
+        raise QuantizationError(f"block_size must be a power of two >= 16, got {block_size}")
+    try:
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError as error:
+        raise ImportError("quantization needs onnxruntime: install gptneo-onnx[cpu]") from error
+    model = onnx.load(str(graph_path))
+    record["lm_head"] = "untied MatMul" if untie_lm_head(model) else "not found"
+    bits = 8 if method == "int8" else 4
+    embedded = quantize_embedding(model, bits, block_size)
+    record["embedding"] = f"GatherBlockQuantized {bits}-bit" if embedded else "float (not quantized)"
+    with _quiet_logging():
+        _quantize_weights(model, graph_path, method, block_size, accuracy_level, external_data_file)
+    counts = _count_ops(onnx.load(str(graph_path), load_external_data=False))
+    record["quantized_nodes"] = {
+        op: counts[op]
+        for op in ("MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "GatherBlockQuantized")
+        if op in counts
+    }
+    record["float_matmuls_left"] = counts.get("MatMul", 0)  # includes attention's activation MatMuls
+    return record
+
+
+@contextmanager
+def _quiet_logging():
+    """onnxruntime.quantization logs through the root logger; mute its info and warnings."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _quantize_weights(model, graph_path: Path, method: str, block_size, accuracy_level, external_data_file):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if method == "int4":
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level
+        )
+        quantizer.process()
+        model = quantizer.model.model
+        _save(model, graph_path, external_data_file)
+    else:
+        _save(model, graph_path, external_data_file)
+        quantize_dynamic(
+            graph_path,
+            graph_path,
+            op_types_to_quantize=["MatMul"],
+            weight_type=QuantType.QInt8,
+            per_channel=False,
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+            use_external_data_format=external_data_file is not None,
+        )
+
+
+def _save(model: onnx.ModelProto, path: Path, external_data_file: str | None) -> None:
+    if external_data_file:
+        (path.parent / external_data_file).unlink(missing_ok=True)
+        onnx.save_model(model, str(path), save_as_external_data=True, location=external_data_file)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _count_ops(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _prefill_logits(session, manifest: dict, ids: np.ndarray) -> np.ndarray:
+    """Logits (B, S, V) of one prefill with an empty cache."""
+    batch, length = ids.shape
+    model = manifest["model"]
+    empty = np.zeros((batch, model["num_heads"], 0, model["head_dim"]), np.dtype(manifest["cache"]["dtype"]))
+    feed = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), ids.shape).copy(),
+    }
+    for layer in manifest["cache"]["layers"]:
+        feed[layer["past_key"]] = feed[layer["past_value"]] = empty
+    return session.run(["logits"], feed)[0].astype(np.float32)
+
+
+def _reference_logits(reference, windows: np.ndarray):
+    """Yield fp32 reference logits per window: `reference` is a torch model or an fp32 export folder."""
+    if isinstance(reference, (str, Path)):
+        session, manifest = _open_export(Path(reference))
+        for row in windows:
+            yield _prefill_logits(session, manifest, row[None])[0]
+        return
+    import torch
+
+    with torch.no_grad():
+        for row in windows:
+            ids = torch.from_numpy(np.ascontiguousarray(row[None]))
+            logits = reference(ids, torch.ones_like(ids))
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            yield logits[0].float().numpy()
+
+
+def _open_export(folder: Path):
+    import json
+
+    import onnxruntime as ort
+
+    manifest = json.loads((folder / "gptneo_onnx.json").read_text())
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        str(folder / manifest["graph"]["file"]), options, providers=["CPUExecutionProvider"]
+    )
+    return session, manifest
+
+
+def quality_report(export_dir: str | Path, windows: np.ndarray, reference) -> dict:
+    """Perplexity and top-1 agreement of an export against fp32 on token `windows` (N, L).
+
+    `reference` is the fp32 reference model (torch) or the folder of an fp32 export. Each window
+    is one prefill; every position but the last predicts the next token.
+    """
+    export_dir = Path(export_dir)
+    windows = np.asarray(windows, dtype=np.int64)
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (n, length >= 2) token ids, got shape {windows.shape}")
+    session, manifest = _open_export(export_dir)
+    nll, reference_nll, same, kl, count = 0.0, 0.0, 0, 0.0, 0
+    for row, expected in zip(windows, _reference_logits(reference, windows), strict=True):
+        actual_logp = _log_softmax(_prefill_logits(session, manifest, row[None])[0][:-1])
+        expected_logp = _log_softmax(expected[:-1].astype(np.float32))
+        targets = row[1:]
+        positions = np.arange(len(targets))
+        nll -= float(actual_logp[positions, targets].sum())
+        reference_nll -= float(expected_logp[positions, targets].sum())
+        same += int((actual_logp.argmax(-1) == expected_logp.argmax(-1)).sum())
+        kl += float((np.exp(expected_logp) * (expected_logp - actual_logp)).sum())
+        count += len(targets)
+    perplexity, reference_perplexity = float(np.exp(nll / count)), float(np.exp(reference_nll / count))
+    return {
+        "export": manifest["quantization"] or {"method": None},
+        "precision": manifest["precision"],
+        "flavor": manifest["flavor"],
+        "windows": int(windows.shape[0]),
+        "window_length": int(windows.shape[1]),
+        "predicted_tokens": count,
+        "perplexity": perplexity,
+        "reference_perplexity": reference_perplexity,
+        "perplexity_ratio": perplexity / reference_perplexity,
+        "top1_agreement": same / count,
+        "mean_kl_divergence": kl / count,
+    }

@@ -1,0 +1,287 @@
+"""CausalLM: one forward step with an explicit KV cache, and generation on top of it.
+
+The cache follows the sidecar's `concat` mode: the graph returns present = concat(past, new);
+each step feeds the presents back as the next pasts. On CUDA / TensorRT the presents stay on
+the device as OrtValues (IO binding): only the logits come back to the host each step.
+Optimized exports that list `shared-buffer` in `cache.modes` run with one preallocated
+(B, H, capacity, D) buffer per layer tensor, bound as both past and present and written in
+place by the graph, so no cache is copied per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from gptneo_onnx.runtime.beam_search import BeamStep, beam_search
+from gptneo_onnx.runtime.encoding import (
+    Prompt,
+    as_batch,
+    check_length,
+    check_token_ids,
+    encode_prompts,
+    is_single_prompt,
+    left_pad,
+    position_ids_from_mask,
+)
+from gptneo_onnx.runtime.errors import GenerationConfigError, InputError
+from gptneo_onnx.runtime.generation import GenerationConfig, GenerationResult, StopCheck, TokenStep, decode
+from gptneo_onnx.runtime.model import Model
+from gptneo_onnx.runtime.streaming import first_stop_index, stream_text
+
+
+@dataclass
+class KVCache:
+    """Per-layer past keys and values, keyed by the graph's past input names.
+
+    Values are numpy arrays, or OrtValues when they live on a device (IO binding).
+    """
+
+    values: dict[str, Any]
+    length: int  # past_sequence_length: rows [0, length) of each value are filled
+
+
+class CausalLM(Model):
+    """A causal-lm export: `forward` one step, or `generate` / `stream` text."""
+
+    task = "causal-lm"
+
+    def __init__(self, *args: Any, io_binding: bool | None = None, cache_mode: str = "auto"):
+        super().__init__(*args)
+        self.layers = self.manifest.cache_layers
+        self.cache_dtype = np.dtype(self.manifest.cache_dtype)
+        model = self.manifest.model
+        self._num_heads, self._head_dim = int(model["num_heads"]), int(model["head_dim"])
+        # IO binding keeps the cache on the GPU; `io_binding=True` forces it on CPU too (for tests).
+        self.io_binding = self.provider in ("cuda", "tensorrt") if io_binding is None else io_binding
+        self._device = (
+            ("cuda", self.options.device_id) if self.provider in ("cuda", "tensorrt") else ("cpu", 0)
+        )
+        modes = (self.manifest.raw.get("cache") or {}).get("modes") or ["concat"]
+        if cache_mode == "auto":
+            cache_mode = "shared-buffer" if "shared-buffer" in modes else "concat"
+        if cache_mode not in modes:
+            raise InputError(f"cache_mode {cache_mode!r} is not offered by this export; it offers {modes}")
+        self.cache_mode = cache_mode
+        if cache_mode == "shared-buffer":
+            self.io_binding = True  # the buffers are bound as both input and output
+
+    # ---- one step ---------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray | None = None,
+        past: KVCache | None = None,
+        capacity: int | None = None,
+    ) -> tuple[np.ndarray, KVCache]:
+        """Run the graph on new tokens; returns logits (B, S, V) float32 and the grown cache.
+
+        `attention_mask` covers past + new tokens. `position_ids` default to the sidecar rule
+        (cumsum(mask) - 1, clipped at 0, for the new tokens). `capacity` sizes the buffers of a
+        shared-buffer cache at the prefill (default max_position_embeddings).
+        """
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        batch, length = input_ids.shape
+        past_length = 0 if past is None else past.length
+        check_token_ids(input_ids, self.manifest.vocab_size)
+        if attention_mask.shape != (batch, past_length + length):
+            raise InputError(
+                f"attention_mask must be (batch, past + new) = ({batch}, {past_length + length}), "
+                f"got {attention_mask.shape}"
+            )
+        if past_length + length > self.manifest.max_position_embeddings:
+            raise InputError(
+                f"{past_length + length} tokens exceed max_position_embeddings "
+                f"({self.manifest.max_position_embeddings})"
+            )
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, length)
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if past is None:
+            past = self._empty_cache(batch, capacity)
+        if self.cache_mode == "shared-buffer":
+            room = past.values[self.layers[0].past_key].shape()[2]
+            if past_length + length > room:
+                raise InputError(
+                    f"{past_length + length} tokens exceed the cache capacity ({room}); "
+                    "pass a larger capacity at the prefill"
+                )
+        if self.io_binding:
+            return self._forward_bound(feeds, past)
+        outputs = dict(
+            zip(self._output_names(), self.session.run(self._output_names(), {**feeds, **past.values}))
+        )
+        return outputs["logits"].astype(np.float32, copy=False), self._next_cache(
+            outputs, past.length + length
+        )
+
+    def _output_names(self) -> list[str]:
+        names = ["logits"]
+        for layer in self.layers:
+            names += [layer.present_key, layer.present_value]
+        return names
+
+    def _next_cache(self, outputs: dict[str, Any], length: int) -> KVCache:
+        values = {}
+        for layer in self.layers:
+            values[layer.past_key] = outputs[layer.present_key]
+            values[layer.past_value] = outputs[layer.present_value]
+        return KVCache(values, length)
+
+    def _empty_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        shape = (batch, self._num_heads, 0, self._head_dim)
+        values = {}
+        if self.cache_mode == "shared-buffer":
+            capacity = capacity or self.manifest.max_position_embeddings
+            zeros = np.zeros((batch, self._num_heads, capacity, self._head_dim), dtype=self.cache_dtype)
+        for layer in self.layers:
+            for name in (layer.past_key, layer.past_value):
+                if self.cache_mode == "shared-buffer":
+                    device, device_id = self._device
+                    values[name] = ort.OrtValue.ortvalue_from_numpy(zeros.copy(), device, device_id)
+                elif self.io_binding:
+                    device, device_id = self._device
+                    values[name] = ort.OrtValue.ortvalue_from_shape_and_type(
+                        shape, self.cache_dtype.type, device, device_id
+                    )
+                else:
+                    values[name] = np.zeros(shape, dtype=self.cache_dtype)
+        return KVCache(values, 0)
+
+    def _forward_bound(self, feeds: dict[str, np.ndarray], past: KVCache) -> tuple[np.ndarray, KVCache]:
+        """The IO-binding path: pasts and presents stay where the provider runs; logits come to host."""
+        device, device_id = self._device
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        pasts = {}
+        for name, value in past.values.items():
+            if isinstance(value, np.ndarray):
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, device_id)
+            binding.bind_ortvalue_input(name, value)
+            pasts[name] = value
+        names = self._output_names()
+        binding.bind_output("logits", "cpu")
+        for layer in self.layers:
+            for past_name, present_name in (
+                (layer.past_key, layer.present_key),
+                (layer.past_value, layer.present_value),
+            ):
+                if self.cache_mode == "shared-buffer":  # written in place: the same OrtValue in and out
+                    binding.bind_ortvalue_output(present_name, pasts[past_name])
+                else:
+                    binding.bind_output(present_name, device, device_id)
+        self.session.run_with_iobinding(binding)
+        outputs = dict(zip(names, binding.get_outputs()))
+        logits = outputs.pop("logits").numpy().astype(np.float32, copy=False)
+        length = past.length + feeds["input_ids"].shape[1]
+        if self.cache_mode == "shared-buffer":
+            return logits, KVCache(pasts, length)
+        return logits, self._next_cache(outputs, length)
+
+    def reorder_cache(self, cache: KVCache, rows: np.ndarray) -> KVCache:
+        """Select batch rows of the cache (beam search). Device values make a host round trip."""
+        reordered = {}
+        for name, value in cache.values.items():
+            if isinstance(value, ort.OrtValue):
+                array = np.ascontiguousarray(value.numpy()[rows])
+                reordered[name] = ort.OrtValue.ortvalue_from_numpy(array, *self._device)
+            else:
+                reordered[name] = value[rows]
+        return KVCache(reordered, cache.length)
+
+    # ---- generation -------------------------------------------------------------------------
+    def generation_config(self, config: GenerationConfig | None = None, **options: Any) -> GenerationConfig:
+        """The export's decoding defaults, then `config`, then keyword overrides."""
+        if config is None:
+            return GenerationConfig.from_defaults(self.manifest.generation, **options)
+        return config.updated(**options)
+
+    def generate_steps(
+        self, prompts: Prompt | list[Prompt], config: GenerationConfig | None = None, **options: Any
+    ) -> Iterator[TokenStep | BeamStep | GenerationResult]:
+        """Decode step by step: yields TokenStep (or BeamStep) events, then one GenerationResult."""
+        config = self.generation_config(config, **options)
+        input_ids, attention_mask = self._prepare(as_batch(prompts), config)
+        eos = config.eos_token_id if config.eos_token_id is not None else self.manifest.eos_token_ids
+        pad = config.pad_token_id if config.pad_token_id is not None else self.pad_token_id
+        stop_check = self._stop_check(config.stop_strings)
+
+        capacity = input_ids.shape[1] + config.max_new_tokens
+
+        def step(ids: np.ndarray, mask: np.ndarray, cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
+            logits, cache = self.forward(ids, mask, past=cache, capacity=capacity)
+            return logits[:, -1], cache
+
+        if config.num_beams > 1:
+            steps = beam_search(
+                step, self.reorder_cache, input_ids, attention_mask, config, eos, pad, stop_check
+            )
+        else:
+            steps = decode(step, input_ids, attention_mask, config, eos, pad, stop_check)
+        for event in steps:
+            if isinstance(event, GenerationResult) and self.tokenizer is not None:
+                event.texts = [self._final_text(tokens, config.stop_strings) for tokens in event.sequences]
+            yield event
+
+    def generate(
+        self, prompts: Prompt | list[Prompt], config: GenerationConfig | None = None, **options: Any
+    ) -> GenerationResult:
+        """Generate for one prompt or a batch (text or token ids); returns all sequences at once."""
+        result = None
+        for event in self.generate_steps(prompts, config, **options):
+            result = event
+        assert isinstance(result, GenerationResult)  # the generator always ends with one
+        return result
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **options: Any) -> Iterator[str]:
+        """Yield text pieces as they are generated (one prompt, greedy or sampling)."""
+        if self.tokenizer is None:
+            raise InputError("streaming text needs a tokenizer; this export has none (use generate_steps)")
+        if not is_single_prompt(prompt):
+            raise InputError("stream takes one prompt; use generate() for batches")
+        config = self.generation_config(config, **options)
+        if config.num_beams > 1 or config.num_return_sequences > 1:
+            raise GenerationConfigError("streaming needs num_beams=1 and num_return_sequences=1")
+
+        def tokens() -> Iterator[int]:
+            for event in self.generate_steps(prompt, config):
+                if isinstance(event, TokenStep) and event.active[0]:
+                    yield int(event.token_ids[0])
+
+        yield from stream_text(tokens(), self.tokenizer, config.stop_strings)
+
+    def _prepare(self, prompts: list[Prompt], config: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
+        rows = encode_prompts(prompts, self.tokenizer)
+        check_token_ids(rows, self.manifest.vocab_size)
+        rows = check_length(
+            rows, config.max_new_tokens, self.manifest.max_position_embeddings, config.truncate
+        )
+        pad = config.pad_token_id if config.pad_token_id is not None else self.pad_token_id
+        return left_pad(rows, pad)
+
+    def _stop_check(self, stop_strings: list[str]) -> StopCheck | None:
+        if not stop_strings:
+            return None
+        if self.tokenizer is None:
+            raise InputError("stop strings need a tokenizer; this export has none")
+        tokenizer = self.tokenizer
+        # A token decodes to at least one byte, so the last 4 * len + 2 tokens cover any stop string.
+        window = 4 * max(len(stop) for stop in stop_strings) + 2
+
+        def check(tokens: list[int]) -> bool:
+            tail = tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+            return first_stop_index(tail, stop_strings) is not None
+
+        return check
+
+    def _final_text(self, tokens: list[int], stop_strings: list[str]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = first_stop_index(text, stop_strings)
+        return text if cut is None else text[:cut]

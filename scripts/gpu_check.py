@@ -1,0 +1,266 @@
+"""GPU check (at most ~5 minutes): CUDA parity, IO-bound KV cache, TensorRT, decode vs Optimum.
+
+    python scripts/gpu_check.py --out gpu_check.json [--budget 290] [--skip-optimum]
+
+Needs onnxruntime-gpu (CUDAExecutionProvider), torch and transformers; optimum-onnx for the
+Optimum comparison. Every section is timed and guarded: a failing or skipped section is recorded
+with its reason and the script goes on; the JSON report is written whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a file from anywhere: import the repo's packages
+    sys.path.insert(0, str(ROOT))
+
+SMALL = dict(hidden_size=256, num_layers=4, num_heads=4, window_size=32, vocab_size=1024,
+             max_position_embeddings=512, attention_types=[[["global", "local"], 2]])  # fmt: skip
+SHAPE_125M = dict(hidden_size=768, num_layers=12, num_heads=12, window_size=256, vocab_size=50257,
+                  max_position_embeddings=2048, attention_types=[[["global", "local"], 6]])  # fmt: skip
+
+
+PAIRS = (("past_key", "present_key"), ("past_value", "present_value"))
+DEVICE = {"name": "cuda", "provider": "CUDAExecutionProvider"}  # --dry-run-cpu swaps in the CPU
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def random_checkpoint(folder: Path, shape: dict, seed: int = 0) -> Path:
+    import torch
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(seed)
+    model = GPTNeoForCausalLM(GPTNeoConfig(**shape, bos_token_id=0, eos_token_id=0)).eval()
+    with torch.no_grad():  # non-trivial biases and norms, as the tests do
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def cuda_session(path: Path, providers: list):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def check_parity(reference, work: Path, report: dict) -> None:
+    """fp32 and fp16, portable and optimized, on the CUDA provider against the torch reference."""
+    from gptneo_onnx.export import export
+    from gptneo_onnx.export.validate import Tolerance, _compare_causal_lm, _Comparison, validation_batch
+
+    for flavor in ("portable", "optimized"):
+        for precision in ("float32", "float16"):
+            folder = work / f"{flavor}-{precision}"
+            result = export(reference, folder, progress=False, validate=False, precision=precision,
+                            optimize=flavor == "optimized")  # fmt: skip
+            session = cuda_session(folder / "model.onnx", [DEVICE["provider"]])
+            ids, mask = validation_batch(reference.config)
+            comparison = _Comparison()
+            _compare_causal_lm(reference, session, result.manifest, ids, mask, comparison)
+            verdict = comparison.verdict(Tolerance.for_precision(precision))
+            verdict.pop("checks")
+            report[f"parity_cuda_{flavor}_{precision}"] = verdict
+
+
+class DeviceDecoder:
+    """Greedy decoding with the KV cache in CUDA memory: IOBinding, shared-buffer mode when listed."""
+
+    def __init__(self, folder: Path, providers: list):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.manifest = json.loads((folder / "gptneo_onnx.json").read_text())
+        self.session = cuda_session(folder / self.manifest["graph"]["file"], providers)
+        self.shared = "shared-buffer" in self.manifest["cache"].get("modes", [])
+        self.dtype = np.dtype(self.manifest["cache"]["dtype"])
+
+    def generate(self, ids: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:
+        """Greedy tokens (1, new) and decode tok/s after the first token."""
+        ort, model = self.ort, self.manifest["model"]
+        layers = self.manifest["cache"]["layers"]
+        batch, capacity = ids.shape[0], ids.shape[1] + new_tokens
+        length = capacity if self.shared else 0
+        shape = (batch, model["num_heads"], length, model["head_dim"])
+        past = {layer[k]: ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, DEVICE["name"], 0)
+                for layer in layers for k in ("past_key", "past_value")}  # fmt: skip
+        mask, chosen, stamps = np.ones_like(ids), [], []
+        current = ids
+        for _ in range(new_tokens):
+            binding = self.session.io_binding()
+            positions = (np.cumsum(mask, axis=1) - 1)[:, -current.shape[1] :]
+            for name, value in (
+                ("input_ids", current),
+                ("attention_mask", mask),
+                ("position_ids", positions),
+            ):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            binding.bind_output("logits", "cpu")
+            for layer in layers:
+                for p, q in PAIRS:
+                    binding.bind_ortvalue_input(layer[p], past[layer[p]])
+                    if self.shared:
+                        binding.bind_ortvalue_output(layer[q], past[layer[p]])
+                    else:
+                        binding.bind_output(layer[q], DEVICE["name"], 0)
+            self.session.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
+            if not self.shared:
+                names = [layer[q] for layer in layers for q in ("present_key", "present_value")]
+                past = {layer[p]: outputs[1 + names.index(layer[q])] for layer in layers for p, q in PAIRS}
+            current = outputs[0].numpy()[:, -1].argmax(-1)[:, None].astype(np.int64)
+            chosen.append(current)
+            stamps.append(time.perf_counter())
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+        return np.concatenate(chosen, axis=1), rate
+
+
+def check_io_bound_cache(work: Path, report: dict) -> None:
+    """Device-resident cache (concat and shared-buffer) gives the CPU run's greedy tokens."""
+    from bench.ort_loop import ExportDecoder
+
+    ids = np.random.default_rng(0).integers(1, 1000, size=(1, 24), dtype=np.int64)
+    expected = ExportDecoder(work / "optimized-float32").generate(ids, np.ones_like(ids), 16)
+    for flavor in ("portable", "optimized"):
+        tokens, rate = DeviceDecoder(work / f"{flavor}-float32", [DEVICE["provider"]]).generate(ids, 16)
+        report[f"io_bound_cache_{flavor}"] = {
+            "same_tokens_as_cpu": bool((tokens == expected).all()),
+            "tok_s": rate,
+        }
+    try:  # the project runtime, if it offers CUDA with IO binding
+        from gptneo_onnx.runtime import Model
+
+        model = Model.load(work / "optimized-float32", provider=DEVICE["name"])
+        result = model.generate(ids.tolist(), max_new_tokens=16, do_sample=False)
+        tokens = np.array(getattr(result, "tokens", getattr(result, "sequences", [[]])))
+        report["runtime_cuda"] = {"ran": True, "tokens": tokens.tolist()[:1], "expected": expected.tolist()}
+    except Exception as error:  # noqa: BLE001 - report whatever the runtime raises
+        report["runtime_cuda"] = {"ran": False, "error": f"{type(error).__name__}: {error}"[:500]}
+
+
+def check_tensorrt(work: Path, report: dict, available: list[str]) -> None:
+    if "TensorrtExecutionProvider" not in available:
+        report["tensorrt"] = {"skipped": "TensorrtExecutionProvider is not installed"}
+        return
+    trt = ("TensorrtExecutionProvider", {"trt_fp16_enable": False, "trt_max_workspace_size": 2 << 30})
+    ids = np.random.default_rng(1).integers(1, 1000, size=(1, 24), dtype=np.int64)
+    from bench.ort_loop import ExportDecoder
+
+    expected = ExportDecoder(work / "portable-float32").generate(ids, np.ones_like(ids), 8)
+    start = time.perf_counter()
+    tokens, rate = DeviceDecoder(work / "portable-float32", [trt, DEVICE["provider"]]).generate(ids, 8)
+    report["tensorrt"] = {"same_tokens_as_cpu": bool((tokens == expected).all()), "tok_s": rate,
+                          "seconds_with_engine_build": time.perf_counter() - start}  # fmt: skip
+
+
+def check_decode_vs_optimum(work: Path, report: dict, skip_optimum: bool) -> None:
+    """125m shape, batch 1, 32-token prompt, 128 new: decode tok/s on CUDA, ours vs Optimum."""
+    from gptneo_onnx.export import export
+    from gptneo_onnx.reference import from_pretrained
+
+    checkpoint = random_checkpoint(work / "ckpt-125m", SHAPE_125M)
+    reference = from_pretrained(checkpoint)
+    ids = np.random.default_rng(2).integers(1, 50000, size=(1, 32), dtype=np.int64)
+    figures = {}
+    for name, options in (("ours-optimized-fp16", dict(optimize=True, precision="float16")),
+                          ("ours-optimized-fp32", dict(optimize=True))):  # fmt: skip
+        folder = work / name
+        export(reference, folder, progress=False, validate=False, **options)
+        decoder = DeviceDecoder(folder, [DEVICE["provider"]])
+        decoder.generate(ids, 4)  # warm-up
+        figures[name] = decoder.generate(ids, 128)[1]
+    if not skip_optimum:
+        import torch
+        from optimum.exporters.onnx import main_export
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        main_export(str(checkpoint), work / "optimum", task="text-generation-with-past", do_validation=False)
+        model = ORTModelForCausalLM.from_pretrained(work / "optimum", provider=DEVICE["provider"],
+                                                    use_io_binding=DEVICE["name"] == "cuda")  # fmt: skip
+        model.generation_config.eos_token_id = None
+        prompt = torch.from_numpy(ids).to(DEVICE["name"])
+        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        timings = []
+        for new in (1, 129):
+            start = time.perf_counter()
+            model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            timings.append(time.perf_counter() - start)
+        figures["optimum-fp32"] = 128 / (timings[1] - timings[0])
+    report["decode_tok_s_cuda_125m"] = figures
+    if "optimum-fp32" in figures:
+        report["decode_ratio_vs_optimum"] = {k: v / figures["optimum-fp32"] for k, v in figures.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--budget", type=float, default=290.0, help="seconds; later sections are skipped")
+    parser.add_argument("--skip-optimum", action="store_true")
+    parser.add_argument("--dry-run-cpu", action="store_true", help="exercise the script on the CPU provider")
+    args = parser.parse_args(argv)
+    if args.dry_run_cpu:
+        DEVICE.update(name="cpu", provider="CPUExecutionProvider")
+    budget, report = Budget(args.budget), {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        report.update(onnxruntime=ort.__version__, providers=available)
+    except ImportError as error:
+        available, report["error"] = [], f"onnxruntime is not installed: {error}"
+    if DEVICE["provider"] not in available:
+        report.setdefault("error", "CUDAExecutionProvider is missing: pip install onnxruntime-gpu")
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    from gptneo_onnx.reference import from_pretrained
+
+    sections = [
+        (
+            "parity",
+            60,
+            lambda: check_parity(from_pretrained(random_checkpoint(work / "small", SMALL)), work, report),
+        ),
+        ("io_bound_cache", 30, lambda: check_io_bound_cache(work, report)),
+        ("tensorrt", 60, lambda: check_tensorrt(work, report, available)),
+        ("decode_vs_optimum", 120, lambda: check_decode_vs_optimum(work, report, args.skip_optimum)),
+    ]
+    for name, needs, run in sections:
+        if budget.left() < needs:
+            report[f"{name}_status"] = f"skipped: {budget.left():.0f} s left, needs ~{needs} s"
+            continue
+        start = time.perf_counter()
+        try:
+            run()
+            report[f"{name}_status"] = f"ok in {time.perf_counter() - start:.1f} s"
+        except Exception as error:  # noqa: BLE001 - record and go on to the next section
+            report[f"{name}_status"] = f"failed: {type(error).__name__}: {error}"[:800]
+            report[f"{name}_traceback"] = traceback.format_exc()[-2000:]
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The benchmark runs end to end in --quick mode (tiny shape); speed itself is never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("matplotlib")
+
+from bench import run  # noqa: E402
+from bench.report import evaluate_targets  # noqa: E402
+
+
+def test_quick_benchmark_writes_json_table_and_chart(tmp_path):
+    variants = "ours-portable-fp32,ours-optimized-fp32,ours-optimized-int4,transformers-fp32"
+    results = run.main(["--quick", "--out", str(tmp_path), "--variants", variants, "--no-cold"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["medians"]) == set(variants.split(","))
+    for metrics in saved["medians"].values():
+        assert (
+            metrics["decode_tok_s@8"] > 0 and metrics["prefill_tok_s@96"] > 0 and metrics["batch2_tok_s"] > 0
+        )
+    assert (tmp_path / "speedup_vs_context.png").stat().st_size > 0  # charted against transformers
+    assert "| ours-optimized-int4 |" in (tmp_path / "table.md").read_text()
+    assert len(results["targets"]) == 6
+
+
+def test_cold_start_process_reports_first_token_and_peak_rss(tmp_path):
+    from bench.models import build_all
+
+    artifacts = build_all(tmp_path / "work", "tiny", ["ours-optimized-fp32"], lambda text: None)
+    samples = run.measure_cold(run.QUICK, "ours", "ours-shared", artifacts.exports["ours-optimized-fp32"])
+    assert 0 < samples["cold_start_s"][0] < 120
+    assert 10 < samples["peak_rss_mb"][0] < 4000
+
+
+def test_targets_compare_against_the_right_peer():
+    medians = {
+        "ours-optimized-fp32": {"decode_tok_s@8": 60.0, "decode_tok_s@96": 40.0, "peak_rss_mb": 400.0},
+        "ours-optimized-int4": {"decode_tok_s@8": 150.0},
+        "optimum-fp32": {"decode_tok_s@8": 40.0, "decode_tok_s@96": 20.0, "peak_rss_mb": 1000.0},
+        "optimum-int4": {"decode_tok_s@8": 100.0},
+    }
+    short, long, int4_fp32, int4_int4, rss, cold = evaluate_targets(medians, run.QUICK)
+    assert short["measured_x"] == pytest.approx(1.5) and short["met"] is True
+    assert long["measured_x"] == pytest.approx(2.0) and long["met"] is True
+    assert int4_fp32["measured_x"] == pytest.approx(3.75) and int4_fp32["met"] is True
+    assert int4_int4["peer"] == "optimum-int4" and int4_int4["measured_x"] == pytest.approx(1.5)
+    assert rss["measured_x"] == pytest.approx(2.5) and rss["met"] is True  # 400 MB is 0.4x of 1000 MB
+    assert cold["met"] is None  # not measured

@@ -1,0 +1,139 @@
+"""The numpy logits processors against transformers' processors, and decoding-parameter checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.generation import logits_process as hf
+
+from gptneo_onnx.runtime import GenerationConfig, GenerationConfigError
+from gptneo_onnx.runtime.sampling import (
+    LogitsProcessor,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    sample,
+)
+
+VOCAB = 97
+
+
+def random_scores(seed: int, batch: int = 4) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 3, (batch, VOCAB)).astype(np.float32)
+
+
+def hf_apply(processor, scores: np.ndarray, input_ids: np.ndarray | None = None) -> np.ndarray:
+    ids = (
+        torch.zeros((scores.shape[0], 1), dtype=torch.long) if input_ids is None else torch.tensor(input_ids)
+    )
+    return processor(ids, torch.tensor(scores)).numpy()
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.5])
+def test_temperature_matches_transformers(temperature):
+    scores = random_scores(0)
+    expected = hf_apply(hf.TemperatureLogitsWarper(temperature), scores)
+    np.testing.assert_array_equal(apply_temperature(scores, temperature), expected)
+
+
+@pytest.mark.parametrize("top_k, keep", [(1, 1), (5, 1), (40, 1), (200, 1), (2, 3)])
+def test_top_k_matches_transformers(top_k, keep):
+    scores = random_scores(1)
+    scores[0, :10] = 1.0  # ties around the k-th value
+    expected = hf_apply(hf.TopKLogitsWarper(top_k, min_tokens_to_keep=keep), scores)
+    np.testing.assert_array_equal(apply_top_k(scores, top_k, keep), expected)
+
+
+@pytest.mark.parametrize("top_p, keep", [(0.1, 1), (0.5, 1), (0.9, 1), (0.95, 5), (1.0, 1), (0.01, 3)])
+def test_top_p_matches_transformers(top_p, keep):
+    for seed in range(5):
+        scores = random_scores(seed)
+        expected = hf_apply(hf.TopPLogitsWarper(top_p, min_tokens_to_keep=keep), scores)
+        np.testing.assert_array_equal(apply_top_p(scores, top_p, keep), expected)
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])
+def test_repetition_penalty_matches_transformers(penalty):
+    scores = random_scores(2)
+    input_ids = np.random.default_rng(3).integers(0, VOCAB, (4, 12))
+    input_ids[0, :4] = 7  # repeated tokens are penalized once
+    expected = hf_apply(hf.RepetitionPenaltyLogitsProcessor(penalty), scores, input_ids)
+    np.testing.assert_array_equal(apply_repetition_penalty(input_ids, scores, penalty), expected)
+
+
+def test_min_new_tokens_and_min_length_match_transformers():
+    scores = random_scores(4)
+    input_ids = np.ones((4, 6), dtype=np.int64)
+    eos = [2, 5]
+    for prompt_length, min_new in [(4, 3), (4, 2), (2, 3)]:
+        expected = hf_apply(
+            hf.MinNewTokensLengthLogitsProcessor(prompt_length, min_new, eos), scores, input_ids
+        )
+        ours = LogitsProcessor(do_sample=False, min_new_tokens=min_new, eos_token_ids=eos)
+        np.testing.assert_array_equal(ours(input_ids, scores, prompt_length), expected)
+    for min_length in (5, 6, 7):
+        expected = hf_apply(hf.MinLengthLogitsProcessor(min_length, eos), scores, input_ids)
+        ours = LogitsProcessor(do_sample=False, min_length=min_length, eos_token_ids=eos)
+        np.testing.assert_array_equal(ours(input_ids, scores, 6), expected)
+
+
+def test_processor_chain_matches_transformers_order():
+    scores = random_scores(5)
+    input_ids = np.random.default_rng(6).integers(0, VOCAB, (4, 8))
+    chain = hf.LogitsProcessorList(
+        [
+            hf.RepetitionPenaltyLogitsProcessor(1.2),
+            hf.TemperatureLogitsWarper(0.8),
+            hf.TopKLogitsWarper(20),
+            hf.TopPLogitsWarper(0.9),
+        ]
+    )
+    ours = LogitsProcessor(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2)
+    np.testing.assert_array_equal(ours(input_ids, scores, 8), hf_apply(chain, scores, input_ids))
+
+
+def test_sampler_is_seeded_and_respects_filters():
+    scores = apply_top_k(random_scores(7, batch=64), 3)
+    first = sample(scores, np.random.default_rng(11))
+    np.testing.assert_array_equal(first, sample(scores, np.random.default_rng(11)))
+    allowed = np.isfinite(scores)
+    assert allowed[np.arange(64), first].all()
+
+
+def test_sampler_follows_the_distribution():
+    scores = np.log(np.array([[0.7, 0.2, 0.1, 0.0]], dtype=np.float32) + 1e-30)
+    draws = [int(sample(scores, rng)[0]) for rng in [np.random.default_rng(0)] for _ in range(4000)]
+    frequencies = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(frequencies, [0.7, 0.2, 0.1, 0.0], atol=0.03)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"do_sample": True, "temperature": 0.0}, "temperature"),
+        ({"do_sample": True, "temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"num_beams": 0}, "num_beams"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"min_new_tokens": -1}, "min_new_tokens"),
+        ({"num_return_sequences": 2}, "greedy decoding returns one sequence"),
+        ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences"),
+        ({"early_stopping": "sometimes"}, "early_stopping"),
+        ({"stop_strings": [""]}, "stop_strings"),
+        ({"beam_width": 3}, "unknown generation option"),
+    ],
+)
+def test_invalid_generation_parameters_are_named(options, message):
+    with pytest.raises(GenerationConfigError, match=message):
+        GenerationConfig.from_defaults({}, **options)
+
+
+def test_manifest_defaults_then_overrides():
+    config = GenerationConfig.from_defaults({"max_new_tokens": 7, "top_k": 10, "unknown": 1}, top_k=3)
+    assert (config.max_new_tokens, config.top_k, config.temperature) == (7, 3, 1.0)
+    assert GenerationConfig.from_defaults({}, stop_strings="\n").stop_strings == ["\n"]
