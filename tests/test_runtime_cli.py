@@ -43,7 +43,7 @@ def test_generate_streams_and_matches_the_api(exports, capsys):
     assert (
         main(["generate", folder, "Zoë went", "--max-new-tokens", "12", "--repetition-penalty", "1.2"]) == 0
     )
-    assert capsys.readouterr().out == expected.texts[0] + "\n"
+    assert capsys.readouterr().out == "Zoë went" + expected.texts[0] + "\n"  # prompt echoed, then the stream
     payload = run_json(
         capsys, ["generate", folder, "Zoë went", "--max-new-tokens", "12", "--repetition-penalty", "1.2"]
     )

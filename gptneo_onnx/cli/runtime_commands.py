@@ -17,7 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the bundled default model answers it. Several prompts form a left-padded batch.",
     )
     generate.add_argument(
-        "inputs", nargs="+", metavar="[EXPORT_DIR] PROMPT", help="export folder, then prompts"
+        "inputs",
+        nargs="*",
+        metavar="[EXPORT_DIR] PROMPT",
+        help="export folder, then prompts (default: the bundled model and a Python prompt)",
     )
     _add_decoding_arguments(generate)
     generate.add_argument("--token-ids", action="store_true", help='prompts are token ids: "12,5,99"')
@@ -130,18 +133,23 @@ def _parse_prompt(text: str, token_ids: bool) -> str | list[int]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from gptneo_onnx.cli.defaults import default_export_dir
+    from gptneo_onnx.cli.defaults import DEFAULT_PROMPT, default_export_dir
     from gptneo_onnx.runtime import CausalLM
 
-    if len(args.inputs) == 1:
-        export_dir, prompts = default_export_dir(), args.inputs
+    inputs = list(args.inputs)
+    if inputs and (Path(inputs[0]) / "gptneo_onnx.json").is_file():
+        export_dir, prompts = inputs[0], inputs[1:] or [DEFAULT_PROMPT]
+    elif len(inputs) <= 1:
+        export_dir, prompts = default_export_dir(), inputs or [DEFAULT_PROMPT]
     else:
-        export_dir, prompts = args.inputs[0], args.inputs[1:]
+        export_dir, prompts = inputs[0], inputs[1:]
     model = _load(args, export_dir, CausalLM)
     prompts = [_parse_prompt(prompt, args.token_ids) for prompt in prompts]
     config = model.generation_config(**_decoding_options(args))
     streamable = len(prompts) == 1 and config.num_beams == 1 and config.num_return_sequences == 1
     if not args.json and not args.no_stream and streamable and model.tokenizer is not None:
+        if isinstance(prompts[0], str):
+            sys.stdout.write(prompts[0])  # echo the prompt so the completion reads in context
         for piece in model.stream(prompts[0], config):
             sys.stdout.write(piece)
             sys.stdout.flush()
