@@ -44,7 +44,7 @@ def cache_names(layer: int) -> dict[str, str]:
 def numpy_weights(model: torch.nn.Module, dtype) -> dict[str, np.ndarray]:
     """The model's parameters as numpy, in the export precision (tied lm_head skipped)."""
     return {
-        name: tensor.detach().to(torch.float32).numpy().astype(dtype)
+        name: tensor.detach().to(torch.float32).numpy().astype(dtype, copy=False)
         for name, tensor in model.state_dict().items()
         if name != "lm_head.weight"
     }
