@@ -70,7 +70,8 @@ class SelfAttention(nn.Module):
         key = torch.cat([past_key, self.split_heads(self.k_proj(hidden))], dim=2)  # (B, H, T, D)
         value = torch.cat([past_value, self.split_heads(self.v_proj(hidden))], dim=2)
 
-        scores = query.float() @ key.float().transpose(-1, -2)  # (B, H, S, T), no 1/sqrt(D)
+        compute = torch.promote_types(query.dtype, torch.float32)  # fp32 at least, fp64 stays
+        scores = query.to(compute) @ key.to(compute).transpose(-1, -2)  # (B, H, S, T), no 1/sqrt(D)
         weights = torch.softmax(scores + bias, dim=-1).to(value.dtype)
         out = self.attn_dropout(weights) @ value  # (B, H, S, D)
         out = out.transpose(1, 2).reshape(hidden.shape)
