@@ -238,3 +238,16 @@ def test_export_loads_in_optimum_and_generates_the_same_tokens(tmp_path):
         attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     assert optimum_model.generate(ids, **settings).tolist() == hf_model.generate(ids, **settings).tolist()
+
+
+def test_big_models_are_judged_against_a_float32_reference_with_a_wider_bound(tmp_path, monkeypatch):
+    from gptneo_onnx.export import validate
+
+    result = export(from_transformers(tiny_hf_model("causal-lm")), tmp_path / "small", progress=False)
+    assert result.report["reference_precision"] == "float64"
+    assert result.report["max_abs_diff_allowed"] == pytest.approx(1e-4)
+    monkeypatch.setattr(validate, "EXACT_REFERENCE_MAX_PARAMETERS", 0)
+    result = export(from_transformers(tiny_hf_model("causal-lm")), tmp_path / "big", progress=False)
+    assert result.report["reference_precision"] == "float32"
+    assert result.report["max_abs_diff_allowed"] == pytest.approx(1e-3)
+    assert result.report["top1_agreement_required"] == pytest.approx(0.99)

@@ -39,6 +39,13 @@ class Tolerance:
             return cls(max_abs_diff=0.05, min_top1_agreement=0.98, relative_to_logit_range=True)
         return cls(max_abs_diff=1e-4, min_top1_agreement=1.0, rtol=1e-4)
 
+    def against_float32_reference(self) -> Tolerance:
+        """When the reference itself runs in float32 (big models), both sides carry float32
+        rounding: widen the tight fp32 bound tenfold and let near-tied top-1 tokens flip."""
+        if self.rtol == 0.0:
+            return self
+        return Tolerance(self.max_abs_diff * 10, min(self.min_top1_agreement, 0.99), rtol=self.rtol * 10)
+
 
 def validation_batch(config: GPTNeoConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Two rows of random ids, the second left-padded, longer than the largest local window."""
@@ -160,12 +167,15 @@ def _compare_single_pass(model, session, manifest: dict, ids, mask, comparison: 
             comparison.add(spec["name"], ref, actual, keep if per_token else None, top1)
 
 
-def _exact_reference(model: torch.nn.Module) -> torch.nn.Module:
+EXACT_REFERENCE_MAX_PARAMETERS = 250_000_000  # a float64 copy of more would crowd memory
+
+
+def _exact_reference(model: torch.nn.Module) -> torch.nn.Module | None:
     """The reference in float64 when it fits comfortably: the export is then judged against the
     exact math, not against PyTorch's own float32 rounding (which alone reaches ~1e-4 on trained
-    weights). Models over ~250M parameters are compared in their own precision."""
-    if sum(p.numel() for p in model.parameters()) > 250_000_000:
-        return model
+    weights). None for bigger models, which are compared in their own precision."""
+    if sum(p.numel() for p in model.parameters()) > EXACT_REFERENCE_MAX_PARAMETERS:
+        return None
     return copy.deepcopy(model).double()
 
 
@@ -186,13 +196,17 @@ def validate_export(model: torch.nn.Module, export_dir: Path, manifest: dict, to
         str(export_dir / manifest["graph"]["file"]), options, providers=["CPUExecutionProvider"]
     )
     ids, mask = validation_batch(model.config)
-    model = _exact_reference(model)
+    exact = _exact_reference(model)
+    if exact is None:
+        tolerance = tolerance.against_float32_reference()
+    model = exact or model
     comparison = _Comparison(tolerance.rtol)
     compare = _compare_causal_lm if manifest["task"] == "causal-lm" else _compare_single_pass
     compare(model, session, manifest, ids, mask, comparison)
     report = {
         "task": manifest["task"],
         "precision": manifest["precision"],
+        "reference_precision": "float64" if exact is not None else "float32",
         "flavor": manifest["flavor"],
         "inputs": {
             "batch": int(ids.shape[0]),
