@@ -30,7 +30,7 @@ import transformers
 from stdlib_corpus import encode_documents, load_sources, split_sources, stdlib_root, write_split
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import GenerationConfig, GPTNeoConfig, GPTNeoForCausalLM
+from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "gptneo_onnx" / "default_model"
@@ -85,6 +85,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stop-after", type=int, help="stop after this many steps of the --steps schedule")
     parser.add_argument("--seed", type=int, default=Hyperparameters.seed)
     parser.add_argument("--batch-size", type=int, default=Hyperparameters.batch_size)
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=Hyperparameters.learning_rate,
+        help="peak; the floor is a tenth",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args()
     if args.minutes <= 0:
@@ -268,13 +274,15 @@ def save_model_folder(output: Path, model: GPTNeoForCausalLM, tokenizer: Tokeniz
         for name in ("config.json", "model.safetensors"):
             shutil.copyfile(Path(scratch) / name, output / name)
     tokenizer.save(str(output / "tokenizer.json"))
-    GenerationConfig(
-        bos_token_id=END_OF_TEXT_ID,
-        eos_token_id=END_OF_TEXT_ID,
-        pad_token_id=END_OF_TEXT_ID,
-        max_new_tokens=64,
-        do_sample=False,
-    ).save_pretrained(output)
+    generation = {
+        "bos_token_id": END_OF_TEXT_ID,
+        "eos_token_id": END_OF_TEXT_ID,
+        "pad_token_id": END_OF_TEXT_ID,
+        "max_new_tokens": 64,
+        "do_sample": False,
+        "transformers_version": transformers.__version__,
+    }
+    (output / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     (output / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     (output / "quality.json").unlink(missing_ok=True)
 
@@ -282,7 +290,12 @@ def save_model_folder(output: Path, model: GPTNeoForCausalLM, tokenizer: Tokeniz
 def main() -> None:
     args = parse_args()
     script_start = time.monotonic()
-    hp = Hyperparameters(seed=args.seed, batch_size=args.batch_size)
+    hp = Hyperparameters(
+        seed=args.seed,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        min_learning_rate=args.learning_rate / 10,
+    )
     seed_everything(hp.seed)
 
     root = stdlib_root()
