@@ -67,7 +67,9 @@ def export_ours(checkpoint: Path, folder: Path, options: dict, block_size: int) 
 
     reference = from_pretrained(checkpoint)
     extra = {"block_size": block_size, "accuracy_level": INT4_SETTINGS["accuracy_level"]}
-    export(reference, folder, progress=False, **options, **(extra if "quantize" in options else {}))
+    # External data: onnxruntime maps the weights file instead of copying the graph's bytes.
+    extra = {**(extra if "quantize" in options else {}), "external_data": True}
+    export(reference, folder, progress=False, **options, **extra)
     return folder
 
 

@@ -34,6 +34,8 @@ VARIANTS = {
     "ours-optimized-fp32": ("ours-optimized-fp32", "ours-shared"),
     "ours-optimized-int8": ("ours-optimized-int8", "ours-shared"),
     "ours-optimized-int4": ("ours-optimized-int4", "ours-shared"),
+    "runtime-optimized-fp32": ("ours-optimized-fp32", "runtime"),
+    "runtime-optimized-int4": ("ours-optimized-int4", "runtime"),
     "transformers-fp32": ("transformers-fp32", "transformers"),
     "optimum-fp32": ("optimum-fp32", "optimum"),
     "optimum-int4": ("optimum-int4", "optimum"),

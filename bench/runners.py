@@ -50,8 +50,24 @@ def _hf_generate(model, torch) -> Generate:
     return generate
 
 
+def _runtime_generate(path: Path, threads: int | None) -> Generate:
+    from gptneo_onnx.runtime import Model, TokenStep
+
+    model = Model.load(path, provider="cpu", intra_op_threads=threads)
+
+    def generate(ids, mask, new_tokens, on_token):
+        prompts = [row[row_mask.astype(bool)].tolist() for row, row_mask in zip(ids, mask, strict=True)]
+        options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        for event in model.generate_steps(prompts, **options):
+            if isinstance(event, TokenStep):
+                on_token()
+
+    return generate
+
+
 def load_runner(kind: str, path: Path, threads: int | None = None) -> Generate:
-    """kind: `ours`, `ours-shared` (shared-buffer cache), `transformers` or `optimum`."""
+    """kind: `ours`, `ours-shared` (bench loop, concat or shared-buffer cache), `runtime` (the
+    project's `gptneo_onnx.runtime`, as it chooses), `transformers` or `optimum`."""
     if kind in ("ours", "ours-shared"):
         from bench.ort_loop import ExportDecoder
 
@@ -61,6 +77,8 @@ def load_runner(kind: str, path: Path, threads: int | None = None) -> Generate:
             decoder.generate(ids, mask, new_tokens, on_token=on_token)
 
         return generate
+    if kind == "runtime":
+        return _runtime_generate(path, threads)
     import torch
 
     if threads:
