@@ -17,14 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from stdlib_corpus import (
-    chop_windows,
-    corpus_fingerprint,
-    encode_documents,
-    load_sources,
-    read_validation_paths,
-    stdlib_root,
-)
 from tokenizers import Tokenizer
 from tqdm import tqdm
 from train_default_model import (
@@ -35,6 +27,15 @@ from train_default_model import (
     library_versions,
 )
 from transformers import GPTNeoForCausalLM, PreTrainedTokenizerFast
+
+from gptneo_onnx.stdlib_corpus import (
+    chop_windows,
+    corpus_fingerprint,
+    encode_documents,
+    load_sources,
+    read_validation_paths,
+    stdlib_root,
+)
 
 DEFAULT_PROMPTS = ("def fibonacci(n):", "import os\n")
 

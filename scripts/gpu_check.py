@@ -137,7 +137,7 @@ class DeviceDecoder:
 
 def check_io_bound_cache(work: Path, report: dict) -> None:
     """Device-resident cache (concat and shared-buffer) gives the CPU run's greedy tokens."""
-    from bench.ort_loop import ExportDecoder
+    from gptneo_onnx.bench.ort_loop import ExportDecoder
 
     ids = np.random.default_rng(0).integers(1, 1000, size=(1, 24), dtype=np.int64)
     expected = ExportDecoder(work / "optimized-float32").generate(ids, np.ones_like(ids), 16)
@@ -164,7 +164,7 @@ def check_tensorrt(work: Path, report: dict, available: list[str]) -> None:
         return
     trt = ("TensorrtExecutionProvider", {"trt_fp16_enable": False, "trt_max_workspace_size": 2 << 30})
     ids = np.random.default_rng(1).integers(1, 1000, size=(1, 24), dtype=np.int64)
-    from bench.ort_loop import ExportDecoder
+    from gptneo_onnx.bench.ort_loop import ExportDecoder
 
     expected = ExportDecoder(work / "portable-float32").generate(ids, np.ones_like(ids), 8)
     start = time.perf_counter()

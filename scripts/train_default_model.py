@@ -27,10 +27,11 @@ import numpy as np
 import tokenizers
 import torch
 import transformers
-from stdlib_corpus import encode_documents, load_sources, split_sources, stdlib_root, write_split
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+from gptneo_onnx.stdlib_corpus import encode_documents, load_sources, split_sources, stdlib_root, write_split
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "gptneo_onnx" / "default_model"

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("matplotlib")
 
-from bench import run  # noqa: E402
-from bench.report import evaluate_targets  # noqa: E402
+from gptneo_onnx.bench import run  # noqa: E402
+from gptneo_onnx.bench.report import evaluate_targets  # noqa: E402
 
 
 def test_quick_benchmark_writes_json_table_and_chart(tmp_path):
@@ -28,7 +28,7 @@ def test_quick_benchmark_writes_json_table_and_chart(tmp_path):
 
 
 def test_cold_start_process_reports_first_token_and_peak_rss(tmp_path):
-    from bench.models import build_all
+    from gptneo_onnx.bench.models import build_all
 
     artifacts = build_all(tmp_path / "work", "tiny", ["ours-optimized-fp32"], lambda text: None)
     samples = run.measure_cold(run.QUICK, "ours", "ours-shared", artifacts.exports["ours-optimized-fp32"])

@@ -54,9 +54,13 @@ def test_runtime_greedy_is_token_identical_to_transformers(bundled_export):
     for row, ids in enumerate(encoded):
         with torch.no_grad():
             expected = hf_model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=pad,
-            )[0, len(ids):].tolist()
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=40,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=pad,
+            )[0, len(ids) :].tolist()
         assert result.sequences[row] == expected
 
 

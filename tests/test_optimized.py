@@ -11,7 +11,7 @@ from conftest import tiny_hf_model
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
-from bench.ort_loop import ExportDecoder  # noqa: E402
+from gptneo_onnx.bench.ort_loop import ExportDecoder  # noqa: E402
 from gptneo_onnx.export import export  # noqa: E402
 from gptneo_onnx.reference import from_transformers  # noqa: E402
 

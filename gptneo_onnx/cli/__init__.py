@@ -15,7 +15,11 @@ from collections.abc import Sequence
 
 from gptneo_onnx import __version__
 
-COMMAND_MODULES = ("gptneo_onnx.cli.runtime_commands", "gptneo_onnx.cli.export_commands")
+COMMAND_MODULES = (
+    "gptneo_onnx.cli.runtime_commands",
+    "gptneo_onnx.cli.export_commands",
+    "gptneo_onnx.cli.bench_commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (2 for errors the user can fix)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "passthrough"):  # commands that hand their options to another parser
+        args.passthrough = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from gptneo_onnx.cli.errors import USER_ERRORS
 
     try:

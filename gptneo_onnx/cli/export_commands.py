@@ -21,6 +21,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--precision", default="float32", choices=("float32", "float16"))
     export.add_argument("--revision", help="hub revision (branch, tag or commit)")
     export.add_argument("--external-data", action="store_true", help="force weights into model.onnx.data")
+    export.add_argument(
+        "--optimize", action="store_true", help="ONNX Runtime fused ops (GroupQueryAttention with the window)"
+    )
+    export.add_argument(
+        "--quantize", choices=("int8", "int4"), help="int8 dynamic or int4 weight-only (MatMulNBits)"
+    )
+    export.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
+    export.add_argument(
+        "--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (default 4)"
+    )
+    export.add_argument(
+        "--quality",
+        action="store_true",
+        help="write quality_report.json: perplexity and top-1 agreement vs fp32 on held-out stdlib code",
+    )
+    export.add_argument("--quality-windows", type=int, default=32, help="512-token windows for --quality")
     export.add_argument("--no-validate", action="store_true", help="skip the parity run against PyTorch")
     export.add_argument("--json", action="store_true", help="print the result as JSON")
     export.set_defaults(handler=run_export)
@@ -46,6 +62,14 @@ def run_export(args: argparse.Namespace) -> int:
     folder = resolve_checkpoint(args.model, args.revision)
     model = from_pretrained(folder, task=args.task)
     tokenizer = folder / "tokenizer.json"
+    quality_windows = None
+    if args.quality:
+        from gptneo_onnx.stdlib_corpus import validation_windows
+
+        if not tokenizer.is_file():
+            raise FileNotFoundError(f"--quality tokenizes held-out code and needs {tokenizer}")
+        window = min(512, model.config.max_position_embeddings)
+        quality_windows = validation_windows(folder, window, args.quality_windows)
     result = export(
         model,
         args.output,
@@ -55,6 +79,11 @@ def run_export(args: argparse.Namespace) -> int:
         generation_config=_optional_json(folder / "generation_config.json"),
         external_data=True if args.external_data else None,
         progress=not args.json,
+        optimize=args.optimize,
+        quantize=args.quantize,
+        block_size=args.block_size,
+        accuracy_level=args.accuracy_level,
+        quality_windows=quality_windows,
     )
     if args.json:
         print(

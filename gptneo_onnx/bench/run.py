@@ -1,7 +1,7 @@
 """The benchmark: this project's exports against transformers and Optimum, in one run.
 
-    .venv/bin/python -m bench.run                 # gpt-neo-125m shape, random init (~15 min on 2 cores)
-    .venv/bin/python -m bench.run --quick         # tiny shape, seconds: a smoke test
+    gptneo-onnx bench              # gpt-neo-125m shape, random init (~15 min on 2 cores)
+    gptneo-onnx bench --quick      # tiny shape, seconds: a smoke test
 
 Every system generates greedily from the same random-init weights. Scenarios are repeated and
 interleaved across systems (so load drifts hit all alike); medians are reported with ratios
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from bench.models import OUR_VARIANTS, build_all
-from bench.report import evaluate_targets, markdown_table, write_chart
-from bench.runners import load_runner
+from gptneo_onnx.bench.models import OUR_VARIANTS, build_all
+from gptneo_onnx.bench.report import evaluate_targets, markdown_table, write_chart
+from gptneo_onnx.bench.runners import load_runner
 
 # variant -> (export it uses, runner kind)
 VARIANTS = {
@@ -108,7 +108,7 @@ def measure_cold(plan: Plan, name: str, kind: str, path: Path) -> dict[str, list
     samples: dict[str, list[float]] = {"cold_start_s": [], "peak_rss_mb": []}
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     for _ in range(plan.cold_repeats):
-        command = [sys.executable, "-m", "bench.cold", kind, str(path), *map(str, plan.cold)]
+        command = [sys.executable, "-m", "gptneo_onnx.bench.cold", kind, str(path), *map(str, plan.cold)]
         spawned = time.time()
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         if done.returncode:

@@ -1,4 +1,7 @@
-"""Cold start and peak RSS, measured in a fresh process: `python -m bench.cold KIND PATH PROMPT NEW`.
+"""Cold start and peak RSS, measured in a fresh process.
+
+    python -m gptneo_onnx.bench.cold KIND PATH PROMPT NEW
+
 
 Prints one JSON line: `first_token_at` (time.time() when the first token was chosen; the parent
 subtracts its spawn time), and `peak_rss_mb` (VmHWM after generating NEW tokens; not ru_maxrss,
@@ -28,7 +31,7 @@ def main(argv: list[str]) -> None:
     kind, path, prompt, new_tokens = argv[0], Path(argv[1]), int(argv[2]), int(argv[3])
     import numpy as np
 
-    from bench.runners import load_runner
+    from gptneo_onnx.bench.runners import load_runner
 
     generate = load_runner(kind, path)
     ids = np.random.default_rng(0).integers(1, 500, size=(1, prompt), dtype=np.int64)

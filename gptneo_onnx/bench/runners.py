@@ -69,7 +69,7 @@ def load_runner(kind: str, path: Path, threads: int | None = None) -> Generate:
     """kind: `ours`, `ours-shared` (bench loop, concat or shared-buffer cache), `runtime` (the
     project's `gptneo_onnx.runtime`, as it chooses), `transformers` or `optimum`."""
     if kind in ("ours", "ours-shared"):
-        from bench.ort_loop import ExportDecoder
+        from gptneo_onnx.bench.ort_loop import ExportDecoder
 
         decoder = ExportDecoder(path, "shared-buffer" if kind == "ours-shared" else "concat", threads)
 

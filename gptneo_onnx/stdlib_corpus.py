@@ -123,3 +123,22 @@ def chop_windows(ids: np.ndarray, window: int, max_windows: int | None = None) -
     if count == 0:
         raise ValueError(f"need at least {window} tokens for one window, got {len(ids)}")
     return ids[: count * window].reshape(count, window)
+
+
+def validation_windows(model_folder: Path, window: int, max_windows: int | None = None) -> np.ndarray:
+    """Token windows (N, window) of the held-out stdlib files, tokenized with the model's
+    tokenizer.json: the files `split.json` names when the folder has one, else the split rule."""
+    sources = load_sources(stdlib_root())
+    split_file = model_folder / "split.json"
+    if split_file.is_file():
+        paths = [path for path in read_validation_paths(split_file) if path in sources]
+    else:
+        paths = split_sources(sources).validation
+    if not paths:
+        raise FileNotFoundError(f"none of the validation files of {split_file} exist in this Python")
+    tokenizer = Tokenizer.from_file(str(model_folder / "tokenizer.json"))
+    separator = tokenizer.token_to_id("<|endoftext|>")
+    ids = encode_documents(
+        tokenizer, [sources[path] for path in paths], 0 if separator is None else separator
+    )
+    return chop_windows(ids, window, max_windows)

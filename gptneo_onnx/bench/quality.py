@@ -1,6 +1,6 @@
 """Quality of the quantized exports of the bundled model on its validation set.
 
-    .venv/bin/python -m bench.quality [--model gptneo_onnx/default_model] [--out bench-results/quality]
+    gptneo-onnx bench-quality [--model gptneo_onnx/default_model] [--out bench-results/quality]
 
 Exports the model as int8 and int4 (optimized flavor), each with `quality_report.json` beside it
 (perplexity and top-1 agreement against fp32 on the validation windows of `split.json`).
@@ -9,45 +9,17 @@ Exports the model as int8 and int4 (optimized flavor), each with `quality_report
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-import numpy as np
+from gptneo_onnx.stdlib_corpus import validation_windows
 
-ROOT = Path(__file__).resolve().parent.parent
-END_OF_TEXT = "<|endoftext|>"
-
-
-def _stdlib_corpus():
-    """scripts/stdlib_corpus.py, which is a script folder rather than a package."""
-    spec = importlib.util.spec_from_file_location("stdlib_corpus", ROOT / "scripts" / "stdlib_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def validation_windows(model_folder: Path, window: int, max_windows: int) -> np.ndarray:
-    """Non-overlapping token windows of the validation files named in `split.json`."""
-    from tokenizers import Tokenizer
-
-    corpus = _stdlib_corpus()
-    sources = corpus.load_sources(corpus.stdlib_root())
-    paths = [path for path in corpus.read_validation_paths(model_folder / "split.json") if path in sources]
-    if not paths:
-        raise FileNotFoundError(f"none of the validation files of {model_folder / 'split.json'} are here")
-    tokenizer = Tokenizer.from_file(str(model_folder / "tokenizer.json"))
-    ids = corpus.encode_documents(
-        tokenizer, [sources[path] for path in paths], tokenizer.token_to_id(END_OF_TEXT)
-    )
-    return corpus.chop_windows(ids, window, max_windows)
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "default_model"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "gptneo_onnx" / "default_model")
+    parser.add_argument("--model", type=Path, default=BUNDLED_MODEL)
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "quality")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=32)

@@ -1,0 +1,34 @@
+"""`gptneo-onnx bench` and `gptneo-onnx bench-quality` (need the `bench` extra)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="time this project's exports against transformers and Optimum in one run",
+        add_help=False,
+    )
+    bench.set_defaults(handler=run_bench, passthrough=[])
+    quality = subparsers.add_parser(
+        "bench-quality",
+        help="perplexity and top-1 agreement of int8/int4 exports of the bundled model vs fp32",
+        add_help=False,
+    )
+    quality.set_defaults(handler=run_quality, passthrough=[])
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from gptneo_onnx.bench.run import main
+
+    main(args.passthrough)
+    return 0
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from gptneo_onnx.bench.quality import main
+
+    main(args.passthrough)
+    return 0
