@@ -15,7 +15,12 @@ def test_export_a_checkpoint_folder_then_verify_it(tmp_path, capsys):
     checkpoint = tmp_path / "checkpoint"
     tiny_hf_model("token-classification").save_pretrained(checkpoint)
     output = tmp_path / "export"
-    assert main(["export", "--model", str(checkpoint), "--task", "token-classification", "--output", str(output)]) == 0
+    assert (
+        main(
+            ["export", "--model", str(checkpoint), "--task", "token-classification", "--output", str(output)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "exported token-classification (float32)" in printed and "parity passed" in printed
     assert "model.onnx" in printed
