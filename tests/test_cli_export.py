@@ -54,3 +54,14 @@ def test_optimized_int4_export_of_the_bundled_model_with_a_quality_report(tmp_pa
     assert main(["verify", str(output), "--reference", str(BUNDLED_MODEL_DIR), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["quality"]["top1_agreement"] == quality["top1_agreement"]
     assert Model.load(output).generate("def add(a, b):", max_new_tokens=8).sequences[0]
+
+
+def test_verify_computes_the_quality_of_an_existing_export(tmp_path, capsys):
+    output = tmp_path / "fp32"
+    assert main(["export", "--model", str(BUNDLED_MODEL_DIR), "--output", str(output), "--json"]) == 0
+    capsys.readouterr()
+    arguments = ["verify", str(output), "--reference", str(BUNDLED_MODEL_DIR), "--quality"]
+    assert main([*arguments, "--quality-windows", "2", "--json"]) == 0
+    quality = json.loads(capsys.readouterr().out)["quality"]
+    assert quality["windows"] == 2 and quality["top1_agreement"] > 0.99
+    assert abs(quality["perplexity_ratio"] - 1.0) < 1e-3  # a float32 export is the reference

@@ -47,12 +47,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     verify.add_argument("export_dir", type=Path)
     verify.add_argument("--reference", required=True, help="checkpoint folder or hub id the export came from")
+    verify.add_argument(
+        "--quality",
+        action="store_true",
+        help="(re)compute quality_report.json: perplexity and top-1 agreement vs fp32 on held-out code",
+    )
+    verify.add_argument("--quality-windows", type=int, default=32, help="512-token windows for --quality")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(handler=run_verify)
 
 
 def _optional_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _quality_windows(folder: Path, model, count: int):
+    """Held-out stdlib code as (count, 512) token windows, in the checkpoint's own tokenizer."""
+    from gptneo_onnx.stdlib_corpus import validation_windows
+
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"--quality tokenizes held-out code and needs {folder / 'tokenizer.json'}")
+    return validation_windows(folder, min(512, model.config.max_position_embeddings), count)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -62,14 +77,7 @@ def run_export(args: argparse.Namespace) -> int:
     folder = resolve_checkpoint(args.model, args.revision)
     model = from_pretrained(folder, task=args.task)
     tokenizer = folder / "tokenizer.json"
-    quality_windows = None
-    if args.quality:
-        from gptneo_onnx.stdlib_corpus import validation_windows
-
-        if not tokenizer.is_file():
-            raise FileNotFoundError(f"--quality tokenizes held-out code and needs {tokenizer}")
-        window = min(512, model.config.max_position_embeddings)
-        quality_windows = validation_windows(folder, window, args.quality_windows)
+    quality_windows = _quality_windows(folder, model, args.quality_windows) if args.quality else None
     result = export(
         model,
         args.output,
@@ -96,13 +104,14 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     from gptneo_onnx.export.validate import ParityError, Tolerance, validate_export
-    from gptneo_onnx.reference.loading import from_pretrained
+    from gptneo_onnx.reference.loading import from_pretrained, resolve_checkpoint
 
     manifest_path = args.export_dir / "gptneo_onnx.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{args.export_dir} is not a gptneo-onnx export (no gptneo_onnx.json)")
     manifest = json.loads(manifest_path.read_text())
-    model = from_pretrained(args.reference, task=manifest["task"])
+    folder = resolve_checkpoint(args.reference)
+    model = from_pretrained(folder, task=manifest["task"])
     quantization = (manifest.get("quantization") or {}).get("method")
     tolerance = Tolerance.for_precision(manifest["precision"], quantization)
     try:
@@ -110,6 +119,12 @@ def run_verify(args: argparse.Namespace) -> int:
     except ParityError as error:
         report = json.loads((args.export_dir / "parity_report.json").read_text())
         report["error"] = str(error)
+    if args.quality and manifest["task"] == "causal-lm":
+        from gptneo_onnx.export.quantize import quality_report
+
+        windows = _quality_windows(folder, model, args.quality_windows)
+        report_text = json.dumps(quality_report(args.export_dir, windows, model), indent=2)
+        (args.export_dir / "quality_report.json").write_text(report_text + "\n")
     quality = _optional_json(args.export_dir / "quality_report.json")
     if args.json:
         print(json.dumps({"parity": report, "quality": quality}))
