@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,9 +86,6 @@ def io_specs(config: GPTNeoConfig, task: str, precision: str) -> tuple[list[IOSp
         ],
     }[task]
     return inputs, outputs
-
-
-AttentionFn = Callable[..., str]
 
 
 def transformer_body(
