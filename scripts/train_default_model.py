@@ -51,8 +51,8 @@ class Hyperparameters:
     seed: int = 0
     batch_size: int = 4
     context: int = CONTEXT
-    learning_rate: float = 2e-3
-    min_learning_rate: float = 2e-4
+    learning_rate: float = 8e-4
+    min_learning_rate: float = 8e-5
     warmup_steps: int = 50
     weight_decay: float = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -281,6 +281,8 @@ def save_model_folder(output: Path, model: GPTNeoForCausalLM, tokenizer: Tokeniz
         "pad_token_id": END_OF_TEXT_ID,
         "max_new_tokens": 64,
         "do_sample": False,
+        # a tiny model loops under plain greedy decoding; this keeps the demo readable
+        "repetition_penalty": 1.3,
         "transformers_version": transformers.__version__,
     }
     (output / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
