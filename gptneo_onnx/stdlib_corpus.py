@@ -125,20 +125,28 @@ def chop_windows(ids: np.ndarray, window: int, max_windows: int | None = None) -
     return ids[: count * window].reshape(count, window)
 
 
-def validation_windows(model_folder: Path, window: int, max_windows: int | None = None) -> np.ndarray:
-    """Token windows (N, window) of the held-out stdlib files, tokenized with the model's
-    tokenizer.json: the files `split.json` names when the folder has one, else the split rule."""
-    sources = load_sources(stdlib_root())
+def validation_ids(model_folder: Path, sources: Mapping[str, str] | None = None) -> np.ndarray:
+    """Token ids of the held-out stdlib files, tokenized with the model's tokenizer.json: the
+    files `split.json` names when the folder has one (all must exist), else the split rule."""
+    sources = load_sources(stdlib_root()) if sources is None else sources
     split_file = model_folder / "split.json"
     if split_file.is_file():
-        paths = [path for path in read_validation_paths(split_file) if path in sources]
+        paths = read_validation_paths(split_file)
+        missing = [path for path in paths if path not in sources]
+        if missing:
+            raise FileNotFoundError(
+                f"validation files {missing[:3]} are not in {stdlib_root()}; evaluate with the "
+                "Python version that trained the model (see training.json)"
+            )
     else:
         paths = split_sources(sources).validation
-    if not paths:
-        raise FileNotFoundError(f"none of the validation files of {split_file} exist in this Python")
     tokenizer = Tokenizer.from_file(str(model_folder / "tokenizer.json"))
     separator = tokenizer.token_to_id("<|endoftext|>")
-    ids = encode_documents(
+    return encode_documents(
         tokenizer, [sources[path] for path in paths], 0 if separator is None else separator
     )
-    return chop_windows(ids, window, max_windows)
+
+
+def validation_windows(model_folder: Path, window: int, max_windows: int | None = None) -> np.ndarray:
+    """`validation_ids` chopped into non-overlapping (N, window) token windows."""
+    return chop_windows(validation_ids(model_folder), window, max_windows)

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 from tqdm import tqdm
 from train_default_model import (
     CONTEXT,
     DEFAULT_OUTPUT,
-    END_OF_TEXT,
     TORCH_THREADS,
     library_versions,
 )
@@ -31,10 +29,10 @@ from transformers import GPTNeoForCausalLM, PreTrainedTokenizerFast
 from gptneo_onnx.stdlib_corpus import (
     chop_windows,
     corpus_fingerprint,
-    encode_documents,
     load_sources,
     read_validation_paths,
     stdlib_root,
+    validation_ids,
 )
 
 DEFAULT_PROMPTS = ("def fibonacci(n):", "import os\n")
@@ -58,19 +56,10 @@ def validation_windows(model_folder: Path, max_windows: int) -> tuple[np.ndarray
     if not split_path.is_file():
         raise FileNotFoundError(f"{split_path} is missing; run train_default_model.py first")
     sources = load_sources(stdlib_root())
-    relpaths = read_validation_paths(split_path)
-    missing = [path for path in relpaths if path not in sources]
-    if missing:
-        raise FileNotFoundError(
-            f"validation files {missing[:3]} are not in {stdlib_root()}; evaluate with the "
-            "Python version that trained the model (see training.json)"
-        )
-    tokenizer = Tokenizer.from_file(str(model_folder / "tokenizer.json"))
-    separator_id = tokenizer.token_to_id(END_OF_TEXT)
-    ids = encode_documents(tokenizer, [sources[path] for path in relpaths], separator_id)
+    ids = validation_ids(model_folder, sources)
     trained_on = json.loads(split_path.read_text(encoding="utf-8"))["corpus_sha256"]
     provenance = {
-        "validation_files": len(relpaths),
+        "validation_files": len(read_validation_paths(split_path)),
         "validation_tokens": len(ids),
         "corpus_matches_training": corpus_fingerprint(sources) == trained_on,
     }
