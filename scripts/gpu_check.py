@@ -147,15 +147,19 @@ def check_io_bound_cache(work: Path, report: dict) -> None:
             "same_tokens_as_cpu": bool((tokens == expected).all()),
             "tok_s": rate,
         }
-    try:  # the project runtime, if it offers CUDA with IO binding
-        from gptneo_onnx.runtime import Model
+    # The project's runtime on CUDA: IO binding keeps the cache on the device.
+    from gptneo_onnx.runtime import Model
 
-        model = Model.load(work / "optimized-float32", provider=DEVICE["name"])
-        result = model.generate(ids.tolist(), max_new_tokens=16, do_sample=False)
-        tokens = np.array(getattr(result, "tokens", getattr(result, "sequences", [[]])))
-        report["runtime_cuda"] = {"ran": True, "tokens": tokens.tolist()[:1], "expected": expected.tolist()}
-    except Exception as error:  # noqa: BLE001 - report whatever the runtime raises
-        report["runtime_cuda"] = {"ran": False, "error": f"{type(error).__name__}: {error}"[:500]}
+    for flavor in ("portable", "optimized"):
+        model = Model.load(work / f"{flavor}-float32", provider=DEVICE["name"])
+        result = model.generate(
+            ids.tolist(), max_new_tokens=16, min_new_tokens=16, do_sample=False, repetition_penalty=1.0
+        )
+        report[f"runtime_cuda_{flavor}"] = {
+            "provider": model.provider,
+            "io_binding": bool(getattr(model, "io_binding", None)),
+            "same_tokens_as_cpu": result.sequences[0] == expected[0].tolist(),
+        }
 
 
 def check_tensorrt(work: Path, report: dict, available: list[str]) -> None:
@@ -173,10 +177,23 @@ def check_tensorrt(work: Path, report: dict, available: list[str]) -> None:
                           "seconds_with_engine_build": time.perf_counter() - start}  # fmt: skip
 
 
+def runtime_decode_rate(model, ids: np.ndarray, new_tokens: int = 128) -> float:
+    """Decode tok/s of the runtime's generate: (time for 1 + new tokens - time for 1) / new."""
+    options = dict(do_sample=False, repetition_penalty=1.0)
+    model.generate(ids.tolist(), max_new_tokens=4, min_new_tokens=4, **options)  # warm-up
+    timings = []
+    for count in (1, new_tokens + 1):
+        start = time.perf_counter()
+        model.generate(ids.tolist(), max_new_tokens=count, min_new_tokens=count, **options)
+        timings.append(time.perf_counter() - start)
+    return new_tokens / (timings[1] - timings[0])
+
+
 def check_decode_vs_optimum(work: Path, report: dict, skip_optimum: bool) -> None:
     """125m shape, batch 1, 32-token prompt, 128 new: decode tok/s on CUDA, ours vs Optimum."""
     from gptneo_onnx.export import export
     from gptneo_onnx.reference import from_pretrained
+    from gptneo_onnx.runtime import Model
 
     checkpoint = random_checkpoint(work / "ckpt-125m", SHAPE_125M)
     reference = from_pretrained(checkpoint)
@@ -189,6 +206,8 @@ def check_decode_vs_optimum(work: Path, report: dict, skip_optimum: bool) -> Non
         decoder = DeviceDecoder(folder, [DEVICE["provider"]])
         decoder.generate(ids, 4)  # warm-up
         figures[name] = decoder.generate(ids, 128)[1]
+        model = Model.load(folder, provider=DEVICE["name"])  # the project's runtime, same graph
+        figures[f"runtime-{name}"] = runtime_decode_rate(model, ids)
     if not skip_optimum:
         import torch
         from optimum.exporters.onnx import main_export
@@ -224,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import onnxruntime as ort
 
+        if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* pip packages, if present
+            ort.preload_dlls()
         available = ort.get_available_providers()
         report.update(onnxruntime=ort.__version__, providers=available)
     except ImportError as error:
@@ -233,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
         return 1
+    try:
+        import torch
+
+        report["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none seen by torch"
+    except Exception as error:  # noqa: BLE001 - informational only
+        report["gpu"] = f"unknown: {error}"
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     from gptneo_onnx.reference import from_pretrained
 
