@@ -60,7 +60,9 @@ def cuda_session(path: Path, providers: list):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers)
+    # fp32 parity needs plain fp32 matmuls: CUDA's default TF32 moves logits by ~1e-3.
+    strict = [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
+    return ort.InferenceSession(str(path), options, providers=strict)
 
 
 def check_parity(reference, work: Path, report: dict) -> None:
@@ -214,8 +216,13 @@ def check_decode_vs_optimum(work: Path, report: dict, skip_optimum: bool) -> Non
         from optimum.onnxruntime import ORTModelForCausalLM
 
         main_export(str(checkpoint), work / "optimum", task="text-generation-with-past", do_validation=False)
-        model = ORTModelForCausalLM.from_pretrained(work / "optimum", provider=DEVICE["provider"],
-                                                    use_io_binding=DEVICE["name"] == "cuda")  # fmt: skip
+        on_cuda = DEVICE["name"] == "cuda"  # same fp32 math as ours: no TF32
+        model = ORTModelForCausalLM.from_pretrained(
+            work / "optimum",
+            provider=DEVICE["provider"],
+            use_io_binding=on_cuda,
+            provider_options={"use_tf32": "0"} if on_cuda else None,
+        )
         model.generation_config.eos_token_id = None
         prompt = torch.from_numpy(ids).to(DEVICE["name"])
         model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)

@@ -24,13 +24,11 @@ def _gqa_session(window: int) -> ort.InferenceSession:
     specs = [("qkv", TensorProto.FLOAT, ["B", "S", 3 * hidden])]
     specs += [(name, TensorProto.FLOAT, ["B", HEADS, "P", HEAD_DIM]) for name in ("past_key", "past_value")]
     specs += [("seqlens_k", TensorProto.INT32, ["B"]), ("total", TensorProto.INT32, [])]
-    specs += [("bias", TensorProto.FLOAT, ["B", 1, "S", "T"]), ("query_seqlens", TensorProto.INT32, ["B"])]
+    specs += [("bias", TensorProto.FLOAT, ["B", 1, "S", "T"])]
     inputs = [helper.make_tensor_value_info(*spec) for spec in specs]
     node = helper.make_node(
         "GroupQueryAttention",
-        ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total", "", "", "", "bias"]
-        + [""] * 5
-        + ["query_seqlens"],
+        ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total", "", "", "", "bias"],
         ["out", "present_key", "present_value"],
         domain="com.microsoft",
         num_heads=HEADS,
@@ -78,20 +76,18 @@ def test_gqa_local_window_matches_gpt_neo_mask(window):
     empty = np.zeros((batch, HEADS, 0, HEAD_DIM), np.float32)
     past, outputs = (empty, empty), []
     for start, stop in ((0, split), (split, split + 1), (split + 1, length)):  # prefill, step, chunk
-        out, key, value = session.run(
-            None,
-            {
-                "qkv": qkv[:, start:stop],
-                "past_key": past[0],
-                "past_value": past[1],
-                "seqlens_k": np.full(batch, stop - 1, np.int32),
-                "total": np.array(stop, np.int32),
-                "bias": np.ascontiguousarray(
-                    np.broadcast_to(bias[..., :stop], (batch, 1, stop - start, stop))
-                ),
-                "query_seqlens": np.full(batch, stop - start, np.int32),
-            },
-        )
+        feed = {
+            "qkv": qkv[:, start:stop],
+            "past_key": past[0],
+            "past_value": past[1],
+            "seqlens_k": np.full(batch, stop - 1, np.int32),
+            "total": np.array(stop, np.int32),
+            "bias": np.ascontiguousarray(np.broadcast_to(bias[..., :stop], (batch, 1, stop - start, stop))),
+        }
+        # A chunk on top of a past takes one row at a time (the graph's multi_token_step_max_batch).
+        rows = [slice(None)] if start == 0 or stop - start == 1 else [slice(i, i + 1) for i in range(batch)]
+        results = [session.run(None, {k: v[r] if v.ndim else v for k, v in feed.items()}) for r in rows]
+        out, key, value = (np.concatenate(parts, axis=0) for parts in zip(*results))
         outputs.append(out)
         past = (key, value)
     actual = np.concatenate(outputs, axis=1)
@@ -155,3 +151,34 @@ def test_shared_buffer_cache_matches_concat_and_portable(tmp_path):
     for name in ("concat", "shared"):
         np.testing.assert_array_equal(runs[name][0], runs["portable"][0])
         np.testing.assert_allclose(runs[name][1], runs["portable"][1], atol=1e-4)
+
+
+def test_runtime_batched_multi_token_step_with_past_runs_row_by_row(tmp_path):
+    """Fused attention takes a multi-token step on top of a past one row at a time (so the graph
+    also loads on onnxruntime 1.31): the runtime splits the batch and matches the portable graph."""
+    from gptneo_onnx.runtime import InputError, Model
+
+    reference = from_transformers(tiny_hf_model("causal-lm", num_heads=2, window_size=3))
+    export(reference, tmp_path / "portable", progress=False, validate=False)
+    export(reference, tmp_path / "optimized", progress=False, validate=False, optimize=True)
+    manifest = json.loads((tmp_path / "optimized" / "gptneo_onnx.json").read_text())
+    assert manifest["optimization"]["multi_token_step_max_batch"] == 1
+    ids = np.random.default_rng(5).integers(3, 97, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0
+    results = {}
+    for name in ("portable", "optimized"):
+        model = Model.load(tmp_path / name, provider="cpu", cache_mode="concat")
+        _, past = model.forward(ids[:, :5], mask[:, :5])
+        logits, past = model.forward(ids[:, 5:], mask, past=past)  # 4 tokens on top of 5, batch 2
+        results[name] = logits, past.values
+    keep = mask[:, 5:].astype(bool)
+    np.testing.assert_allclose(results["optimized"][0][keep], results["portable"][0][keep], atol=1e-4)
+    real = mask.astype(bool)  # cache rows of real tokens: (B, H, T, D) -> (B, T, H, D)[real]
+    for name, value in results["portable"][1].items():
+        optimized = results["optimized"][1][name].transpose(0, 2, 1, 3)[real]
+        np.testing.assert_allclose(optimized, value.transpose(0, 2, 1, 3)[real], atol=1e-4)
+    shared = Model.load(tmp_path / "optimized", provider="cpu", cache_mode="shared-buffer")
+    _, past = shared.forward(ids[:, :5], mask[:, :5], capacity=9)
+    with pytest.raises(InputError, match="cache_mode='concat'"):
+        shared.forward(ids[:, 5:], mask, past=past)

@@ -151,7 +151,10 @@ def test_provider_options(tmp_path):
             "trt_engine_cache_path": str(tmp_path / "e"),
         },
     )
-    assert cuda == ("CUDAExecutionProvider", {"device_id": 1}) and cpu[0] == "CPUExecutionProvider"
+    # TF32 stays off unless asked: fp32 exports promise fp32 parity on CUDA too.
+    assert cuda == ("CUDAExecutionProvider", {"device_id": 1, "use_tf32": "0"})
+    assert cpu[0] == "CPUExecutionProvider"
+    assert provider_list("cuda", ProviderOptions(cuda_tf32=True))[0][1]["use_tf32"] == "1"
 
 
 def test_session_options(export_dir):

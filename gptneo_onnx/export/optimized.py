@@ -4,8 +4,10 @@
   scale scores) and `local_window_size=window` on local layers. GQA has no 2-D padding mask, so
   padding enters as `attention_bias` (B, 1, S, T), 0 or a large negative per key column; the
   causal and window masks are GQA's own. `seqlens_k` is T - 1 for every row (padding counts as
-  tokens, as in the portable graph) and `query_seqlens` is S, which lets batched multi-token
-  steps run with a past. The same graph serves both cache modes: concat (past of length P,
+  tokens, as in the portable graph). GQA's 17th input (per-row query lengths, onnxruntime >= 1.32)
+  is left out so that the graph also loads on onnxruntime(-gpu) 1.31: a step of several tokens
+  on top of a past then needs batch 1 (`multi_token_step_max_batch`; prefill and one-token
+  decoding take any batch). The same graph serves both cache modes: concat (past of length P,
   present of length P + S) and shared-buffer (past and present bound to one (B, H, C, D) buffer).
 - LayerNorm: SkipLayerNormalization fuses each residual add (with the preceding linear's bias)
   and the next LayerNorm; the embedding sum feeds the first one.
@@ -55,6 +57,8 @@ def optimization_summary(config: GPTNeoConfig, task: str = "causal-lm") -> dict:
         "layer_norm": "SkipLayerNormalization",
         "activation": FUSED_GELU.get(config.activation_function, f"portable {config.activation_function}"),
         "cache_modes": ["concat", "shared-buffer"] if problem is None else ["concat"],
+        # GQA runs a multi-token step on top of a past one row at a time (see the module doc).
+        "multi_token_step_max_batch": 1 if problem is None else None,
     }
 
 
@@ -83,7 +87,7 @@ def _mlp_up(g: GraphBuilder, x: str, w: dict, activation: str, dtype, name: str)
 class _GQAInputs:
     """The per-graph tensors every GroupQueryAttention node shares."""
 
-    def __init__(self, g: GraphBuilder, input_ids: str, attention_mask: str, dtype, with_past: bool):
+    def __init__(self, g: GraphBuilder, input_ids: str, attention_mask: str, dtype):
         ids_shape = g.op("Shape", [input_ids])
         batch = g.op("Slice", [ids_shape, g.const([0]), g.const([1])])  # [B]
         query_length = g.op("Slice", [ids_shape, g.const([1]), g.const([2])])  # [S]
@@ -91,7 +95,6 @@ class _GQAInputs:
         total_i32 = g.op("Cast", [total], to=6)
         self.total_sequence_length = g.op("Squeeze", [total_i32, g.const([0])])  # scalar int32
         self.seqlens_k = g.op("Expand", [g.op("Sub", [total_i32, g.const([1], np.int32)]), batch])  # (B,)
-        self.query_seqlens = g.op("Expand", [g.op("Cast", [query_length], to=6), batch]) if with_past else ""
         # attention_bias (B, 1, S, T): 0 for real keys, a large negative for padding.
         padding = g.op("Cast", [g.op("Unsqueeze", [attention_mask, g.const([1, 2])])], to=9)  # (B, 1, 1, T)
         column_bias = g.op("Where", [padding, g.const(0.0, dtype), g.const(NEGATIVE[np.dtype(dtype)], dtype)])
@@ -103,9 +106,7 @@ def _gqa(g: GraphBuilder, shared: _GQAInputs, qkv: str, past, config: GPTNeoConf
     """Packed QKV (B, S, 3E) -> context (B, S, E), present key, present value (B, H, T, D)."""
     past_key, past_value = past if past is not None else ("", "")
     inputs = [qkv, "", "", past_key, past_value, shared.seqlens_k, shared.total_sequence_length]
-    inputs += ["", "", "", shared.attention_bias, "", "", "", "", "", shared.query_seqlens]
-    while inputs[-1] == "":
-        inputs.pop()
+    inputs += ["", "", "", shared.attention_bias]
     return g.op(
         "GroupQueryAttention",
         inputs,
@@ -157,7 +158,7 @@ def transformer_body_fused(
     eps = config.layer_norm_epsilon
     use_gqa = use_gqa and fused_attention_problem(config) is None
     if use_gqa:
-        shared = _GQAInputs(g, input_ids, attention_mask, dtype, with_past=past is not None)
+        shared = _GQAInputs(g, input_ids, attention_mask, dtype)
     else:
         query_length = g.op("Slice", [g.op("Shape", [input_ids]), g.const([1]), g.const([2])])
         windows = {config.layer_window(i) for i in range(config.num_layers)}

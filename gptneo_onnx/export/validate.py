@@ -130,7 +130,10 @@ def _compare_causal_lm(model, session, manifest: dict, ids, mask, comparison: _C
         chunk, step_mask = ids[:, start : start + size], mask[:, : start + size]
         pos = positions(step_mask, size)
         feed = {"input_ids": chunk, "attention_mask": step_mask, "position_ids": pos, **ort_past}
-        results = dict(zip([o["name"] for o in manifest["outputs"]], session.run(None, feed), strict=True))
+        row_limit = (manifest.get("optimization") or {}).get("multi_token_step_max_batch")
+        by_rows = row_limit is not None and step > 0 and size > 1 and batch > row_limit
+        outputs = _run_by_rows(session, feed) if by_rows else session.run(None, feed)
+        results = dict(zip([o["name"] for o in manifest["outputs"]], outputs, strict=True))
         ref_logits, ref_past = model(
             torch.from_numpy(chunk), torch.from_numpy(step_mask), torch.from_numpy(pos), ref_past
         )
@@ -149,6 +152,14 @@ def _compare_causal_lm(model, session, manifest: dict, ids, mask, comparison: _C
             for past, present in (("past_key", "present_key"), ("past_value", "present_value"))
         }
         start += size
+
+
+def _run_by_rows(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """One session run per batch row, outputs stacked: for graphs whose multi-token steps with a
+    past take one row at a time (the sidecar's `multi_token_step_max_batch`)."""
+    batch = feed["input_ids"].shape[0]
+    rows = [session.run(None, {name: value[i : i + 1] for name, value in feed.items()}) for i in range(batch)]
+    return [np.concatenate(parts, axis=0) for parts in zip(*rows, strict=True)]
 
 
 @torch.no_grad()

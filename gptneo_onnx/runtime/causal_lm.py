@@ -67,6 +67,8 @@ class CausalLM(Model):
         if cache_mode not in modes:
             raise InputError(f"cache_mode {cache_mode!r} is not offered by this export; it offers {modes}")
         self.cache_mode = cache_mode
+        optimization = self.manifest.raw.get("optimization") or {}
+        self._multi_token_step_max_batch = optimization.get("multi_token_step_max_batch")
         if cache_mode == "shared-buffer":
             self.io_binding = True  # the buffers are bound as both input and output
 
@@ -103,6 +105,8 @@ class CausalLM(Model):
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, length)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if past_length and length > 1 and batch > (self._multi_token_step_max_batch or batch):
+            return self._forward_by_rows(feeds, past)
         if past is None:
             past = self._empty_cache(batch, capacity)
         if self.cache_mode == "shared-buffer":
@@ -120,6 +124,36 @@ class CausalLM(Model):
         return outputs["logits"].astype(np.float32, copy=False), self._next_cache(
             outputs, past.length + length
         )
+
+    def _forward_by_rows(self, feeds: dict[str, np.ndarray], past: KVCache) -> tuple[np.ndarray, KVCache]:
+        """A multi-token step on top of a past, one batch row at a time: the graph's fused attention
+        takes only batch 1 there (the sidecar's `multi_token_step_max_batch`)."""
+        if self.cache_mode == "shared-buffer":
+            raise InputError(
+                "this export runs a multi-token step with a past one batch row at a time, which the "
+                "shared-buffer cache can't split; load it with cache_mode='concat'"
+            )
+        host = {
+            name: value.numpy() if isinstance(value, ort.OrtValue) else value
+            for name, value in past.values.items()
+        }
+        logits, caches = [], []
+        for row in range(feeds["input_ids"].shape[0]):
+            row_past = KVCache({name: value[row : row + 1] for name, value in host.items()}, past.length)
+            row_feeds = {name: value[row : row + 1] for name, value in feeds.items()}
+            row_logits, row_cache = self.forward(
+                row_feeds["input_ids"], row_feeds["attention_mask"], row_feeds["position_ids"], row_past
+            )
+            logits.append(row_logits)
+            caches.append(row_cache.values)
+        values = {}
+        for name in host:
+            parts = [c[name].numpy() if isinstance(c[name], ort.OrtValue) else c[name] for c in caches]
+            joined = np.ascontiguousarray(np.concatenate(parts, axis=0))
+            values[name] = (
+                ort.OrtValue.ortvalue_from_numpy(joined, *self._device) if self.io_binding else joined
+            )
+        return np.concatenate(logits, axis=0), KVCache(values, past.length + feeds["input_ids"].shape[1])
 
     def _output_names(self) -> list[str]:
         names = ["logits"]

@@ -55,6 +55,7 @@ class Model:
         device_id: int = 0,
         trt_fp16: bool = False,
         trt_engine_cache_dir: str | Path | None = None,
+        cuda_tf32: bool = False,
         intra_op_threads: int | None = None,
         graph_optimization_level: str = "all",
         verify_hashes: bool = True,
@@ -63,6 +64,8 @@ class Model:
         """Load an export folder on `provider` (auto, cpu, cuda, tensorrt).
 
         Called on a task class (e.g. `CausalLM.load`), the folder must hold that task.
+        `cuda_tf32=True` lets CUDA use TF32 matmuls (faster on Ampere and later; off by default
+        because it moves fp32 logits ~1e-3 away from the reference).
         `verify_hashes=False` skips the sha256 checks of the files (faster start for big exports).
         """
         manifest = load_manifest(export_dir, task=cls.task, verify_hashes=verify_hashes)
@@ -74,6 +77,7 @@ class Model:
             device_id=device_id,
             trt_fp16=trt_fp16,
             trt_engine_cache_dir=trt_engine_cache_dir,
+            cuda_tf32=cuda_tf32,
             intra_op_threads=intra_op_threads,
             graph_optimization_level=graph_optimization_level,
         )
