@@ -14,6 +14,7 @@ from onnx import TensorProto, helper  # noqa: E402
 from gptneo_onnx.bench.ort_loop import ExportDecoder  # noqa: E402
 from gptneo_onnx.export import export  # noqa: E402
 from gptneo_onnx.reference import from_transformers  # noqa: E402
+from gptneo_onnx.runtime.causal_lm import gpu_attention_advice  # noqa: E402
 
 HEADS, HEAD_DIM = 2, 8
 
@@ -135,6 +136,11 @@ def test_shared_buffer_cache_matches_concat_and_portable(tmp_path):
     export(reference, tmp_path / "optimized", progress=False, validate=False, optimize=True)
     manifest = json.loads((tmp_path / "optimized" / "gptneo_onnx.json").read_text())
     assert manifest["cache"]["mode"] == "concat" and "shared-buffer" in manifest["cache"]["modes"]
+    # fp32 GQA has no CUDA kernel (onnxruntime runs it on the CPU): loading it on a GPU warns.
+    portable = json.loads((tmp_path / "portable" / "gptneo_onnx.json").read_text())
+    assert "float16" in gpu_attention_advice(manifest, "cuda") and gpu_attention_advice(manifest, "tensorrt")
+    assert gpu_attention_advice(manifest, "cpu") is None and gpu_attention_advice(portable, "cuda") is None
+    assert gpu_attention_advice({**manifest, "precision": "float16"}, "cuda") is None
     rng = np.random.default_rng(3)
     ids = rng.integers(3, 97, size=(2, 6))
     mask = np.ones_like(ids)
