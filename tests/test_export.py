@@ -158,6 +158,38 @@ def test_tied_embedding_is_stored_once(tmp_path):
     assert (tmp_path / "model.onnx").stat().st_size < weights * 1.05
 
 
+@pytest.mark.parametrize("optimize", [False, True])
+def test_external_data_lm_head_reads_the_table_through_aliased_row_slices(tmp_path, monkeypatch, optimize):
+    """The tied lm_head reads the embedding table through row slices that point at the table's own
+    bytes: nothing is written twice, and the slices are exactly the table's rows."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from gptneo_onnx.export import graphs
+
+    monkeypatch.setattr(graphs, "LM_HEAD_SLICE_BYTES", 8192)  # 64 floats a row: 32-row slices
+    hf_model = tiny_hf_model("causal-lm", vocab_size=300, hidden_size=64, num_heads=4)
+    result = export(
+        from_transformers(hf_model), tmp_path, external_data=True, optimize=optimize, progress=False
+    )
+    assert result.report["passed"]  # parity through the slices
+    model = onnx.load(tmp_path / "model.onnx", load_external_data=False)
+    slices = [t for t in model.graph.initializer if t.name.startswith("transformer.wte.weight.rows_")]
+    assert len(slices) == 10 and [t.dims[0] for t in slices] == [32] * 9 + [12]
+    stored = sum(p.numel() for p in hf_model.parameters()) * 4
+    assert (tmp_path / "model.onnx.data").stat().st_size < stored + 4096 * len(model.graph.initializer)
+    load_external_data_for_model(model, str(tmp_path))
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    table = hf_model.transformer.wte.weight.detach().numpy()
+    np.testing.assert_array_equal(np.concatenate([arrays[t.name] for t in slices]), table)
+    assert {n.op_type for n in model.graph.node if set(n.input) & {t.name for t in slices}} == {"Gemm"}
+
+
+def test_lm_head_is_one_gemm_without_external_data(tmp_path):
+    export(from_transformers(tiny_hf_model("causal-lm")), tmp_path, validate=False, progress=False)
+    gemms = [n for n in onnx.load(tmp_path / "model.onnx").graph.node if n.op_type == "Gemm"]
+    assert [n.input[1] for n in gemms] == ["transformer.wte.weight"]
+
+
 def test_external_data_export_loads_after_move_and_chdir(tmp_path, monkeypatch):
     hf_model = tiny_hf_model("causal-lm")
     result = export(from_transformers(hf_model), tmp_path / "first", external_data=True, progress=False)

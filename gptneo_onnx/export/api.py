@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from tqdm.auto import tqdm
@@ -82,11 +83,14 @@ def export(
         raise ValueError(f"quantize needs precision='float32' weights to start from, got {precision!r}")
     flavor = "optimized" if optimize else "portable"
     steps.set_postfix_str("building graph")
-    graph, inputs, outputs = build_graph(model, task, precision, flavor)
+    itemsize = np.dtype(PRECISIONS[precision]).itemsize
+    weight_bytes = sum(p.numel() for p in model.parameters()) * itemsize
+    use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    # Quantization rewrites the lm_head itself (untied, MatMulNBits): no slices for it.
+    graph, inputs, outputs = build_graph(model, task, precision, flavor, use_external and quantize is None)
     steps.update()
 
     steps.set_postfix_str("writing files")
-    use_external = graph.weight_bytes() > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     data_path = output_dir / EXTERNAL_DATA_FILE
     data_path.unlink(missing_ok=True)
     onnx.save_model(graph.to_model(data_path if use_external else None), output_dir / GRAPH_FILE)

