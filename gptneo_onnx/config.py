@@ -153,10 +153,24 @@ class GPTNeoConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GPTNeoConfig:
+        """Read a checkpoint's config.json, which must say `"model_type": "gpt_neo"`."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{path} is not valid JSON: {error}") from error
+        if not isinstance(data, dict) or data.get("model_type") != "gpt_neo":
+            found = data.get("model_type") if isinstance(data, dict) else None
+            raise ConfigError(
+                f"{path} has model_type {found!r}; only GPT-Neo checkpoints (model_type 'gpt_neo') "
+                "are loaded, and no checkpoint code is ever run"
+            )
+        try:
+            return cls.from_dict(data)
+        except (ConfigError, TypeError) as error:
+            raise ConfigError(f"{path}: {error}") from error
 
     @classmethod
     def from_transformers(cls, hf_config: Any) -> GPTNeoConfig:

@@ -53,6 +53,6 @@ def export_tiny(
         folder,
         tokenizer_file=tokenizer_file,
         progress=False,
-        **(export_options or {}),
+        **{"overwrite": True, **(export_options or {})},  # tests re-export into one folder
     )
     return hf_model, folder

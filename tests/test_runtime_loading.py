@@ -68,13 +68,29 @@ def test_missing_graph_file(copy):
         Model.load(copy)
 
 
+def flip_byte(path, position):
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_tampered_graph_fails_the_hash(copy):
-    with (copy / "model.onnx").open("ab") as handle:
-        handle.write(b"\0")
-    with pytest.raises(ExportFolderError, match="sha256"):
+    flip_byte(copy / "model.onnx", (copy / "model.onnx").stat().st_size // 2)  # inside the weights
+    with pytest.raises(ExportFolderError, match="model.onnx does not match the sha256"):
         Model.load(copy)
-    with pytest.raises(ExportFolderError, match="onnxruntime could not load"):
-        Model.load(copy, verify_hashes=False)  # without the hash, a named error all the same
+
+
+@pytest.mark.parametrize("verify_hashes", [True, False])
+def test_a_truncated_or_grown_graph_is_refused_even_without_hashes(copy, verify_hashes):
+    graph = copy / "model.onnx"
+    size = graph.stat().st_size
+    with graph.open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ExportFolderError, match=f"has {size + 1} bytes, the manifest records {size}"):
+        Model.load(copy, verify_hashes=verify_hashes)
+    graph.write_bytes(graph.read_bytes()[:1000])
+    with pytest.raises(ExportFolderError, match="incomplete or was changed"):
+        Model.load(copy, verify_hashes=verify_hashes)
 
 
 def test_unknown_format_version(copy):

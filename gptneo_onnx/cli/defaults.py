@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
@@ -20,15 +18,19 @@ def cache_root() -> Path:
 
 
 def default_export_dir(progress: bool = True) -> Path:
-    """The bundled model's causal-LM export, made (and validated) on first use, then reused."""
+    """The bundled model's causal-LM export, made (and validated) on first use, then reused.
+
+    A cached export that no longer loads (damaged, or from an older sidecar schema) is made again.
+    """
     weights = BUNDLED_MODEL_DIR / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"the bundled model is missing from {BUNDLED_MODEL_DIR}")
     key = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
     target = cache_root() / f"default-model-{key}"
-    if (target / "gptneo_onnx.json").is_file():
+    if _loadable(target):
         return target
     try:
+        from gptneo_onnx.errors import ExportOutputError
         from gptneo_onnx.export import export
         from gptneo_onnx.reference import from_pretrained
     except ImportError as error:
@@ -37,18 +39,31 @@ def default_export_dir(progress: bool = True) -> Path:
             "pip install 'gptneo-onnx[export,cpu]' (or pass an export folder)"
         ) from error
     print(f"exporting the bundled model to {target} (once)", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".default-model-", dir=target.parent))
-    try:
-        generation = BUNDLED_MODEL_DIR / "generation_config.json"
+    generation = BUNDLED_MODEL_DIR / "generation_config.json"
+    try:  # written beside the target and renamed into place: a half-written export is never seen
         export(
             from_pretrained(BUNDLED_MODEL_DIR),
-            staging,
+            target,
             tokenizer_file=BUNDLED_MODEL_DIR / "tokenizer.json",
             generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
             progress=progress,
+            overwrite=True,
         )
-        staging.rename(target)  # atomic: a half-written export is never picked up
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except ExportOutputError:
+        if not _loadable(target):  # another process may have finished the same export first
+            raise
     return target
+
+
+def _loadable(folder: Path) -> bool:
+    """Whether `folder` holds an export that passes the runtime's checks (sidecar, files, hashes)."""
+    from gptneo_onnx.runtime.errors import ExportFolderError
+    from gptneo_onnx.runtime.manifest import load_manifest
+
+    if not (folder / "gptneo_onnx.json").is_file():
+        return False
+    try:
+        load_manifest(folder)
+    except ExportFolderError:
+        return False
+    return True

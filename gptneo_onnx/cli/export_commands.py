@@ -19,7 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--task", default="causal-lm", choices=TASK_CHOICES)
     export.add_argument("--output", required=True, type=Path, help="folder to write the export to")
     export.add_argument("--precision", default="float32", choices=("float32", "float16"))
-    export.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    export.add_argument("--revision", help="hub revision to pin (a commit sha is safest; or a branch or tag)")
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an existing export in --output (refused otherwise)"
+    )
     export.add_argument("--external-data", action="store_true", help="force weights into model.onnx.data")
     export.add_argument(
         "--optimize", action="store_true", help="ONNX Runtime fused ops (GroupQueryAttention with the window)"
@@ -47,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     verify.add_argument("export_dir", type=Path)
     verify.add_argument("--reference", required=True, help="checkpoint folder or hub id the export came from")
+    verify.add_argument("--revision", help="hub revision of --reference to pin")
     verify.add_argument(
         "--quality",
         action="store_true",
@@ -92,6 +96,7 @@ def run_export(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         accuracy_level=args.accuracy_level,
         quality_windows=quality_windows,
+        overwrite=args.overwrite,
     )
     if args.json:
         print(
@@ -110,7 +115,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{args.export_dir} is not a gptneo-onnx export (no gptneo_onnx.json)")
     manifest = json.loads(manifest_path.read_text())
-    folder = resolve_checkpoint(args.reference)
+    folder = resolve_checkpoint(args.reference, args.revision)
     model = from_pretrained(folder, task=manifest["task"])
     quantization = (manifest.get("quantization") or {}).get("method")
     tolerance = Tolerance.for_precision(manifest["precision"], quantization)
@@ -120,11 +125,11 @@ def run_verify(args: argparse.Namespace) -> int:
         report = json.loads((args.export_dir / "parity_report.json").read_text())
         report["error"] = str(error)
     if args.quality and manifest["task"] == "causal-lm":
+        from gptneo_onnx.export.output_folder import write_json
         from gptneo_onnx.export.quantize import quality_report
 
         windows = _quality_windows(folder, model, args.quality_windows)
-        report_text = json.dumps(quality_report(args.export_dir, windows, model), indent=2)
-        (args.export_dir / "quality_report.json").write_text(report_text + "\n")
+        write_json(args.export_dir, "quality_report.json", quality_report(args.export_dir, windows, model))
     quality = _optional_json(args.export_dir / "quality_report.json")
     if args.json:
         print(json.dumps({"parity": report, "quality": quality}))

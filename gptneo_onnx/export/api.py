@@ -12,11 +12,13 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
+from gptneo_onnx.errors import CheckpointError
 from gptneo_onnx.export.graphs import PRECISIONS, build_graph
 from gptneo_onnx.export.optimized import optimization_summary
+from gptneo_onnx.export.output_folder import staged_output, write_json
 from gptneo_onnx.export.quantize import quality_report, quantize_graph
 from gptneo_onnx.export.sidecar import build_manifest, write_manifest
-from gptneo_onnx.export.validate import Tolerance, validate_export
+from gptneo_onnx.export.validate import ParityError, Tolerance, validate_export
 
 GRAPH_FILE = "model.onnx"
 QUALITY_REPORT = "quality_report.json"
@@ -62,6 +64,7 @@ def export(
     block_size: int = 32,
     accuracy_level: int = 4,
     quality_windows=None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export a reference model (see `gptneo_onnx.reference`) to an ONNX folder with a sidecar.
 
@@ -69,18 +72,83 @@ def export(
     optimize: the `optimized` flavor (ONNX Runtime fused ops, see export/optimized.py).
     quantize: None, "int8" (dynamic) or "int4" (MatMulNBits, `block_size`, `accuracy_level`).
     quality_windows: token windows (N, L) for quality_report.json (quantized causal-lm exports).
+    overwrite: replace an existing export in `output_dir`; without it a non-empty folder is refused.
+
+    The folder is written beside `output_dir` and renamed into place when complete (see
+    export/output_folder.py): a crash leaves `output_dir` as it was. An export that fails its
+    parity validation is still put in place, for inspection, with `validation.passed` false in
+    its sidecar (the runtime refuses to load it), and ParityError is raised.
     """
     task = task or model.task
     if task != model.task:
         raise ValueError(f"the model is a {model.task} model; load it with task={task!r} to export {task}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    steps = tqdm(total=4 if validate else 3, desc="export", unit="step", disable=not progress)
-
     if quantize is not None and precision != "float32":
         raise ValueError(f"quantize needs precision='float32' weights to start from, got {precision!r}")
+    output_dir = Path(output_dir)
+    steps = tqdm(total=4 if validate else 3, desc="export", unit="step", disable=not progress)
+    with staged_output(output_dir, overwrite) as folder:
+        manifest = _write_files(
+            model,
+            folder,
+            task,
+            steps,
+            precision=precision,
+            tokenizer_file=tokenizer_file,
+            generation_config=generation_config,
+            external_data=external_data,
+            optimize=optimize,
+            quantize=quantize,
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+        )
+        report, parity_error = None, None
+        if validate:
+            steps.set_postfix_str("validating against the reference")
+            tolerance = Tolerance.for_precision(precision, quantize)
+            try:
+                report = validate_export(model, folder, manifest, tolerance)
+            except ParityError as error:
+                report, parity_error = json.loads((folder / "parity_report.json").read_text()), error
+            manifest["validation"] = {
+                "report": "parity_report.json",
+                **{key: report[key] for key in ("passed", "max_abs_diff", "top1_agreement")},
+            }
+            write_manifest(folder, manifest)
+            steps.update()
+        if quality_windows is not None and task == "causal-lm" and parity_error is None:
+            steps.set_postfix_str("quality report")
+            quality = quality_report(folder, quality_windows, model)
+            write_json(folder, QUALITY_REPORT, quality)
+            manifest["quality"] = {
+                "report": QUALITY_REPORT,
+                **{key: quality[key] for key in ("perplexity", "reference_perplexity", "top1_agreement")},
+            }
+            write_manifest(folder, manifest)
+        files = {path.name: path.stat().st_size for path in folder.iterdir() if path.is_file()}
+    steps.close()
+    if parity_error is not None:
+        raise parity_error
+    return ExportResult(output_dir, manifest, report, files)
+
+
+def _write_files(
+    model: torch.nn.Module,
+    folder: Path,
+    task: str,
+    steps: tqdm,
+    *,
+    precision: str,
+    tokenizer_file: str | Path | None,
+    generation_config: dict | None,
+    external_data: bool | None,
+    optimize: bool,
+    quantize: str | None,
+    block_size: int,
+    accuracy_level: int,
+) -> dict:
+    """Build the graph and write every file into the (new, empty) `folder`; returns the manifest."""
     flavor = "optimized" if optimize else "portable"
     steps.set_postfix_str("building graph")
     itemsize = np.dtype(PRECISIONS[precision]).itemsize
@@ -91,26 +159,25 @@ def export(
     steps.update()
 
     steps.set_postfix_str("writing files")
-    data_path = output_dir / EXTERNAL_DATA_FILE
-    data_path.unlink(missing_ok=True)
-    onnx.save_model(graph.to_model(data_path if use_external else None), output_dir / GRAPH_FILE)
+    data_path = folder / EXTERNAL_DATA_FILE
+    onnx.save_model(graph.to_model(data_path if use_external else None), folder / GRAPH_FILE)
     del graph
     quantization = None
     if quantize is not None:
         steps.set_postfix_str(f"quantizing ({quantize})")
         quantization = quantize_graph(
-            output_dir / GRAPH_FILE,
+            folder / GRAPH_FILE,
             quantize,
             block_size=block_size,
             accuracy_level=accuracy_level,
             external_data_file=EXTERNAL_DATA_FILE if use_external else None,
         )
-    tokenizer_name = _copy_tokenizer(tokenizer_file, output_dir)
-    _write_hf_files(model, output_dir, generation_config)
+    tokenizer_name = _copy_tokenizer(tokenizer_file, folder, model.config.vocab_size)
+    _write_hf_files(model, folder, generation_config)
     steps.update()
 
     manifest = build_manifest(
-        output_dir,
+        folder,
         model.config,
         task,
         inputs,
@@ -127,46 +194,31 @@ def export(
         manifest["optimization"] = optimization_summary(model.config, task)
         if manifest["cache"] is not None:
             manifest["cache"]["modes"] = manifest["optimization"]["cache_modes"]
-    write_manifest(output_dir, manifest)
+    write_manifest(folder, manifest)
     steps.update()
-
-    report = None
-    if validate:
-        steps.set_postfix_str("validating against the reference")
-        tolerance = Tolerance.for_precision(precision, quantize)
-        report = validate_export(model, output_dir, manifest, tolerance)
-        manifest["validation"] = {
-            "report": "parity_report.json",
-            "passed": report["passed"],
-            "max_abs_diff": report["max_abs_diff"],
-            "top1_agreement": report["top1_agreement"],
-        }
-        write_manifest(output_dir, manifest)
-        steps.update()
-    if quality_windows is not None and task == "causal-lm":
-        steps.set_postfix_str("quality report")
-        quality = quality_report(output_dir, quality_windows, model)
-        (output_dir / QUALITY_REPORT).write_text(json.dumps(quality, indent=2) + "\n")
-        manifest["quality"] = {
-            "report": QUALITY_REPORT,
-            **{key: quality[key] for key in ("perplexity", "reference_perplexity", "top1_agreement")},
-        }
-        write_manifest(output_dir, manifest)
-    steps.close()
-    files = {path.name: path.stat().st_size for path in output_dir.iterdir() if path.is_file()}
-    return ExportResult(output_dir, manifest, report, files)
+    return manifest
 
 
-def _copy_tokenizer(tokenizer_file: str | Path | None, output_dir: Path) -> str | None:
+def _copy_tokenizer(tokenizer_file: str | Path | None, folder: Path, vocab_size: int) -> str | None:
+    """Copy the tokenizer in as tokenizer.json, once it is known to fit the model's vocabulary."""
     if tokenizer_file is None:
         return None
     source = Path(tokenizer_file)
     if not source.is_file():
         raise FileNotFoundError(f"tokenizer file {source} does not exist")
-    target = output_dir / "tokenizer.json"
-    if source.resolve() != target.resolve():
-        shutil.copyfile(source, target)
-    return target.name
+    from tokenizers import Tokenizer
+
+    try:
+        largest = max(Tokenizer.from_file(str(source)).get_vocab(with_added_tokens=True).values(), default=-1)
+    except Exception as error:  # tokenizers raises a bare Exception on malformed files
+        raise CheckpointError(f"{source} is not a valid tokenizers JSON file: {error}") from error
+    if largest >= vocab_size:
+        raise CheckpointError(
+            f"{source} has token id {largest}, but the model's vocab_size is {vocab_size}; "
+            "the tokenizer does not belong to this checkpoint"
+        )
+    shutil.copyfile(source, folder / "tokenizer.json")
+    return "tokenizer.json"
 
 
 def _write_hf_files(model: torch.nn.Module, output_dir: Path, generation_config: dict | None) -> None:
@@ -180,6 +232,6 @@ def _write_hf_files(model: torch.nn.Module, output_dir: Path, generation_config:
         "question-answering": "GPTNeoForQuestionAnswering",
     }[model.task]
     config["architectures"] = [architecture]
-    (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(output_dir, "config.json", config)
     if generation_config:
-        (output_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+        write_json(output_dir, "generation_config.json", generation_config)

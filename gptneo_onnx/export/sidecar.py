@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
+import onnx
+
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.export.graph_builder import OPSET, sha256_of
 from gptneo_onnx.export.graphs import IOSpec, cache_names
+from gptneo_onnx.export.output_folder import write_json
 
 MANIFEST_NAME = "gptneo_onnx.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the major version: it changes only when a runtime that knows 1 could misread
+DEFAULT_DOMAIN = "ai.onnx"  # ONNX spells the default operator domain "" or "ai.onnx"
 GENERATION_DEFAULTS = {
     "max_new_tokens": 64,
     "do_sample": False,
@@ -57,7 +60,26 @@ def eos_ids(config: GPTNeoConfig) -> list[int]:
 
 
 def file_entry(folder: Path, name: str) -> dict:
-    return {"file": name, "sha256": sha256_of(folder / name)}
+    path = folder / name
+    return {"file": name, "sha256": sha256_of(path), "bytes": path.stat().st_size}
+
+
+def operator_domains(graph_path: Path) -> list[str]:
+    """Every operator domain the graph imports or uses, subgraphs and functions included, sorted."""
+    model = onnx.load(str(graph_path), load_external_data=False)
+    domains = {entry.domain for entry in model.opset_import}
+    pending = [model.graph]
+    for function in model.functions:
+        domains.update(entry.domain for entry in function.opset_import)
+        domains.update(node.domain for node in function.node)
+    while pending:
+        graph = pending.pop()
+        for node in graph.node:
+            domains.add(node.domain)
+            for attribute in node.attribute:
+                pending.extend([attribute.g] if attribute.HasField("g") else [])
+                pending.extend(attribute.graphs)
+    return sorted({domain or DEFAULT_DOMAIN for domain in domains})
 
 
 def build_manifest(
@@ -104,6 +126,7 @@ def build_manifest(
         "graph": {
             **file_entry(folder, graph_file),
             "external_data": [file_entry(folder, f) for f in external_data],
+            "op_domains": operator_domains(folder / graph_file),
         },
         "inputs": [asdict(spec) for spec in inputs],
         "outputs": [asdict(spec) for spec in outputs],
@@ -132,6 +155,5 @@ def build_manifest(
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
-    path = folder / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    """Write the sidecar atomically (a reader never sees half of it)."""
+    return write_json(folder, MANIFEST_NAME, manifest)

@@ -7,7 +7,6 @@ length longer than the local window, a prefill with an empty past, and decode st
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from gptneo_onnx.config import GPTNeoConfig
+from gptneo_onnx.export.output_folder import write_json
 
 
 class ParityError(AssertionError):
@@ -226,12 +226,12 @@ def validate_export(model: torch.nn.Module, export_dir: Path, manifest: dict, to
         },
         **comparison.verdict(tolerance),
     }
-    (export_dir / "parity_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(export_dir, "parity_report.json", report)
     if not report["passed"]:
         raise ParityError(
             f"export does not match the reference: max |diff| {report['max_abs_diff']:.3g} "
             f"(allowed {report['max_abs_diff_allowed']:.3g} + {tolerance.rtol:g} * |reference|), "
             f"top-1 agreement {report['top1_agreement']:.4f} "
-            f"(required {tolerance.min_top1_agreement}); see {export_dir / 'parity_report.json'}"
+            f"(required {tolerance.min_top1_agreement}); see parity_report.json in the export folder"
         )
     return report

@@ -1,20 +1,24 @@
 """Load Hugging Face GPT-Neo checkpoints into the reference model, strictly and safely.
 
 Weights come from safetensors when the checkpoint has them; `.bin` pickles are read only with
-`torch.load(weights_only=True)`. Every tensor must be consumed and every shape must match.
+`torch.load(weights_only=True)`. Every tensor must be consumed and every shape must match. No
+code from a checkpoint ever runs: there is no `trust_remote_code`, and hub downloads fetch no
+`.py` files. A truncated or corrupt file is a `CheckpointError` that names it.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from torch import nn
 
 from gptneo_onnx.config import GPTNeoConfig
+from gptneo_onnx.errors import CheckpointError
 from gptneo_onnx.reference.heads import TASK_CLASSES, TASKS
 
 # Buffers that old transformers versions saved; they are derived from the config, not weights.
@@ -27,11 +31,13 @@ HF_CLASS_TASKS = {
     "GPTNeoForTokenClassification": "token-classification",
     "GPTNeoForQuestionAnswering": "question-answering",
 }
+# What a hub download fetches: never code (*.py); pickles (*.bin) only when there are no safetensors.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint whose tensors don't fit the model: missing, unexpected or misshapen."""
+# (single file, shard index), in order of preference: safetensors first.
+WEIGHT_FILES = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
 
 
 def reference_name(checkpoint_name: str) -> str | None:
@@ -82,26 +88,20 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder: safetensors first, then weights-only pickles."""
-    from safetensors.torch import load_file
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        tensors.update(read_weight_file(file))
+    return tensors
 
-    for single, index in (
-        ("model.safetensors", "model.safetensors.index.json"),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
-    ):
+
+def weight_files(folder: Path) -> list[Path]:
+    """The files to read: the safetensors when there are any, else the `.bin` pickles."""
+    for single, index in WEIGHT_FILES:
         if (folder / index).is_file():
-            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            files = [folder / shard for shard in shards]
-        elif (folder / single).is_file():
-            files = [folder / single]
-        else:
-            continue
-        tensors: dict[str, torch.Tensor] = {}
-        for file in files:
-            if file.suffix == ".safetensors":
-                tensors.update(load_file(str(file)))
-            else:
-                tensors.update(torch.load(file, map_location="cpu", weights_only=True))
-        return tensors
+            suffix = Path(single).suffix
+            return [folder / shard for shard in _index_shards(folder / index, suffix)]
+        if (folder / single).is_file():
+            return [folder / single]
     if (folder / "flax_model.msgpack").is_file():
         raise CheckpointError(
             f"{folder} holds only Flax weights; convert them with "
@@ -111,6 +111,61 @@ def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(
         f"no weights in {folder}: expected model.safetensors or pytorch_model.bin (or sharded index)"
     )
+
+
+def _index_shards(index: Path, suffix: str) -> list[str]:
+    """The shard names of a `*.index.json`: plain file names of the index's own format, all present."""
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"{index} is not a valid shard index ({type(error).__name__}: {error}); re-download it"
+        ) from error
+    for shard in shards:
+        if (
+            not isinstance(shard, str)
+            or len(PurePosixPath(shard.replace("\\", "/")).parts) != 1
+            or shard in (".", "..")
+            or not shard.endswith(suffix)
+        ):
+            raise CheckpointError(
+                f"{index} lists the shard {shard!r}; shards must be plain {suffix} file names in the "
+                "checkpoint folder"
+            )
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index} lists {shard}, which is missing; re-download the checkpoint")
+    return shards
+
+
+def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
+    """One weight file: safetensors, or a pickle read with `weights_only=True`. Errors name the file."""
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(
+                f"{file} is truncated or corrupt ({error}); re-download or re-save it"
+            ) from error
+    try:
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():
+            raise CheckpointError(f"{file} is truncated or corrupt ({error}); re-download it") from error
+        raise CheckpointError(
+            f"{file} holds pickled objects other than tensors, which could run code, so it was refused "
+            "(pickles are read only with torch.load(weights_only=True)). Use a safetensors checkpoint, "
+            "or convert this one with a tool you trust"
+        ) from error
+    except Exception as error:  # torch.load raises RuntimeError, EOFError, KeyError, ... on damage
+        raise CheckpointError(
+            f"{file} is truncated or corrupt ({type(error).__name__}: {error}); re-download it"
+        ) from error
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise CheckpointError(f"{file} does not hold a dict of tensors")
+    return tensors
 
 
 def resolve_checkpoint(path_or_hub_id: str | Path, revision: str | None = None) -> Path:

@@ -15,13 +15,23 @@ from gptneo_onnx.runtime.errors import ExportFolderError, InputError
 Prompt = Union[str, Sequence[int]]  # noqa: UP007 (a runtime alias, Python 3.10 safe)
 
 
-def load_tokenizer(path: Path | None) -> Tokenizer | None:
+def load_tokenizer(path: Path | None, vocab_size: int) -> Tokenizer | None:
+    """The export's tokenizer, which must fit the model: every token id below `vocab_size`."""
     if path is None:
         return None
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:  # tokenizers raises a bare Exception on malformed files
         raise ExportFolderError(f"{path} is not a valid tokenizers JSON file: {error}") from error
+    vocabulary = tokenizer.get_vocab(with_added_tokens=True)
+    largest = max(vocabulary.values(), default=-1)
+    if largest >= vocab_size:
+        token = next(token for token, index in vocabulary.items() if index == largest)
+        raise ExportFolderError(
+            f"{path} does not fit the model: token {token!r} has id {largest}, but the model's vocab_size "
+            f"is {vocab_size}. The tokenizer belongs to another model; re-export with the checkpoint's own"
+        )
+    return tokenizer
 
 
 def is_single_prompt(prompts: Prompt | Sequence[Prompt]) -> bool:

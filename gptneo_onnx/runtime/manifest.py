@@ -6,30 +6,43 @@ cache layout, special tokens, labels and decoding defaults all come from here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from gptneo_onnx.runtime.errors import ExportFolderError
+from gptneo_onnx.runtime.export_files import check_graph_references, check_listed_file, listed_files
 
 MANIFEST_NAME = "gptneo_onnx.json"
 MANIFEST_FORMAT = "gptneo-onnx"
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1,)  # major versions; fields added within a major are ignored by older runtimes
 TASKS = ("causal-lm", "base", "sequence-classification", "token-classification", "question-answering")
-REQUIRED_FIELDS = (
-    "format",
-    "format_version",
-    "task",
-    "graph",
-    "inputs",
-    "outputs",
-    "model",
-    "special_tokens",
-)
-REQUIRED_MODEL_FIELDS = ("vocab_size", "num_layers", "num_heads", "head_dim", "max_position_embeddings")
-_HASH_CHUNK = 1 << 20
+# The fields this runtime needs, per object, with their JSON types (docs/sidecar.md).
+TOP_FIELDS = {
+    "format": str,
+    "format_version": int,
+    "task": str,
+    "flavor": str,
+    "precision": str,
+    "graph": dict,
+    "inputs": list,
+    "outputs": list,
+    "model": dict,
+    "special_tokens": dict,
+}
+GRAPH_FIELDS = {"file": str, "sha256": str, "bytes": int, "external_data": list, "op_domains": list}
+FILE_FIELDS = {"file": str, "sha256": str, "bytes": int}
+IO_FIELDS = {"name": str, "dtype": str, "shape": list}
+MODEL_FIELDS = {
+    "vocab_size": int,
+    "num_layers": int,
+    "num_heads": int,
+    "head_dim": int,
+    "max_position_embeddings": int,
+}
+CACHE_FIELDS = {"mode": str, "layers": list}
+LAYER_FIELDS = {"layer": int, "past_key": str, "past_value": str, "present_key": str, "present_value": str}
 
 
 @dataclass(frozen=True)
@@ -133,19 +146,23 @@ class Manifest:
 
 
 def load_manifest(export_dir: str | Path, task: str | None = None, verify_hashes: bool = True) -> Manifest:
-    """Read `gptneo_onnx.json` from `export_dir`, check its fields, files and hashes.
+    """Read `gptneo_onnx.json` from `export_dir`, check its fields, files, hashes and graph.
 
     `task`, when given, must match the manifest's task. `verify_hashes=False` skips the sha256
-    checks (faster start for multi-GB exports) but still checks that every file is in place.
+    checks (faster start for multi-GB exports); every other check still runs: file names stay in
+    the folder, sizes match, and the graph references only listed files and declared domains.
     """
     folder = Path(export_dir)
     if not folder.is_dir():
         raise ExportFolderError(f"export folder {folder} does not exist or is not a folder")
     folder = folder.resolve()
     manifest_path = folder / MANIFEST_NAME
+    if manifest_path.is_symlink():
+        raise ExportFolderError(f"{manifest_path} is a link; copy the real file into the export folder")
     if not manifest_path.is_file():
         raise ExportFolderError(
-            f"{folder} has no {MANIFEST_NAME}; is it an export folder written by `gptneo-onnx export`?"
+            f"{folder} has no {MANIFEST_NAME}; is it an export folder written by `gptneo-onnx export`? "
+            "(an interrupted export leaves none)"
         )
     try:
         raw = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -158,19 +175,21 @@ def load_manifest(export_dir: str | Path, task: str | None = None, verify_hashes
             f"{folder} holds a {manifest.task!r} export but a {task!r} model was asked for; "
             f"load it with Model.load() or export the {task!r} task"
         )
-    for relative, expected_sha256 in _listed_files(raw):
-        path = _inside_folder(folder, relative)
-        if verify_hashes:
-            _check_sha256(path, expected_sha256)
+    validation = raw.get("validation") or {}
+    if validation.get("passed") is False:
+        raise ExportFolderError(
+            f"{folder} failed its parity validation against PyTorch (see {validation.get('report')}); "
+            "it is kept for inspection, not for running. Fix the cause and re-export"
+        )
+    for entry in listed_files(raw):
+        check_listed_file(folder, entry, verify_hashes)
+    check_graph_references(folder, raw)
     return manifest
 
 
 def _check_fields(raw: Any, manifest_path: Path) -> None:
-    if not isinstance(raw, dict):
-        raise ExportFolderError(f"{manifest_path} must hold a JSON object")
-    missing = [name for name in REQUIRED_FIELDS if name not in raw]
-    if missing:
-        raise ExportFolderError(f"{manifest_path} lacks required fields: {', '.join(missing)}")
+    """Every field the runtime reads is present and of the right type; versions and ids make sense."""
+    _require(raw, "", TOP_FIELDS, manifest_path)
     if raw["format"] != MANIFEST_FORMAT:
         raise ExportFolderError(f"{manifest_path} has format {raw['format']!r}, expected {MANIFEST_FORMAT!r}")
     version = raw["format_version"]
@@ -182,71 +201,67 @@ def _check_fields(raw: Any, manifest_path: Path) -> None:
     if raw["task"] not in TASKS:
         raise ExportFolderError(f"unknown task {raw['task']!r}; expected one of {', '.join(TASKS)}")
     graph = raw["graph"]
-    if not isinstance(graph, dict) or "file" not in graph or "sha256" not in graph:
-        raise ExportFolderError(f"{manifest_path}: `graph` must have `file` and `sha256`")
-    missing_model = [name for name in REQUIRED_MODEL_FIELDS if name not in raw["model"]]
-    if missing_model:
-        raise ExportFolderError(f"{manifest_path}: `model` lacks {', '.join(missing_model)}")
+    _require(graph, "graph", GRAPH_FIELDS, manifest_path)
+    for index, entry in enumerate(graph["external_data"]):
+        _require(entry, f"graph.external_data[{index}]", FILE_FIELDS, manifest_path)
+    for index, domain in enumerate(graph["op_domains"]):
+        _require({"domain": domain}, f"graph.op_domains[{index}]", {"domain": str}, manifest_path)
+    for key in ("inputs", "outputs"):
+        for index, item in enumerate(raw[key]):
+            _require(item, f"{key}[{index}]", IO_FIELDS, manifest_path)
+    _require(raw["model"], "model", MODEL_FIELDS, manifest_path)
+    for name in MODEL_FIELDS:
+        if raw["model"][name] < 1:
+            raise ExportFolderError(f"{manifest_path}: model.{name} must be >= 1, got {raw['model'][name]}")
+    if raw.get("tokenizer") is not None:
+        _require(raw["tokenizer"], "tokenizer", FILE_FIELDS, manifest_path)
+    if raw.get("validation") is not None:
+        _require(raw["validation"], "validation", {"passed": bool}, manifest_path)
+    _check_special_tokens(raw["special_tokens"], raw["model"]["vocab_size"], manifest_path)
     if raw["task"] == "causal-lm":
         cache = raw.get("cache")
-        if not cache or cache.get("mode") != "concat" or not cache.get("layers"):
+        if not isinstance(cache, dict) or cache.get("mode") != "concat" or not cache.get("layers"):
             raise ExportFolderError(
                 f"{manifest_path}: a causal-lm export needs `cache` with mode 'concat' and its layers "
                 f"(got {cache!r}); re-export with a current gptneo-onnx"
             )
+        _require(cache, "cache", CACHE_FIELDS, manifest_path)
+        for index, layer in enumerate(cache["layers"]):
+            _require(layer, f"cache.layers[{index}]", LAYER_FIELDS, manifest_path)
 
 
-def _listed_files(raw: dict[str, Any]) -> list[tuple[str, str]]:
-    """Every (relative file, sha256) the manifest lists: graph, external data, tokenizer."""
-    graph = raw["graph"]
-    files = [(graph["file"], graph["sha256"])]
-    for item in graph.get("external_data") or []:
-        files.append((item["file"], item["sha256"]))
-    tokenizer = raw.get("tokenizer")
-    if tokenizer:
-        files.append((tokenizer["file"], tokenizer["sha256"]))
-    return files
+def _require(item: Any, where: str, fields: dict[str, type], manifest_path: Path) -> None:
+    """`item` is an object holding each of `fields` with its type; errors name the dotted field."""
+    prefix = f"{where}." if where else ""
+    if not isinstance(item, dict):
+        raise ExportFolderError(f"{manifest_path}: `{where or 'the manifest'}` must be a JSON object")
+    for name, kind in fields.items():
+        if name not in item:
+            raise ExportFolderError(
+                f"{manifest_path} lacks the required field `{prefix}{name}`; it was written by another "
+                "tool or an older gptneo-onnx, or was edited. Re-export"
+            )
+        value = item[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ExportFolderError(
+                f"{manifest_path}: `{prefix}{name}` must be a JSON {_JSON_NAMES[kind]}, got {value!r:.60}"
+            )
 
 
-def _inside_folder(folder: Path, relative: str) -> Path:
-    """The path of a listed file, refusing absolute paths, `..`, links, and anything but a file."""
-    if not isinstance(relative, str) or not relative:
-        raise ExportFolderError(f"manifest lists an invalid file name {relative!r}")
-    pure = PurePosixPath(relative.replace("\\", "/"))
-    if pure.is_absolute() or ".." in pure.parts or Path(relative).is_absolute() or ":" in relative:
-        raise ExportFolderError(
-            f"manifest lists {relative!r}, which points outside the export folder; "
-            "files must be plain names relative to the folder"
-        )
-    path = folder / pure
-    if not path.exists() and not path.is_symlink():
-        raise ExportFolderError(
-            f"{folder} is missing {relative}, which the manifest lists; re-copy the export"
-        )
-    if path.is_symlink() or not _is_within(path, folder):
-        raise ExportFolderError(
-            f"{relative} in {folder} is a link; copy the real file into the export folder"
-        )
-    if not path.is_file():
-        raise ExportFolderError(f"{relative} in {folder} is not a regular file")
-    return path
+_JSON_NAMES = {str: "string", int: "integer", bool: "boolean", list: "array", dict: "object"}
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder)
-    except ValueError:
-        return False
-    return True
-
-
-def _check_sha256(path: Path, expected: str) -> None:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    if digest.hexdigest() != str(expected).lower():
-        raise ExportFolderError(
-            f"{path.name} does not match the sha256 recorded in {MANIFEST_NAME} "
-            f"(expected {expected}, got {digest.hexdigest()}); the file was changed or corrupted, re-export"
-        )
+def _check_special_tokens(tokens: dict, vocab_size: int, manifest_path: Path) -> None:
+    """bos, eos and pad ids must be token ids of the model (generation feeds them to the graph)."""
+    eos = tokens.get("eos_token_id")
+    ids = {"eos_token_id": eos if isinstance(eos, list) else [eos]}
+    ids.update({name: [tokens.get(name)] for name in ("bos_token_id", "pad_token_id")})
+    for name, values in ids.items():
+        for value in values:
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
+                raise ExportFolderError(
+                    f"{manifest_path}: special_tokens.{name} {value!r} is not a token id of the model "
+                    f"(vocab_size {vocab_size})"
+                )

@@ -83,7 +83,7 @@ class Model:
         )
         session, running = create_session(manifest.graph_path, options)
         _check_graph_io(manifest, session)
-        tokenizer = load_tokenizer(manifest.tokenizer_path)
+        tokenizer = load_tokenizer(manifest.tokenizer_path, manifest.vocab_size)
         return target(manifest, session, running, tokenizer, options, **task_options)
 
     @property
@@ -102,13 +102,21 @@ class Model:
 
 
 def _check_graph_io(manifest: Manifest, session: ort.InferenceSession) -> None:
-    """The graph's input and output names must be the ones the manifest promises."""
+    """The graph's input and output names must be the ones the manifest promises, and a causal
+    LM's logits as wide as the manifest's vocab_size (token ids are checked against it)."""
     graph_inputs = {item.name for item in session.get_inputs()}
-    graph_outputs = {item.name for item in session.get_outputs()}
+    graph_outputs = {item.name: item for item in session.get_outputs()}
     missing_inputs = [name for name in manifest.input_names if name not in graph_inputs]
     missing_outputs = [name for name in manifest.output_names if name not in graph_outputs]
     if missing_inputs or missing_outputs:
         raise ExportFolderError(
             f"{manifest.graph_path.name} does not match {manifest.folder / 'gptneo_onnx.json'}: "
             f"missing inputs {missing_inputs}, missing outputs {missing_outputs}; re-export the folder"
+        )
+    logits = graph_outputs.get("logits")
+    width = logits.shape[-1] if manifest.task == "causal-lm" and logits is not None and logits.shape else None
+    if isinstance(width, int) and width != manifest.vocab_size:
+        raise ExportFolderError(
+            f"{manifest.graph_path.name} has {width} logits per token but the manifest's vocab_size is "
+            f"{manifest.vocab_size}; re-export the folder"
         )

@@ -1,0 +1,11 @@
+"""Named errors of the export side, importable without torch so the CLI can report them in one line."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that can't be loaded safely: corrupt, pickled code, or tensors that don't fit."""
+
+
+class ExportOutputError(ValueError):
+    """An output folder the exporter refuses to write: not empty, a file, or holding foreign files."""

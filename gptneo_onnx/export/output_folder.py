@@ -1,0 +1,117 @@
+"""Where an export is written: a fresh staging folder beside the output, renamed into place at the end.
+
+Every file is created new inside a staging folder `.NAME.partial-XXXX` that this process just
+made, so no file name from the input and no link already in the output can send a write
+elsewhere. The finished folder replaces the output in one rename. A crash therefore leaves the
+output as it was (absent, or the previous export, intact) and a `.NAME.partial-*` folder that
+holds no valid export. An existing output is replaced only when asked, and only when it holds
+nothing but export files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gptneo_onnx.errors import ExportOutputError
+
+# Every name an export folder may hold; `overwrite=True` deletes nothing else.
+EXPORT_FILES = frozenset(
+    {
+        "gptneo_onnx.json",
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+        "config.json",
+        "generation_config.json",
+        "parity_report.json",
+        "quality_report.json",
+    }
+)
+
+
+def check_output_folder(target: Path, overwrite: bool) -> None:
+    """Refuse a target that is a file, or a non-empty folder unless `overwrite` and it holds an export."""
+    if target.is_symlink() and not target.exists():
+        raise ExportOutputError(f"{target} is a broken link; remove it or choose another output folder")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ExportOutputError(f"{target} exists and is not a folder; choose another output folder")
+    entries = sorted(path.name for path in target.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise ExportOutputError(
+            f"{target} is not empty; pass overwrite=True (CLI: --overwrite) to replace the export in it, "
+            "or choose an empty or new folder"
+        )
+    foreign = [name for name in entries if name not in EXPORT_FILES or (target / name).is_dir()]
+    if foreign:
+        raise ExportOutputError(
+            f"{target} holds {', '.join(foreign[:5])}, which an export does not write; refusing to delete "
+            "it even with overwrite. Empty the folder or choose another"
+        )
+
+
+@contextmanager
+def staged_output(output_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new empty staging folder; on success it becomes `output_dir`, on error it is removed."""
+    target = Path(output_dir).resolve()  # a link to a folder: write where it points
+    check_output_folder(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _fresh_folder(target.parent, f".{target.name}.partial-")
+    try:
+        yield staging
+        _move_into_place(staging, target, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished staging folder to `target`, replacing what is there (checked again)."""
+    if not (target.exists() or target.is_symlink()):
+        staging.rename(target)
+        return
+    check_output_folder(target, overwrite)  # it may have changed while the export ran
+    retired = _fresh_folder(target.parent, f".{target.name}.old-")
+    target.rename(retired / target.name)
+    try:
+        staging.rename(target)
+    except BaseException:
+        (retired / target.name).rename(target)  # put the previous export back
+        retired.rmdir()
+        raise
+    shutil.rmtree(retired)  # removes links themselves, never what they point to
+
+
+def _fresh_folder(parent: Path, prefix: str) -> Path:
+    """A new folder `parent/prefix<random>`, made by this call (mkdir fails if the name exists)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+
+
+def write_json(folder: Path, name: str, data: dict) -> Path:
+    """Write `folder/name` atomically through a new temporary file: readers see the old or the new
+    file, never half of one, and an existing link at `name` is replaced, not followed."""
+    path = folder / name
+    temporary = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+    try:
+        with temporary.open("x", encoding="utf-8") as stream:  # "x": never an existing file or link
+            stream.write(json.dumps(data, indent=2) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
