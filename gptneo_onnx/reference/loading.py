@@ -155,9 +155,9 @@ def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
         if "weights only" not in str(error).lower():
             raise CheckpointError(f"{file} is truncated or corrupt ({error}); re-download it") from error
         raise CheckpointError(
-            f"{file} holds pickled objects other than tensors, which could run code, so it was refused "
-            "(pickles are read only with torch.load(weights_only=True)). Use a safetensors checkpoint, "
-            "or convert this one with a tool you trust"
+            f"{file} was refused: it holds pickled objects other than tensors, which could run code, "
+            "or it is corrupt (pickles are read only with torch.load(weights_only=True)). Use a "
+            "safetensors checkpoint, or convert this one with a tool you trust"
         ) from error
     except Exception as error:  # torch.load raises RuntimeError, EOFError, KeyError, ... on damage
         raise CheckpointError(
