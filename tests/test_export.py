@@ -16,6 +16,7 @@ from conftest import tiny_hf_model
 from gptneo_onnx.export import ParityError, export
 from gptneo_onnx.export import layers as export_layers
 from gptneo_onnx.reference import TASKS, from_transformers
+from gptneo_onnx.runtime import ExportFolderError, Model
 
 
 def session(folder):
@@ -240,6 +241,10 @@ def test_validation_catches_a_wrong_window(tmp_path, monkeypatch):
     with pytest.raises(ParityError, match="does not match the reference"):
         export(from_transformers(tiny_hf_model("causal-lm")), tmp_path, progress=False)
     assert json.loads((tmp_path / "parity_report.json").read_text())["passed"] is False
+    # kept for inspection, but the runtime won't run a model that failed validation
+    assert json.loads((tmp_path / "gptneo_onnx.json").read_text())["validation"]["passed"] is False
+    with pytest.raises(ExportFolderError, match="failed its parity validation"):
+        Model.load(tmp_path)
 
 
 def test_sidecar_describes_the_graph(tmp_path):
