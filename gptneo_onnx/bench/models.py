@@ -69,7 +69,7 @@ def export_ours(checkpoint: Path, folder: Path, options: dict, block_size: int) 
     extra = {"block_size": block_size, "accuracy_level": INT4_SETTINGS["accuracy_level"]}
     # External data: onnxruntime maps the weights file instead of copying the graph's bytes.
     extra = {**(extra if "quantize" in options else {}), "external_data": True}
-    export(reference, folder, progress=False, **options, **extra)
+    export(reference, folder, progress=False, overwrite=True, **options, **extra)
     return folder
 
 

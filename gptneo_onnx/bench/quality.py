@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
             block_size=args.block_size,
             quality_windows=windows,
             tokenizer_file=args.model / "tokenizer.json",
+            overwrite=True,  # this command's own output: a re-run replaces it
         )
         reports[method] = json.loads((folder / "quality_report.json").read_text())
     print(json.dumps(reports, indent=2))
