@@ -166,3 +166,19 @@ def test_a_half_copied_export_fails_clearly(tmp_path):
     (output / "gptneo_onnx.json").unlink()  # a copy or writer that stopped before the sidecar
     with pytest.raises(ExportFolderError, match="has no gptneo_onnx.json"):
         Model.load(output)
+
+
+def test_the_cached_default_export_is_made_once_and_remade_when_it_no_longer_loads(tmp_path, monkeypatch):
+    from gptneo_onnx.cli import defaults
+
+    monkeypatch.setenv("GPTNEO_ONNX_CACHE", str(tmp_path))
+    folder = defaults.default_export_dir(progress=False)
+    sidecar = folder / "gptneo_onnx.json"
+    written = sidecar.stat().st_mtime_ns
+    assert defaults.default_export_dir(progress=False) == folder and sidecar.stat().st_mtime_ns == written
+    manifest = json.loads(sidecar.read_text())
+    del manifest["graph"]["op_domains"]  # a cache written by an older gptneo-onnx
+    sidecar.write_text(json.dumps(manifest))
+    assert defaults.default_export_dir(progress=False) == folder
+    assert Model.load(folder).generate("def f(x):", max_new_tokens=2).sequences[0]
+    assert leftovers(tmp_path, folder.name) == []
