@@ -49,3 +49,24 @@ def tiny_hf_model(task: str = "causal-lm", seed: int = 0, **overrides):
 @pytest.fixture
 def hf_causal_lm():
     return tiny_hf_model("causal-lm")
+
+
+@pytest.fixture(scope="session")
+def bundled_export(tmp_path_factory):
+    """The bundled model's default (portable) export, validated; shared by the test modules."""
+    from gptneo_onnx.cli.defaults import export_bundled_model
+
+    result = export_bundled_model(tmp_path_factory.mktemp("bundled"), progress=False)
+    assert result.report["passed"]
+    return result.output_dir
+
+
+@pytest.fixture(scope="session")
+def bundled_optimized_export(tmp_path_factory):
+    """The bundled model's optimized export (GroupQueryAttention, shared-buffer cache), validated."""
+    from gptneo_onnx.cli.defaults import export_bundled_model
+
+    folder = tmp_path_factory.mktemp("bundled-optimized")
+    result = export_bundled_model(folder, progress=False, optimize=True)
+    assert result.report["passed"]
+    return result.output_dir

@@ -6,29 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 import transformers
 
 from gptneo_onnx.cli.defaults import BUNDLED_MODEL_DIR
-from gptneo_onnx.export import export
-from gptneo_onnx.reference import from_pretrained
 from gptneo_onnx.runtime import Model
-
-
-@pytest.fixture(scope="module")
-def bundled_export(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bundled")
-    generation = json.loads((BUNDLED_MODEL_DIR / "generation_config.json").read_text())
-    result = export(
-        from_pretrained(BUNDLED_MODEL_DIR),
-        folder,
-        tokenizer_file=BUNDLED_MODEL_DIR / "tokenizer.json",
-        generation_config=generation,
-        progress=False,
-    )
-    assert result.report["passed"]
-    return folder
 
 
 def test_bundled_model_is_small_and_in_hugging_face_layout():

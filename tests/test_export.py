@@ -258,6 +258,15 @@ def test_sidecar_describes_the_graph(tmp_path):
     assert [layer["window"] for layer in manifest["cache"]["layers"]] == [None, 4, 4]
     assert manifest["model"]["head_dim"] == 8 and manifest["special_tokens"]["eos_token_id"] == [2]
     assert manifest["validation"]["passed"] is True
+    # format 1.1: graph names by role and the input rules, so no runtime has to assume them
+    assert (manifest["format_version"], manifest["format_minor_version"]) == (1, 1)
+    io = manifest["io"]
+    names = {item["name"]: item for item in manifest["inputs"] + manifest["outputs"]}
+    assert all(io[role] in names for role in ("input_ids", "attention_mask", "position_ids", "logits"))
+    assert names[io["attention_mask"]]["shape"] == ["batch_size", "total_sequence_length"]
+    assert (io["padding_side"], io["attention_mask_columns"], io["position_ids_rule"]) == (
+        "left", "past_and_new", "cumsum_minus_one",
+    )  # fmt: skip
     from gptneo_onnx.export.graph_builder import sha256_of
 
     assert manifest["graph"]["sha256"] == sha256_of(tmp_path / "model.onnx")

@@ -99,6 +99,20 @@ def test_unknown_format_version(copy):
         Model.load(copy)
 
 
+def test_format_1_0_manifest_without_io_roles_still_runs(copy, export_dir):
+    """1.1 only added fields (`io`, tokenizer flags): a 1.0 reader's view of the folder still runs."""
+    expected = CausalLM.load(export_dir).generate([[5, 6, 7]], max_new_tokens=4).sequences
+    edit_manifest(copy, lambda m: (m.pop("io"), m.pop("format_minor_version")))
+    assert CausalLM.load(copy).generate([[5, 6, 7]], max_new_tokens=4).sequences == expected
+
+
+def test_io_roles_name_the_graph_tensors(copy):
+    """The runtime feeds the names the manifest's `io` gives, so a wrong role name is noticed."""
+    edit_manifest(copy, lambda m: m["io"].update(input_ids="tokens"))
+    with pytest.raises(Exception, match="tokens"):
+        CausalLM.load(copy).generate([[5, 6, 7]], max_new_tokens=2)
+
+
 def test_missing_required_field(copy):
     edit_manifest(copy, lambda m: m.pop("special_tokens"))
     with pytest.raises(ExportFolderError, match="special_tokens"):

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 DEFAULT_PROMPT = "def fibonacci(n):"
@@ -15,6 +16,26 @@ DEFAULT_PROMPT = "def fibonacci(n):"
 def cache_root() -> Path:
     """Where cached exports live: $GPTNEO_ONNX_CACHE, else ~/.cache/gptneo-onnx."""
     return Path(os.environ.get("GPTNEO_ONNX_CACHE") or Path.home() / ".cache" / "gptneo-onnx")
+
+
+def export_bundled_model(output_dir: str | Path, progress: bool = True, **options: Any) -> Any:
+    """Export the bundled model with its tokenizer and generation defaults; returns the ExportResult.
+
+    `options` go to `gptneo_onnx.export.export` (e.g. `optimize=True`, `validate=False`). Needs
+    the export extra (torch).
+    """
+    from gptneo_onnx.export import export
+    from gptneo_onnx.reference import from_pretrained
+
+    generation = BUNDLED_MODEL_DIR / "generation_config.json"
+    return export(
+        from_pretrained(BUNDLED_MODEL_DIR),
+        output_dir,
+        tokenizer_file=BUNDLED_MODEL_DIR / "tokenizer.json",
+        generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
+        progress=progress,
+        **options,
+    )
 
 
 def default_export_dir(progress: bool = True) -> Path:
@@ -31,24 +52,14 @@ def default_export_dir(progress: bool = True) -> Path:
         return target
     try:
         from gptneo_onnx.errors import ExportOutputError
-        from gptneo_onnx.export import export
-        from gptneo_onnx.reference import from_pretrained
     except ImportError as error:
         raise RuntimeError(
             "the first run exports the bundled model to ONNX, which needs the export extra: "
             "pip install 'gptneo-onnx[export,cpu]' (or pass an export folder)"
         ) from error
     print(f"exporting the bundled model to {target} (once)", file=sys.stderr)
-    generation = BUNDLED_MODEL_DIR / "generation_config.json"
     try:  # written beside the target and renamed into place: a half-written export is never seen
-        export(
-            from_pretrained(BUNDLED_MODEL_DIR),
-            target,
-            tokenizer_file=BUNDLED_MODEL_DIR / "tokenizer.json",
-            generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
-            progress=progress,
-            overwrite=True,
-        )
+        export_bundled_model(target, progress=progress, overwrite=True)
     except ExportOutputError:
         if not _loadable(target):  # another process may have finished the same export first
             raise

@@ -16,6 +16,8 @@ from gptneo_onnx.export.output_folder import write_json
 MANIFEST_NAME = "gptneo_onnx.json"
 FORMAT_VERSION = 1  # the major version: it changes only when a runtime that knows 1 could misread
 DEFAULT_DOMAIN = "ai.onnx"  # ONNX spells the default operator domain "" or "ai.onnx"
+# Minor versions only add fields: a reader of 1.0 runs a 1.1 export unchanged (docs/sidecar.md).
+FORMAT_MINOR_VERSION = 1
 GENERATION_DEFAULTS = {
     "max_new_tokens": 64,
     "do_sample": False,
@@ -82,6 +84,28 @@ def operator_domains(graph_path: Path) -> list[str]:
     return sorted({domain or DEFAULT_DOMAIN for domain in domains})
 
 
+def io_roles(task: str, inputs: list[IOSpec]) -> dict:
+    """The manifest's `io` object: which graph input/output plays which role, and the input rules.
+
+    A foreign runtime reads names and semantics from here instead of assuming them.
+    """
+    names = {spec.name for spec in inputs}
+    causal = task == "causal-lm"
+    return {
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "position_ids": "position_ids" if "position_ids" in names else None,
+        "logits": "logits" if causal else None,
+        "padding_side": "left",
+        "attention_mask_columns": "past_and_new" if causal else "sequence",
+        "position_ids_rule": "cumsum_minus_one" if causal else "in_graph",
+    }
+
+
+def tokenizer_entry(folder: Path, name: str) -> dict:
+    return {**file_entry(folder, name), "add_special_tokens": True, "skip_special_tokens": True}
+
+
 def build_manifest(
     folder: Path,
     config: GPTNeoConfig,
@@ -118,6 +142,7 @@ def build_manifest(
     return {
         "format": "gptneo-onnx",
         "format_version": FORMAT_VERSION,
+        "format_minor_version": FORMAT_MINOR_VERSION,
         "task": task,
         "flavor": flavor,
         "precision": precision,
@@ -130,6 +155,7 @@ def build_manifest(
         },
         "inputs": [asdict(spec) for spec in inputs],
         "outputs": [asdict(spec) for spec in outputs],
+        "io": io_roles(task, inputs),
         "cache": cache,
         "model": {
             "vocab_size": config.vocab_size,
@@ -148,7 +174,7 @@ def build_manifest(
         },
         "labels": {"id2label": {str(k): v for k, v in config.id2label.items()}} if classification else None,
         "generation": generation_defaults(generation_config),
-        "tokenizer": file_entry(folder, tokenizer_file) if tokenizer_file else None,
+        "tokenizer": tokenizer_entry(folder, tokenizer_file) if tokenizer_file else None,
         "validation": None,
         "tools": tool_versions(),
     }

@@ -71,6 +71,7 @@ class CausalLM(Model):
     def __init__(self, *args: Any, io_binding: bool | None = None, cache_mode: str = "auto"):
         super().__init__(*args)
         self.layers = self.manifest.cache_layers
+        self.io = self.manifest.io  # graph names by role
         self.cache_dtype = np.dtype(self.manifest.cache_dtype)
         model = self.manifest.model
         self._num_heads, self._head_dim = int(model["num_heads"]), int(model["head_dim"])
@@ -125,9 +126,13 @@ class CausalLM(Model):
             )
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, length)
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if past_length and length > 1 and batch > (self._multi_token_step_max_batch or batch):
-            return self._forward_by_rows(feeds, past)
+            return self._forward_by_rows(input_ids, attention_mask, position_ids, past)
+        feeds = {
+            self.io["input_ids"]: input_ids,
+            self.io["attention_mask"]: attention_mask,
+            self.io["position_ids"]: position_ids,
+        }
         if past is None:
             past = self._empty_cache(batch, capacity)
         if self.cache_mode == "shared-buffer":
@@ -142,11 +147,13 @@ class CausalLM(Model):
         outputs = dict(
             zip(self._output_names(), self.session.run(self._output_names(), {**feeds, **past.values}))
         )
-        return outputs["logits"].astype(np.float32, copy=False), self._next_cache(
+        return outputs[self.io["logits"]].astype(np.float32, copy=False), self._next_cache(
             outputs, past.length + length
         )
 
-    def _forward_by_rows(self, feeds: dict[str, np.ndarray], past: KVCache) -> tuple[np.ndarray, KVCache]:
+    def _forward_by_rows(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: KVCache
+    ) -> tuple[np.ndarray, KVCache]:
         """A multi-token step on top of a past, one batch row at a time: the graph's fused attention
         takes only batch 1 there (the sidecar's `multi_token_step_max_batch`)."""
         if self.cache_mode == "shared-buffer":
@@ -159,11 +166,11 @@ class CausalLM(Model):
             for name, value in past.values.items()
         }
         logits, caches = [], []
-        for row in range(feeds["input_ids"].shape[0]):
+        for row in range(input_ids.shape[0]):
             row_past = KVCache({name: value[row : row + 1] for name, value in host.items()}, past.length)
-            row_feeds = {name: value[row : row + 1] for name, value in feeds.items()}
+            rows = slice(row, row + 1)
             row_logits, row_cache = self.forward(
-                row_feeds["input_ids"], row_feeds["attention_mask"], row_feeds["position_ids"], row_past
+                input_ids[rows], attention_mask[rows], position_ids[rows], row_past
             )
             logits.append(row_logits)
             caches.append(row_cache.values)
@@ -174,10 +181,10 @@ class CausalLM(Model):
             values[name] = (
                 ort.OrtValue.ortvalue_from_numpy(joined, *self._device) if self.io_binding else joined
             )
-        return np.concatenate(logits, axis=0), KVCache(values, past.length + feeds["input_ids"].shape[1])
+        return np.concatenate(logits, axis=0), KVCache(values, past.length + input_ids.shape[1])
 
     def _output_names(self) -> list[str]:
-        names = ["logits"]
+        names = [self.io["logits"]]
         for layer in self.layers:
             names += [layer.present_key, layer.present_value]
         return names
@@ -221,14 +228,14 @@ class CausalLM(Model):
             if isinstance(value, np.ndarray):
                 value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, device_id)
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        binding.bind_output(self.io["logits"], "cpu")
         for layer in self.layers:
             binding.bind_output(layer.present_key, device, device_id)
             binding.bind_output(layer.present_value, device, device_id)
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(self._output_names(), binding.get_outputs()))
-        logits = outputs.pop("logits").numpy().astype(np.float32, copy=False)
-        return logits, self._next_cache(outputs, past.length + feeds["input_ids"].shape[1])
+        logits = outputs.pop(self.io["logits"]).numpy().astype(np.float32, copy=False)
+        return logits, self._next_cache(outputs, past.length + feeds[self.io["input_ids"]].shape[1])
 
     def _forward_in_place(self, feeds: dict[str, np.ndarray], past: KVCache) -> tuple[np.ndarray, KVCache]:
         """Shared-buffer cache: each buffer is bound as both past and present once per sequence
@@ -253,9 +260,9 @@ class CausalLM(Model):
                     values[past_name] = value
         for name, array in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        batch, length = feeds["input_ids"].shape
+        batch, length = feeds[self.io["input_ids"]].shape
         logits = np.empty((batch, length, self.manifest.vocab_size), np.float32)
-        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        binding.bind_ortvalue_output(self.io["logits"], ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
         return logits, KVCache(values, past.length + length, binding)
 

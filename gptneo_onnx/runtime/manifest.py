@@ -43,6 +43,13 @@ MODEL_FIELDS = {
 }
 CACHE_FIELDS = {"mode": str, "layers": list}
 LAYER_FIELDS = {"layer": int, "past_key": str, "past_value": str, "present_key": str, "present_value": str}
+# The `io` roles of a manifest written before `io` existed (format 1.0).
+DEFAULT_IO = {
+    "input_ids": "input_ids",
+    "attention_mask": "attention_mask",
+    "position_ids": "position_ids",
+    "logits": "logits",
+}
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,11 @@ class Manifest:
     @property
     def output_names(self) -> list[str]:
         return [item["name"] for item in self.raw["outputs"]]
+
+    @property
+    def io(self) -> dict[str, str | None]:
+        """Graph names by role (`input_ids`, `attention_mask`, `position_ids`, `logits`)."""
+        return {**DEFAULT_IO, **(self.raw.get("io") or {})}
 
     @property
     def cache_layers(self) -> list[CacheLayer]:

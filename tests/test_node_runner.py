@@ -1,0 +1,211 @@
+"""The Node.js runner (clients/node) against the Python runtime, on the bundled model.
+
+Parity in three steps, as minGPT's import test does: the same prompt ids (tokenizers.js against
+Rust `tokenizers`), the same greedy token ids, the same text; on the portable export (concat
+cache) and on the optimized one (GroupQueryAttention, shared-buffer cache). Both sides decode
+with the sidecar's defaults (greedy, repetition penalty 1.3, EOS from special_tokens). Then the
+runner's errors on bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gptneo_onnx.cli.defaults import BUNDLED_MODEL_DIR
+from gptneo_onnx.runtime import Model
+
+NODE = shutil.which("node")
+CLIENT = Path(__file__).resolve().parent.parent / "clients" / "node"
+INSTALL = "cd clients/node && ONNXRUNTIME_NODE_INSTALL_CUDA=skip npm ci"
+pytestmark = pytest.mark.skipif(
+    NODE is None, reason="node is not installed: the Node runner tests need Node.js >= 18 on PATH"
+)
+
+LONG_PROMPT = (BUNDLED_MODEL_DIR.parent / "runtime" / "generation.py").read_text()[:900]  # ~316 tokens
+PROMPTS = {
+    "short": "def fibonacci(n):",
+    "longer-than-window": LONG_PROMPT,
+    "unicode": "café = '東京'  # naïve Straße 🙂🚀\nclass Ελληνικά:",
+    "whitespace": "\tif x:\n\t\t\n    return  None  \r\n\n\n   ",
+}
+
+
+@pytest.fixture(scope="module")
+def runner():
+    """The command prefix that runs the Node runner; fails (not skips) when its packages are missing."""
+    for package in ("onnxruntime-node", "@huggingface/tokenizers"):
+        if not (CLIENT / "node_modules" / package / "package.json").is_file():
+            pytest.fail(
+                f"node is installed but the runner's npm packages are not ({package}): run `{INSTALL}`"
+            )
+    return [NODE, str(CLIENT / "generate.js")]
+
+
+def run_node(runner, *args, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*runner, *map(str, args)], capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def node_json(runner, *args) -> dict:
+    return json.loads(run_node(runner, *args, "--json").stdout)
+
+
+@pytest.fixture(scope="module", params=["portable", "optimized"])
+def export_dir(request):
+    name = "bundled_export" if request.param == "portable" else "bundled_optimized_export"
+    return request.getfixturevalue(name)
+
+
+@pytest.mark.parametrize("prompt_name", list(PROMPTS))
+def test_node_generates_the_same_greedy_tokens_as_python(runner, export_dir, prompt_name):
+    prompt = PROMPTS[prompt_name]
+    model = Model.load(export_dir)
+    expected_ids = model.tokenizer.encode(prompt).ids
+    expected = model.generate(prompt)  # the sidecar's defaults: greedy, 64 new tokens, penalty 1.3
+    if prompt_name == "longer-than-window":
+        assert len(expected_ids) > model.manifest.model["window_size"]
+    node = node_json(runner, export_dir, prompt)
+    assert node["cache_mode"] == model.cache_mode  # concat (portable), shared-buffer (optimized)
+    assert node["prompt_token_ids"] == expected_ids
+    sequence = node["sequences"][0]
+    assert sequence["token_ids"] == expected.sequences[0]
+    assert len(sequence["token_ids"]) >= 8
+    assert sequence["text"] == expected.texts[0]
+    assert sequence["finish_reason"] == expected.finish_reasons[0]
+
+
+def test_node_concat_cache_on_the_optimized_export(runner, bundled_optimized_export):
+    expected = Model.load(bundled_optimized_export, cache_mode="concat").generate(
+        LONG_PROMPT, max_new_tokens=24
+    )
+    node = node_json(
+        runner, bundled_optimized_export, LONG_PROMPT, "--cache-mode", "concat", "--max-new-tokens", 24
+    )
+    assert node["cache_mode"] == "concat"
+    assert node["sequences"][0]["token_ids"] == expected.sequences[0]
+
+
+def test_node_streams_the_python_text(runner, bundled_export):
+    prompt = PROMPTS["unicode"]
+    expected = Model.load(bundled_export).generate(prompt, max_new_tokens=24).texts[0]
+    streamed = run_node(runner, bundled_export, prompt, "--max-new-tokens", 24).stdout
+    assert streamed == prompt + expected + "\n"
+
+
+def test_node_takes_token_ids_and_explicit_decoding_options(runner, bundled_export):
+    ids = Model.load(bundled_export).tokenizer.encode("import os\n").ids
+    expected = Model.load(bundled_export).generate(
+        ids, max_new_tokens=16, repetition_penalty=1.0, eos_token_id=[]
+    )
+    node = node_json(
+        runner, bundled_export, ",".join(map(str, ids)), "--token-ids",
+        "--max-new-tokens", 16, "--repetition-penalty", 1.0, "--ignore-eos",
+    )  # fmt: skip
+    assert node["sequences"][0]["token_ids"] == expected.sequences[0]
+    assert node["sequences"][0]["finish_reason"] == "length"
+
+
+def test_node_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(runner, bundled_export):
+    sampling = ("--do-sample", "--temperature", 0.8, "--top-k", 40, "--top-p", 0.9, "--max-new-tokens", 24)
+    first = node_json(runner, bundled_export, "def main():", *sampling, "--seed", 7)
+    again = node_json(runner, bundled_export, "def main():", *sampling, "--seed", 7)
+    other = node_json(runner, bundled_export, "def main():", *sampling, "--seed", 8)
+    assert first["sequences"] == again["sequences"]
+    assert first["sequences"][0]["token_ids"] != other["sequences"][0]["token_ids"]
+    top1 = node_json(runner, bundled_export, "def main():", "--do-sample", "--top-k", 1, "--seed", 3)
+    greedy = node_json(runner, bundled_export, "def main():")
+    assert top1["sequences"] == greedy["sequences"]
+
+
+# ---- bad input: exit code 2 and one clear line on stderr, before onnxruntime runs ----------------
+
+
+def expect_error(runner, *args, match: str) -> None:
+    result = run_node(runner, *args, check=False)
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr.startswith("error: ") and match in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("5,4096", "--token-ids"), "token id 4096 outside the vocabulary [0, 4096)"),
+        (("7," * 500, "--token-ids"), "a prompt of 500 tokens plus max_new_tokens=64 exceeds"),
+        (("",), "prompt 0 is empty"),
+        (("x", "--max-new-tokens", 512), "max_new_tokens (512) leaves no room for a prompt"),
+        (("x", "--do-sample", "--temperature", 0), "temperature must be > 0 when sampling"),
+        (("x", "--top-p", 1.5), "top_p must be in (0, 1]"),
+        (("x", "--top-k", -1), "top_k must be an integer >= 0"),
+        (("x", "--max-new-tokens", 0), "max_new_tokens must be an integer >= 1"),
+        (("x", "--repetition-penalty", 0), "repetition_penalty must be > 0"),
+        (("x", "--temperature", "hot"), '--temperature must be a number, got "hot"'),
+        (("x", "--num-beams", 4), "beam search (num_beams=4) is Python-only"),
+        (("x", "--cache-mode", "paged"), 'unknown cache mode "paged"'),
+        (("x", "--bogus"), "Unknown option '--bogus'"),
+    ],
+)
+def test_node_refuses_bad_input(runner, bundled_export, args, match):
+    expect_error(runner, bundled_export, *args, match=match)
+
+
+def test_node_refuses_missing_folders(runner, tmp_path):
+    expect_error(runner, tmp_path / "nowhere", "x", match="does not exist or is not a folder")
+    expect_error(runner, tmp_path, "x", match="has no gptneo_onnx.json")
+
+
+@pytest.fixture
+def copy(bundled_export, tmp_path):
+    return Path(shutil.copytree(bundled_export, tmp_path / "export"))
+
+
+def edit_sidecar(folder: Path, change) -> None:
+    path = folder / "gptneo_onnx.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "tokenizer.json"])
+def test_node_refuses_tampered_files(runner, copy, name):
+    data = bytearray((copy / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / name).write_bytes(bytes(data))
+    expect_error(runner, copy, "x", match=f"{name} does not match the sha256 recorded in gptneo_onnx.json")
+    unchecked = run_node(runner, copy, "x", "--no-verify", "--max-new-tokens", 1, check=False)
+    assert "sha256" not in unchecked.stderr
+
+
+@pytest.mark.parametrize("name", ["../model.onnx", "/etc/passwd", "sub/../../model.onnx", "C:model.onnx"])
+def test_node_refuses_file_names_that_leave_the_folder(runner, copy, name):
+    edit_sidecar(copy, lambda m: m["graph"].update(file=name))
+    expect_error(runner, copy, "x", match="points outside the export folder")
+
+
+def test_node_refuses_links_and_missing_files(runner, copy, tmp_path):
+    outside = tmp_path / "tokenizer.json"
+    shutil.move(copy / "tokenizer.json", outside)
+    expect_error(runner, copy, "x", match="is missing tokenizer.json")
+    (copy / "tokenizer.json").symlink_to(outside)
+    expect_error(runner, copy, "x", match="tokenizer.json in")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda m: m.update(format_version=2), "format_version 2"),
+        (lambda m: (m.pop("io"), m.pop("format_minor_version")), "without the `io` roles"),
+        (lambda m: m.update(task="base"), 'holds a "base" export'),
+        (lambda m: m["io"].update(position_ids_rule="arange"), 'io.position_ids_rule is "arange"'),
+        (lambda m: m["io"].update(logits="scores"), "names scores"),
+    ],
+)
+def test_node_refuses_sidecars_it_cannot_follow(runner, copy, change, match):
+    edit_sidecar(copy, change)
+    expect_error(runner, copy, "x", match=match)
