@@ -2,23 +2,31 @@
 // (gptneo_onnx/runtime/sampling.py, itself transformers' order): repetition penalty, EOS
 // suppression for min_new_tokens, then when sampling temperature, top-k and top-p.
 //
-// Scores are float32 as in Python (Math.fround on every op), so greedy decoding picks the same
-// tokens. Seeded sampling uses its own generator (xoshiro128**), so it is reproducible run to
+// Scores stay in a Float32Array, so the penalty and the temperature round to float32 as numpy
+// does, and greedy decoding picks the same tokens as Python. Seeded sampling uses its own generator (xoshiro128**), so it is reproducible run to
 // run but does not draw the same tokens as Python's numpy generator for the same seed.
 
 import { GenerationConfigError } from "./errors.js";
 
-const CONFIG_KEYS = [
-  "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-  "repetition_penalty", "num_beams", "seed", "eos_token_id",
-];
+// The Python runtime's GenerationConfig defaults, for keys the sidecar's `generation` lacks.
+const BASE_CONFIG = {
+  max_new_tokens: 20,
+  min_new_tokens: 0,
+  do_sample: false,
+  temperature: 1.0,
+  top_k: 50,
+  top_p: 1.0,
+  repetition_penalty: 1.0,
+  num_beams: 1,
+  seed: null,
+  eos_token_id: null, // null: the sidecar's special_tokens.eos_token_id
+};
 
 /** The sidecar's `generation` defaults, then the non-null `overrides`; validated. */
 export function generationConfig(defaults, overrides = {}) {
-  const config = { max_new_tokens: 20, min_new_tokens: 0, do_sample: false, temperature: 1.0, top_k: 50,
-    top_p: 1.0, repetition_penalty: 1.0, num_beams: 1, seed: null, eos_token_id: null };
+  const config = { ...BASE_CONFIG };
   for (const source of [defaults, overrides]) {
-    for (const key of CONFIG_KEYS) {
+    for (const key of Object.keys(BASE_CONFIG)) {
       if (source[key] !== null && source[key] !== undefined) config[key] = source[key];
     }
   }
