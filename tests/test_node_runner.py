@@ -15,6 +15,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from onnx import helper
+from runtime_helpers import export_tiny, train_tokenizer
+from test_safe_exports import add_contrib_node, reseal, rewrite_graph, set_locations
 
 from gptneo_onnx.cli.defaults import BUNDLED_MODEL_DIR
 from gptneo_onnx.runtime import Model
@@ -209,3 +212,104 @@ def test_node_refuses_links_and_missing_files(runner, copy, tmp_path):
 def test_node_refuses_sidecars_it_cannot_follow(runner, copy, change, match):
     edit_sidecar(copy, change)
     expect_error(runner, copy, "x", match=match)
+
+
+# ---- crafted exports (as tests/test_safe_exports.py makes them): refused before onnxruntime -------
+
+
+@pytest.fixture(scope="module")
+def external_export(tmp_path_factory):
+    """A tiny causal-lm export with its weights in model.onnx.data and a tokenizer that fits."""
+    root = tmp_path_factory.mktemp("node-safe")
+    tokenizer = train_tokenizer(root / "tokenizer.json")
+    options = {"external_data": True, "validate": False}
+    return export_tiny("causal-lm", root / "export", tokenizer, export_options=options, vocab_size=320)[1]
+
+
+@pytest.fixture
+def crafted(external_export, tmp_path):
+    return Path(shutil.copytree(external_export, tmp_path / "export"))
+
+
+def test_node_runs_an_external_data_export_as_python_does(runner, external_export):
+    expected = Model.load(external_export).generate([5, 6, 7], max_new_tokens=6).sequences[0]
+    node = node_json(runner, external_export, "5,6,7", "--token-ids", "--max-new-tokens", 6)
+    assert node["sequences"][0]["token_ids"] == expected
+
+
+def _truncate_data(folder, tmp_path):
+    data = (folder / "model.onnx.data").read_bytes()
+    (folder / "model.onnx.data").write_bytes(data[: len(data) // 2])
+
+
+def _outside_location(folder, tmp_path):
+    shutil.copyfile(folder / "model.onnx.data", tmp_path / "model.onnx.data")
+    rewrite_graph(folder, set_locations("../model.onnx.data"))
+
+
+def _absolute_location(folder, tmp_path):
+    shutil.copyfile(folder / "model.onnx.data", tmp_path / "model.onnx.data")
+    rewrite_graph(folder, set_locations(str(tmp_path / "model.onnx.data")))
+
+
+def _unlisted_location(folder, tmp_path):
+    shutil.copyfile(folder / "model.onnx.data", folder / "other.data")
+    rewrite_graph(folder, set_locations("other.data"))
+
+
+def _unknown_domain(folder, tmp_path):
+    rewrite_graph(folder, lambda model: model.opset_import.append(helper.make_opsetid("ai.onnx.ml", 3)))
+    edit_sidecar(folder, lambda m: m["graph"].update(op_domains=["ai.onnx", "ai.onnx.ml"]))
+
+
+def _ep_context(folder, tmp_path):
+    rewrite_graph(folder, add_contrib_node("EPContext", embed_mode=0, ep_cache_context="../../engine"))
+    edit_sidecar(folder, lambda m: m["graph"].update(op_domains=["ai.onnx", "com.microsoft"]))
+
+
+def _not_onnx(folder, tmp_path):
+    (folder / "model.onnx").write_bytes(b"\x0a\xff\xff\xff\xff\x0f not protobuf")
+    reseal(folder)
+
+
+def _bigger_tokenizer(folder, tmp_path):
+    train_tokenizer(folder / "tokenizer.json", vocab_size=400)
+    reseal(folder)
+
+
+def _sidecar_link(folder, tmp_path):
+    shutil.move(folder / "gptneo_onnx.json", tmp_path / "gptneo_onnx.json")
+    (folder / "gptneo_onnx.json").symlink_to(tmp_path / "gptneo_onnx.json")
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (_truncate_data, "model.onnx.data in"),  # with --no-verify: the size check still runs
+        (_outside_location, "external data names \"../model.onnx.data\", which points outside"),
+        (_absolute_location, "which points outside the export folder"),
+        (_unlisted_location, 'reads external data from "other.data", which gptneo_onnx.json does not list'),
+        (lambda f, t: rewrite_graph(f, add_contrib_node()), "uses operator domain(s) com.microsoft, which"),
+        (_unknown_domain, "declares operator domain(s) ai.onnx.ml; this runner runs only"),
+        (_ep_context, "has a com.microsoft.EPContext node"),
+        (_not_onnx, "model.onnx is not a valid ONNX file"),
+        (_bigger_tokenizer, "does not fit the model: token"),
+        (_sidecar_link, "gptneo_onnx.json is a link"),
+        (lambda f, t: edit_sidecar(f, lambda m: m.update(validation={"report": "r.json", "passed": False})),
+         "failed its parity validation"),
+        (lambda f, t: edit_sidecar(f, lambda m: m["special_tokens"].update(eos_token_id=[2, 320])),
+         "special_tokens.eos_token_id 320 is not a token id"),
+        (lambda f, t: edit_sidecar(f, lambda m: m["model"].update(vocab_size=400)),
+         "320 logits per token but the sidecar's vocab_size is 400"),
+        (lambda f, t: edit_sidecar(f, lambda m: m["graph"].pop("op_domains")),
+         "lacks the required field `graph.op_domains`"),
+    ],
+    ids=[
+        "truncated", "dot-dot-location", "absolute-location", "unlisted-location", "undeclared-domain",
+        "unknown-domain", "ep-context", "not-onnx", "tokenizer-too-big", "sidecar-link", "failed-validation",
+        "special-token", "vocab-size", "missing-field",
+    ],
+)  # fmt: skip
+def test_node_refuses_crafted_exports(runner, crafted, tmp_path, damage, match):
+    damage(crafted, tmp_path)
+    expect_error(runner, crafted, "5,6,7", "--token-ids", "--no-verify", match=match)

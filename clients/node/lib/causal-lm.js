@@ -61,8 +61,14 @@ export class CausalLM {
     this.cacheMode = cacheMode;
     this.cacheArray = FLOAT_ARRAYS[sidecar.cache.dtype];
     if (!this.cacheArray) throw new ExportFolderError(`unsupported cache dtype ${JSON.stringify(sidecar.cache.dtype)}`);
-    if (ioSpec(sidecar, this.io.logits).dtype !== "float32") {
-      throw new ExportFolderError(`this runner reads float32 logits; ${this.io.logits} is ${ioSpec(sidecar, this.io.logits).dtype}`);
+    const logits = ioSpec(sidecar, this.io.logits);
+    if (logits.dtype !== "float32") {
+      throw new ExportFolderError(`this runner reads float32 logits; ${this.io.logits} is ${logits.dtype}`);
+    }
+    if (logits.shape.at(-1) !== sidecar.vocabSize) {
+      throw new ExportFolderError(
+        `${this.io.logits} has ${logits.shape.at(-1)} logits per token but the sidecar's vocab_size is ${sidecar.vocabSize}; re-export the folder`,
+      );
     }
   }
 
@@ -174,6 +180,11 @@ export class CausalLM {
     }
     const logits = results[this.io.logits];
     const vocab = logits.dims.at(-1);
+    if (vocab !== this.sidecar.vocabSize) {
+      throw new ExportFolderError(
+        `the graph gives ${vocab} logits per token but the sidecar's vocab_size is ${this.sidecar.vocabSize}; re-export the folder`,
+      );
+    }
     return Float32Array.from(logits.data.subarray(logits.data.length - vocab));
   }
 
@@ -216,11 +227,24 @@ function checkGraphIO(sidecar, session) {
   }
 }
 
+/** The export's tokenizer, which must fit the model: every token id below vocab_size. */
 function loadTokenizer(sidecar) {
+  let tokenizer;
   try {
-    const json = JSON.parse(fs.readFileSync(sidecar.tokenizerPath, "utf8"));
-    return new Tokenizer(json, {});
+    tokenizer = new Tokenizer(JSON.parse(fs.readFileSync(sidecar.tokenizerPath, "utf8")), {});
   } catch (error) {
     throw new ExportFolderError(`${sidecar.tokenizerPath} is not a valid tokenizers JSON file: ${error.message}`);
   }
+  let largest = -1;
+  let largestToken = null;
+  for (const [token, id] of tokenizer.get_vocab(true)) {
+    if (id > largest) [largest, largestToken] = [id, token];
+  }
+  if (largest >= sidecar.vocabSize) {
+    throw new ExportFolderError(
+      `${sidecar.tokenizerPath} does not fit the model: token ${JSON.stringify(largestToken)} has id ${largest}, ` +
+        `but the model's vocab_size is ${sidecar.vocabSize}. The tokenizer belongs to another model; re-export with the checkpoint's own`,
+    );
+  }
+  return tokenizer;
 }

@@ -7,12 +7,28 @@ import fs from "node:fs";
 import path from "node:path";
 
 import { ExportFolderError } from "./errors.js";
+import { MalformedGraph, scanGraph } from "./graph-scan.js";
 
 export const SIDECAR_NAME = "gptneo_onnx.json";
 const FORMAT = "gptneo-onnx";
 const FORMAT_VERSIONS = [1];
 const MIN_MINOR_VERSION = 1; // 1.1 added `io`, which this runner needs
-const REQUIRED = ["format", "format_version", "task", "graph", "inputs", "outputs", "model", "special_tokens"];
+// The fields the runner reads, per object, with their JSON types (docs/sidecar.md, "Required fields").
+const TOP_FIELDS = {
+  format: "string", format_version: "integer", task: "string", flavor: "string", precision: "string",
+  graph: "object", inputs: "array", outputs: "array", model: "object", special_tokens: "object",
+};
+const GRAPH_FIELDS = { file: "string", sha256: "string", bytes: "integer", external_data: "array", op_domains: "array" };
+const FILE_FIELDS = { file: "string", sha256: "string", bytes: "integer" };
+const IO_FIELDS = { name: "string", dtype: "string", shape: "array" };
+const MODEL_FIELDS = {
+  vocab_size: "integer", num_layers: "integer", num_heads: "integer", head_dim: "integer", max_position_embeddings: "integer",
+};
+const LAYER_FIELDS = { layer: "integer", past_key: "string", past_value: "string", present_key: "string", present_value: "string" };
+// The operator domains onnxruntime runs; nodes that read files named inside the graph are refused.
+const DEFAULT_DOMAIN = "ai.onnx";
+const RUNTIME_DOMAINS = [DEFAULT_DOMAIN, "com.microsoft"];
+const FILE_READING_OPERATORS = ["com.microsoft/EPContext"];
 const KNOWN_RULES = {
   padding_side: ["left"],
   attention_mask_columns: ["past_and_new"],
@@ -27,6 +43,9 @@ export function loadSidecar(folder, { verify = true } = {}) {
   }
   const root = fs.realpathSync(folder);
   const sidecarPath = path.join(root, SIDECAR_NAME);
+  if (fs.lstatSync(sidecarPath, { throwIfNoEntry: false })?.isSymbolicLink()) {
+    throw new ExportFolderError(`${sidecarPath} is a link; copy the real file into the export folder`);
+  }
   if (!fs.existsSync(sidecarPath)) {
     throw new ExportFolderError(
       `${root} has no ${SIDECAR_NAME}; is it an export folder written by \`gptneo-onnx export\`?`,
@@ -39,11 +58,25 @@ export function loadSidecar(folder, { verify = true } = {}) {
     throw new ExportFolderError(`${sidecarPath} is not valid JSON: ${error.message}`);
   }
   checkFields(raw, sidecarPath);
-  const files = listedFiles(raw).map(([relative, sha256]) => {
-    const file = insideFolder(root, relative);
-    if (verify) checkSha256(file, sha256);
+  if (raw.validation?.passed === false) {
+    throw new ExportFolderError(
+      `${root} failed its parity validation against PyTorch (see ${raw.validation.report}); ` +
+        "it is kept for inspection, not for running. Fix the cause and re-export",
+    );
+  }
+  const files = listedFiles(raw).map((entry) => {
+    const file = insideFolder(root, entry.file, SIDECAR_NAME);
+    const size = fs.statSync(file).size;
+    if (size !== entry.bytes) {
+      throw new ExportFolderError(
+        `${entry.file} in ${root} has ${size} bytes, ${SIDECAR_NAME} records ${entry.bytes}; the export is ` +
+          "incomplete or was changed (an interrupted export or copy?). Re-export or re-copy it",
+      );
+    }
+    if (verify) checkSha256(file, entry.sha256);
     return file;
   });
+  checkGraphReferences(root, raw, files[0]);
   return {
     folder: root,
     raw,
@@ -67,11 +100,8 @@ export function ioSpec(sidecar, name) {
 }
 
 function checkFields(raw, sidecarPath) {
-  if (raw === null || typeof raw !== "object" || Array.isArray(raw)) {
-    throw new ExportFolderError(`${sidecarPath} must hold a JSON object`);
-  }
-  const missing = REQUIRED.filter((name) => !(name in raw));
-  if (missing.length) throw new ExportFolderError(`${sidecarPath} lacks required fields: ${missing.join(", ")}`);
+  if (!isObject(raw)) throw new ExportFolderError(`${sidecarPath} must hold a JSON object`);
+  requireFields(raw, "", TOP_FIELDS, sidecarPath);
   if (raw.format !== FORMAT) {
     throw new ExportFolderError(`${sidecarPath} has format ${JSON.stringify(raw.format)}, expected "${FORMAT}"`);
   }
@@ -92,13 +122,18 @@ function checkFields(raw, sidecarPath) {
       `${sidecarPath} holds a ${JSON.stringify(raw.task)} export; this runner generates text with causal-lm exports only`,
     );
   }
-  const graph = raw.graph;
-  if (!graph || typeof graph.file !== "string" || typeof graph.sha256 !== "string") {
-    throw new ExportFolderError(`${sidecarPath}: \`graph\` must have \`file\` and \`sha256\``);
+  requireFields(raw.graph, "graph", GRAPH_FIELDS, sidecarPath);
+  raw.graph.external_data.forEach((entry, i) => requireFields(entry, `graph.external_data[${i}]`, FILE_FIELDS, sidecarPath));
+  raw.graph.op_domains.forEach((domain, i) => requireFields({ domain }, `graph.op_domains[${i}]`, { domain: "string" }, sidecarPath));
+  for (const key of ["inputs", "outputs"]) {
+    raw[key].forEach((item, i) => requireFields(item, `${key}[${i}]`, IO_FIELDS, sidecarPath));
   }
-  for (const name of ["vocab_size", "max_position_embeddings"]) {
-    if (!Number.isInteger(raw.model[name])) throw new ExportFolderError(`${sidecarPath}: \`model\` lacks ${name}`);
+  requireFields(raw.model, "model", MODEL_FIELDS, sidecarPath);
+  for (const name of Object.keys(MODEL_FIELDS)) {
+    if (raw.model[name] < 1) throw new ExportFolderError(`${sidecarPath}: model.${name} must be >= 1, got ${raw.model[name]}`);
   }
+  if (raw.tokenizer) requireFields(raw.tokenizer, "tokenizer", FILE_FIELDS, sidecarPath);
+  checkSpecialTokens(raw.special_tokens, raw.model.vocab_size, sidecarPath);
   for (const role of ["input_ids", "attention_mask", "logits"]) {
     if (typeof raw.io[role] !== "string") throw new ExportFolderError(`${sidecarPath}: \`io.${role}\` must name a graph tensor`);
   }
@@ -115,27 +150,109 @@ function checkFields(raw, sidecarPath) {
       `${sidecarPath}: a causal-lm export needs \`cache\` with mode "concat" and its layers; re-export with a current gptneo-onnx`,
     );
   }
+  cache.layers.forEach((layer, i) => requireFields(layer, `cache.layers[${i}]`, LAYER_FIELDS, sidecarPath));
   if (!Array.isArray(cache.layout) || !cache.layout.includes("past_sequence_length")) {
     throw new ExportFolderError(`${sidecarPath}: \`cache.layout\` must name the past_sequence_length axis`);
   }
 }
 
+/** `item` is an object holding each of `fields` with its JSON type; errors name the dotted field. */
+function requireFields(item, where, fields, sidecarPath) {
+  if (!isObject(item)) throw new ExportFolderError(`${sidecarPath}: \`${where || "the sidecar"}\` must be a JSON object`);
+  for (const [name, type] of Object.entries(fields)) {
+    const field = where ? `${where}.${name}` : name;
+    if (!(name in item)) {
+      throw new ExportFolderError(
+        `${sidecarPath} lacks the required field \`${field}\`; it was written by another tool or an older ` +
+          "gptneo-onnx, or was edited. Re-export",
+      );
+    }
+    if (jsonType(item[name]) !== type) {
+      throw new ExportFolderError(`${sidecarPath}: \`${field}\` must be a JSON ${type}, got ${JSON.stringify(item[name])}`);
+    }
+  }
+}
+
+function jsonType(value) {
+  if (Array.isArray(value)) return "array";
+  if (Number.isInteger(value)) return "integer";
+  return value === null ? "null" : typeof value;
+}
+
+/** bos, eos and pad ids must be token ids of the model (generation feeds them to the graph). */
+function checkSpecialTokens(tokens, vocabSize, sidecarPath) {
+  const ids = { eos_token_id: [].concat(tokens.eos_token_id ?? []), bos_token_id: [tokens.bos_token_id], pad_token_id: [tokens.pad_token_id] };
+  for (const [name, values] of Object.entries(ids)) {
+    for (const value of values) {
+      if (value === null || value === undefined) continue;
+      if (!Number.isInteger(value) || value < 0 || value >= vocabSize) {
+        throw new ExportFolderError(
+          `${sidecarPath}: special_tokens.${name} ${JSON.stringify(value)} is not a token id of the model (vocab_size ${vocabSize})`,
+        );
+      }
+    }
+  }
+}
+
+/** Scan the graph: its external-data locations and operator domains must be the sidecar's. */
+function checkGraphReferences(root, raw, graphPath) {
+  const name = path.basename(graphPath);
+  let facts;
+  try {
+    facts = scanGraph(graphPath);
+  } catch (error) {
+    if (!(error instanceof MalformedGraph)) throw error;
+    throw new ExportFolderError(`${name} is not a valid ONNX file (${error.message}); re-export`);
+  }
+  const listed = new Set(raw.graph.external_data.map((entry) => entry.file));
+  for (const location of [...facts.externalLocations].sort()) {
+    insideFolder(root, location, `${name}'s external data`);
+    if (!listed.has(location)) {
+      throw new ExportFolderError(
+        `${name} reads external data from ${JSON.stringify(location)}, which ${SIDECAR_NAME} does not list ` +
+          "under graph.external_data; the graph or sidecar was changed. Re-export",
+      );
+    }
+  }
+  const declared = new Set(raw.graph.op_domains);
+  const unknown = [...declared].filter((domain) => !RUNTIME_DOMAINS.includes(domain)).sort();
+  if (unknown.length) {
+    throw new ExportFolderError(
+      `${SIDECAR_NAME} declares operator domain(s) ${unknown.join(", ")}; this runner runs only ${RUNTIME_DOMAINS.join(", ")}`,
+    );
+  }
+  const used = new Set([...facts.domains].map((domain) => domain || DEFAULT_DOMAIN));
+  const undeclared = [...used].filter((domain) => !declared.has(domain)).sort();
+  if (undeclared.length) {
+    throw new ExportFolderError(
+      `${name} uses operator domain(s) ${undeclared.join(", ")}, which ${SIDECAR_NAME} does not declare ` +
+        `(graph.op_domains: ${[...declared].sort().join(", ")}); the graph was changed. Re-export`,
+    );
+  }
+  for (const operator of FILE_READING_OPERATORS) {
+    if (facts.operators.has(operator)) {
+      throw new ExportFolderError(
+        `${name} has a ${operator.replace("/", ".")} node, which loads a file named inside the graph; ` +
+          "exports never contain one, so it is refused",
+      );
+    }
+  }
+}
+
+/** Every file entry ({file, sha256, bytes}) the sidecar lists: graph, external data, tokenizer. */
 function listedFiles(raw) {
-  const files = [[raw.graph.file, raw.graph.sha256]];
-  for (const item of raw.graph.external_data || []) files.push([item.file, item.sha256]);
-  if (raw.tokenizer) files.push([raw.tokenizer.file, raw.tokenizer.sha256]);
-  return files;
+  return [raw.graph, ...raw.graph.external_data, ...(raw.tokenizer ? [raw.tokenizer] : [])];
 }
 
 /** The path of a listed file, refusing absolute paths, `..`, drive letters, links and non-files. */
-function insideFolder(root, relative) {
-  if (typeof relative !== "string" || !relative) {
-    throw new ExportFolderError(`${SIDECAR_NAME} lists an invalid file name ${JSON.stringify(relative)}`);
+function insideFolder(root, relative, namedBy) {
+  if (typeof relative !== "string" || !relative || relative.includes("\0")) {
+    throw new ExportFolderError(`${namedBy} names an invalid file ${JSON.stringify(relative)}`);
   }
   const parts = relative.replaceAll("\\", "/").split("/");
   if (relative.startsWith("/") || relative.startsWith("\\") || parts.includes("..") || relative.includes(":")) {
     throw new ExportFolderError(
-      `${SIDECAR_NAME} lists ${JSON.stringify(relative)}, which points outside the export folder; ` +
+      `${namedBy} names ${JSON.stringify(relative)}, which points outside the export folder; ` +
         "files must be plain names relative to the folder",
     );
   }
@@ -144,7 +261,7 @@ function insideFolder(root, relative) {
   try {
     stat = fs.lstatSync(file);
   } catch {
-    throw new ExportFolderError(`${root} is missing ${relative}, which ${SIDECAR_NAME} lists; re-copy the export`);
+    throw new ExportFolderError(`${root} is missing ${relative}, which ${namedBy} names; re-copy the export`);
   }
   const real = stat.isSymbolicLink() ? null : fs.realpathSync(file);
   if (real === null || path.relative(root, real).startsWith("..")) {
@@ -176,6 +293,10 @@ function checkSha256(file, expected) {
 function eosIds(eos) {
   if (eos === null || eos === undefined) return [];
   return Array.isArray(eos) ? eos.map(Number) : [Number(eos)];
+}
+
+function isObject(value) {
+  return value !== null && typeof value === "object" && !Array.isArray(value);
 }
 
 function isDirectory(folder) {
