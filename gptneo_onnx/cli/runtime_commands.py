@@ -148,9 +148,10 @@ def run_generate(args: argparse.Namespace) -> int:
     config = model.generation_config(**_decoding_options(args))
     streamable = len(prompts) == 1 and config.num_beams == 1 and config.num_return_sequences == 1
     if not args.json and not args.no_stream and streamable and model.tokenizer is not None:
+        pieces = model.stream(prompts[0], config)  # checks the prompt before it is echoed
         if isinstance(prompts[0], str):
             sys.stdout.write(prompts[0])  # echo the prompt so the completion reads in context
-        for piece in model.stream(prompts[0], config):
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

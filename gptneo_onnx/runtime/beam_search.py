@@ -18,6 +18,7 @@ from gptneo_onnx.runtime.generation import (
     GenerationConfig,
     GenerationResult,
     StopCheck,
+    check_choices,
     check_finite,
 )
 from gptneo_onnx.runtime.sampling import log_softmax, sample_without_replacement
@@ -86,6 +87,7 @@ def beam_search(
         logits, cache = forward(step_ids, mask, cache)
         check_finite(logits)
         log_probs = processor(flat_running, log_softmax(logits), prompt_length)
+        check_choices(log_probs)
         vocab_size = log_probs.shape[-1]
         log_probs = log_probs.reshape(batch, num_beams, vocab_size) + running_beam_scores[:, :, None]
         log_probs = log_probs.reshape(batch, num_beams * vocab_size)

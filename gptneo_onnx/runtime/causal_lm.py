@@ -23,11 +23,12 @@ from gptneo_onnx.runtime.encoding import (
     Prompt,
     as_batch,
     check_length,
+    check_position_ids,
     check_token_ids,
     encode_prompts,
-    is_single_prompt,
     left_pad,
     position_ids_from_mask,
+    step_inputs,
 )
 from gptneo_onnx.runtime.errors import GenerationConfigError, InputError
 from gptneo_onnx.runtime.generation import GenerationConfig, GenerationResult, StopCheck, TokenStep, decode
@@ -109,23 +110,26 @@ class CausalLM(Model):
         (cumsum(mask) - 1, clipped at 0, for the new tokens). `capacity` sizes the buffers of a
         shared-buffer cache at the prefill (default max_position_embeddings).
         """
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        attention_mask = np.asarray(attention_mask, dtype=np.int64)
-        batch, length = input_ids.shape
+        if past is not None and not isinstance(past, KVCache):
+            raise InputError(f"past must be a KVCache from this model's forward, got {type(past).__name__}")
         past_length = 0 if past is None else past.length
-        check_token_ids(input_ids, self.manifest.vocab_size)
-        if attention_mask.shape != (batch, past_length + length):
-            raise InputError(
-                f"attention_mask must be (batch, past + new) = ({batch}, {past_length + length}), "
-                f"got {attention_mask.shape}"
-            )
+        input_ids, attention_mask = step_inputs(
+            input_ids, attention_mask, past_length, self.manifest.vocab_size
+        )
+        batch, length = input_ids.shape
         if past_length + length > self.manifest.max_position_embeddings:
             raise InputError(
                 f"{past_length + length} tokens exceed max_position_embeddings "
                 f"({self.manifest.max_position_embeddings})"
             )
+        if past is not None:
+            self._check_past(past, batch)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, length)
+        else:
+            position_ids = check_position_ids(
+                position_ids, (batch, length), self.manifest.max_position_embeddings
+            )
         if past_length and length > 1 and batch > (self._multi_token_step_max_batch or batch):
             return self._forward_by_rows(input_ids, attention_mask, position_ids, past)
         feeds = {
@@ -134,6 +138,10 @@ class CausalLM(Model):
             self.io["position_ids"]: position_ids,
         }
         if past is None:
+            if capacity is not None and not (isinstance(capacity, int) and capacity >= length):
+                raise InputError(
+                    f"capacity must be an integer >= the prompt length ({length}), got {capacity!r}"
+                )
             past = self._empty_cache(batch, capacity)
         if self.cache_mode == "shared-buffer":
             room = past.values[self.layers[0].past_key].shape()[2]
@@ -182,6 +190,16 @@ class CausalLM(Model):
                 ort.OrtValue.ortvalue_from_numpy(joined, *self._device) if self.io_binding else joined
             )
         return np.concatenate(logits, axis=0), KVCache(values, past.length + input_ids.shape[1])
+
+    def _check_past(self, past: KVCache, batch: int) -> None:
+        """The cache must be one this model made, for the same batch."""
+        expected = {name for layer in self.layers for name in (layer.past_key, layer.past_value)}
+        if set(past.values) != expected:
+            raise InputError("past must be the KVCache returned by this model's previous forward call")
+        for value in past.values.values():
+            shape = value.shape() if isinstance(value, ort.OrtValue) else value.shape
+            if shape[0] != batch:
+                raise InputError(f"past holds a batch of {shape[0]} rows but input_ids has {batch}")
 
     def _output_names(self) -> list[str]:
         names = [self.io["logits"]]
@@ -287,13 +305,25 @@ class CausalLM(Model):
     def generate_steps(
         self, prompts: Prompt | list[Prompt], config: GenerationConfig | None = None, **options: Any
     ) -> Iterator[TokenStep | BeamStep | GenerationResult]:
-        """Decode step by step: yields TokenStep (or BeamStep) events, then one GenerationResult."""
+        """Decode step by step: an iterator of TokenStep (or BeamStep) events, then one GenerationResult.
+
+        Prompts and options are checked here, when called: bad input raises before the first step.
+        """
         config = self.generation_config(config, **options)
+        config.check_token_ids(self.manifest.vocab_size)
         input_ids, attention_mask = self._prepare(as_batch(prompts), config)
+        stop_check = self._stop_check(config.stop_strings)
+        return self._steps(input_ids, attention_mask, config, stop_check)
+
+    def _steps(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        config: GenerationConfig,
+        stop_check: StopCheck | None,
+    ) -> Iterator[TokenStep | BeamStep | GenerationResult]:
         eos = config.eos_token_id if config.eos_token_id is not None else self.manifest.eos_token_ids
         pad = config.pad_token_id if config.pad_token_id is not None else self.pad_token_id
-        stop_check = self._stop_check(config.stop_strings)
-
         capacity = input_ids.shape[1] + config.max_new_tokens
 
         def step(ids: np.ndarray, mask: np.ndarray, cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
@@ -322,21 +352,26 @@ class CausalLM(Model):
         return result
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **options: Any) -> Iterator[str]:
-        """Yield text pieces as they are generated (one prompt, greedy or sampling)."""
+        """Text pieces as they are generated (one prompt, greedy or sampling).
+
+        Bad input raises here, when called, before any piece (so a caller may echo the prompt first).
+        """
         if self.tokenizer is None:
             raise InputError("streaming text needs a tokenizer; this export has none (use generate_steps)")
-        if not is_single_prompt(prompt):
+        prompts = as_batch(prompt)
+        if len(prompts) != 1:
             raise InputError("stream takes one prompt; use generate() for batches")
         config = self.generation_config(config, **options)
         if config.num_beams > 1 or config.num_return_sequences > 1:
             raise GenerationConfigError("streaming needs num_beams=1 and num_return_sequences=1")
+        steps = self.generate_steps(prompts, config)
 
         def tokens() -> Iterator[int]:
-            for event in self.generate_steps(prompt, config):
+            for event in steps:
                 if isinstance(event, TokenStep) and event.active[0]:
                     yield int(event.token_ids[0])
 
-        yield from stream_text(tokens(), self.tokenizer, config.stop_strings)
+        return stream_text(tokens(), self.tokenizer, config.stop_strings)
 
     def _prepare(self, prompts: list[Prompt], config: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
         rows = encode_prompts(prompts, self.tokenizer)

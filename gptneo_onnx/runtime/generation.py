@@ -42,6 +42,14 @@ class GenerationConfig:
     pad_token_id: int | None = None
     truncate: bool = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+        if _is_int(self.eos_token_id):
+            self.eos_token_id = [self.eos_token_id]
+        if isinstance(self.early_stopping, np.bool_):  # beam search compares with `is True`
+            self.early_stopping = bool(self.early_stopping)
+
     @classmethod
     def from_defaults(cls, defaults: dict[str, Any], **overrides: Any) -> GenerationConfig:
         """Build from a manifest's `generation` object plus overrides; None overrides are ignored."""
@@ -54,10 +62,6 @@ class GenerationConfig:
             )
         settings = {key: value for key, value in defaults.items() if key in known and value is not None}
         settings.update({key: value for key, value in overrides.items() if value is not None})
-        if isinstance(settings.get("stop_strings"), str):
-            settings["stop_strings"] = [settings["stop_strings"]]
-        if isinstance(settings.get("eos_token_id"), int):
-            settings["eos_token_id"] = [settings["eos_token_id"]]
         config = cls(**settings)
         config.validate()
         return config
@@ -68,7 +72,11 @@ class GenerationConfig:
         return config
 
     def validate(self) -> None:
-        """Raise GenerationConfigError naming the first invalid parameter and its valid range."""
+        """Raise GenerationConfigError naming the first invalid parameter and its valid range.
+
+        Every check guards its own type first, so a wrong type (a str, None, NaN) is reported
+        as that parameter's error, never as a TypeError from a comparison.
+        """
         checks = [
             (
                 _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
@@ -78,20 +86,45 @@ class GenerationConfig:
                 _is_int(self.min_new_tokens) and self.min_new_tokens >= 0,
                 "min_new_tokens must be an integer >= 0",
             ),
+            (_is_bool(self.do_sample), "do_sample must be True or False"),
+            (
+                _is_real(self.temperature) and self.temperature >= 0,
+                "temperature must be a finite number >= 0 (it only applies when sampling)",
+            ),
             (_is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 disables top-k)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 = no penalty)"),
+            (_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p must be a number in (0, 1]"),
+            (
+                _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
+                "repetition_penalty must be a finite number > 0 (1.0 = no penalty)",
+            ),
             (_is_int(self.num_beams) and self.num_beams >= 1, "num_beams must be an integer >= 1"),
+            (_is_real(self.length_penalty), "length_penalty must be a finite number"),
             (
                 _is_int(self.num_return_sequences) and self.num_return_sequences >= 1,
                 "num_return_sequences must be an integer >= 1",
             ),
-            (self.early_stopping in (True, False, "never"), "early_stopping must be true, false or 'never'"),
-            (not self.do_sample or self.temperature > 0, "temperature must be > 0 when sampling"),
             (
-                all(isinstance(s, str) and s for s in self.stop_strings),
+                any(self.early_stopping is value for value in (True, False))
+                or self.early_stopping == "never",
+                "early_stopping must be true, false or 'never'",
+            ),
+            (self.seed is None or (_is_int(self.seed) and self.seed >= 0), "seed must be an integer >= 0"),
+            (
+                not self.do_sample or (_is_real(self.temperature) and self.temperature > 0),
+                "temperature must be > 0 when sampling (use do_sample=False for greedy)",
+            ),
+            (
+                isinstance(self.stop_strings, (list, tuple))
+                and all(isinstance(s, str) and s for s in self.stop_strings),
                 "stop_strings must be non-empty strings",
             ),
+            (
+                self.eos_token_id is None
+                or (isinstance(self.eos_token_id, (list, tuple)) and all(map(_is_int, self.eos_token_id))),
+                "eos_token_id must be a token id or a list of token ids",
+            ),
+            (self.pad_token_id is None or _is_int(self.pad_token_id), "pad_token_id must be a token id"),
+            (_is_bool(self.truncate), "truncate must be True or False"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,6 +138,16 @@ class GenerationConfig:
             raise GenerationConfigError(
                 f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})"
             )
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """eos_token_id and pad_token_id, when set, must be in the vocabulary [0, vocab_size)."""
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            for token in value if isinstance(value, list) else [] if value is None else [value]:
+                if not 0 <= token < vocab_size:
+                    raise GenerationConfigError(
+                        f"{name} {token} is outside the vocabulary [0, {vocab_size}) of this export"
+                    )
 
     def _describe(self, message: str) -> str:
         name = message.split()[0]
@@ -126,7 +169,18 @@ class GenerationConfig:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float (not a bool, str, None, NaN or infinity)."""
+    if _is_int(value):
+        return True
+    return isinstance(value, (float, np.floating)) and bool(np.isfinite(value))
 
 
 @dataclass
@@ -161,6 +215,16 @@ def check_finite(logits: np.ndarray, rows: np.ndarray | None = None) -> None:
         )
 
 
+def check_choices(scores: np.ndarray, rows: np.ndarray | None = None) -> None:
+    """Raise GenerationConfigError when the processors left a row with no token to choose."""
+    values = scores if rows is None else scores[rows]
+    if not (values > -np.inf).any(axis=-1).all():
+        raise GenerationConfigError(
+            "every token was filtered out, so there is none to choose: eos_token_id may cover the "
+            "whole vocabulary while min_new_tokens still suppresses it"
+        )
+
+
 def decode(
     forward: ForwardFn,
     input_ids: np.ndarray,
@@ -190,6 +254,7 @@ def decode(
     for step in range(config.max_new_tokens):
         check_finite(logits, active)
         scores = processor(tokens, logits, prompt_length)
+        check_choices(scores, active)
         next_tokens = sample(scores, rng) if config.do_sample else scores.argmax(axis=-1).astype(np.int64)
         next_tokens = np.where(active, next_tokens, pad_token_id)
         tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)

@@ -14,12 +14,27 @@ NEG_INF = np.float32(-np.inf)
 
 
 def apply_temperature(scores: np.ndarray, temperature: float) -> np.ndarray:
-    """transformers' TemperatureLogitsWarper: scores / temperature."""
+    """transformers' TemperatureLogitsWarper: scores / temperature.
+
+    A temperature so small that the division overflows float32 would turn scores into inf and
+    the softmax into NaN. Those rows are shifted by their maximum first (softmax, top-k and top-p
+    do not change under a per-row shift), so the best tokens stay at 0 and the rest go towards
+    -inf: the limit of temperature -> 0, greedy among the best tokens.
+    """
     if not temperature > 0:
         raise GenerationConfigError(
             f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy"
         )
-    return scores / np.float32(temperature)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scaled = scores / np.float32(temperature)  # np.float32 of 1e300 is inf, of 1e-50 is 0
+    scaled[np.isneginf(scores)] = NEG_INF  # filtered tokens stay filtered (-inf / inf would be NaN)
+    rows = (np.isfinite(scores) & ~np.isfinite(scaled)).any(axis=-1)
+    if rows.any():
+        wide = scores[rows].astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            shifted = (wide - wide.max(axis=-1, keepdims=True)) / float(temperature)
+            scaled[rows] = np.where(np.isnan(shifted), -np.inf, shifted).astype(np.float32)
+    return scaled
 
 
 def apply_top_k(scores: np.ndarray, top_k: int, min_tokens_to_keep: int = 1) -> np.ndarray:
@@ -53,9 +68,14 @@ def apply_repetition_penalty(input_ids: np.ndarray, scores: np.ndarray, penalty:
     if not penalty > 0:
         raise GenerationConfigError(f"repetition_penalty must be > 0 (1.0 = none), got {penalty}")
     seen = np.take_along_axis(scores, input_ids, axis=-1)
-    penalized = np.where(seen < 0, seen * np.float32(penalty), seen / np.float32(penalty)).astype(
-        scores.dtype
-    )
+    factor = np.float32(penalty)  # 0 or inf for penalties beyond float32's range
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        penalized = np.where(seen < 0, seen * factor, seen / factor).astype(scores.dtype)
+    # An extreme penalty can overflow: keep such scores at float32's largest finite values
+    # (0 / an underflowed penalty is 0), so no inf or NaN reaches the softmax.
+    largest = np.finfo(scores.dtype).max
+    bounded = np.clip(np.where(np.isnan(penalized), 0, penalized), -largest, largest)
+    penalized = np.where(np.isfinite(seen), bounded, seen)
     result = scores.copy()
     np.put_along_axis(result, input_ids, penalized, axis=-1)
     return result

@@ -14,6 +14,7 @@ from tokenizers import Encoding
 from gptneo_onnx.runtime.encoding import (
     Prompt,
     as_batch,
+    as_texts,
     check_token_ids,
     encode_prompts,
     encode_texts,
@@ -28,6 +29,10 @@ from gptneo_onnx.runtime.heads import (
     tag_tokens,
 )
 from gptneo_onnx.runtime.model import Model
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 class _SinglePassModel(Model):
@@ -55,6 +60,8 @@ class SequenceClassifier(_SinglePassModel):
 
     def classify(self, texts: Prompt | Sequence[Prompt], top_k: int | None = None) -> list[list[dict]]:
         """Per input, [{"label", "score"}] sorted by softmax score (all labels, or the top_k)."""
+        if top_k is not None and not (_is_int(top_k) and top_k >= 1):
+            raise InputError(f"top_k must be None (all labels) or an integer >= 1, got {top_k!r}")
         outputs, _ = self.run_ids(encode_prompts(as_batch(texts), self.tokenizer))
         return [label_scores(row, self._labels(), top_k) for row in outputs["logits"]]
 
@@ -64,7 +71,7 @@ class TokenClassifier(_SinglePassModel):
 
     def tag(self, texts: str | Sequence[str]) -> list[dict]:
         """Per text: {"tokens": per-token labels with offsets, "entities": merged spans}."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = as_texts(texts)
         encodings = encode_texts(texts, self.tokenizer)
         outputs, _ = self.run_ids([encoding.ids for encoding in encodings])
         results = []
@@ -94,8 +101,9 @@ class QuestionAnswerer(_SinglePassModel):
         self, question: str | Sequence[str], context: str | Sequence[str], max_answer_length: int = 30
     ) -> list[dict]:
         """Per (question, context): {"answer", "score", "start", "end"}; offsets index the context."""
-        questions = [question] if isinstance(question, str) else list(question)
-        contexts = [context] if isinstance(context, str) else list(context)
+        if not (_is_int(max_answer_length) and max_answer_length >= 1):
+            raise InputError(f"max_answer_length must be an integer >= 1, got {max_answer_length!r}")
+        questions, contexts = as_texts(question, "question"), as_texts(context, "context")
         if len(questions) != len(contexts):
             raise InputError(f"got {len(questions)} questions but {len(contexts)} contexts")
         encodings = [self.encode_pair(q, c) for q, c in zip(questions, contexts)]
