@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 import pytest
+from hypothesis import settings
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+# Property-based tests (hypothesis): a fixed budget per test, so the suite's time is bounded.
+# CI (CI=true) derandomizes: the same examples every run, and no example database.
+# HYPOTHESIS_PROFILE=thorough explores far more cases (minutes).
+settings.register_profile("default", max_examples=30, deadline=timedelta(seconds=10))
+settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True, database=None)
+settings.register_profile("thorough", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default"))
 
 HF_CLASSES = {
     "base": "GPTNeoModel",
