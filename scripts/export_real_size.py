@@ -28,6 +28,11 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="1.3b")
     parser.add_argument("--output", required=True)
     parser.add_argument("--precision", default="float32", choices=("float32", "float16"))
+    parser.add_argument(
+        "--external-data",
+        action="store_true",
+        help="weights in model.onnx.data at any size (default: by size)",
+    )
     args = parser.parse_args()
 
     dims = SHAPES[args.shape]
@@ -40,7 +45,7 @@ def main() -> None:
             if parameter.dim() == 2:
                 parameter.normal_(0.0, 0.02)
     built = time.perf_counter()
-    result = export(model, args.output, precision=args.precision)
+    result = export(model, args.output, precision=args.precision, external_data=args.external_data or None)
     finished = time.perf_counter()
     figures = {
         "shape": args.shape,
