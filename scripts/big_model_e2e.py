@@ -79,7 +79,7 @@ def wait_for_memory(min_gb: float, wait_minutes: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1.3b", help="a shape of scripts/export_real_size.py")
-    parser.add_argument("--workdir", type=Path, required=True, help="scratch folder (created, then emptied)")
+    parser.add_argument("--workdir", type=Path, help="scratch folder (required; created, then emptied)")
     parser.add_argument("--tokens", type=int, default=8, help="new tokens per generation")
     parser.add_argument("--output", type=Path, default=None, help="write the JSON report here too")
     parser.add_argument("--min-available-gb", type=float, default=16.0)
@@ -90,6 +90,8 @@ def main() -> int:
     if args.generate_only:
         print(json.dumps(generate_here(args.generate_only, args.tokens)))
         return 0
+    if args.workdir is None:
+        parser.error("--workdir is required")
 
     workdir = args.workdir.resolve()
     first, moved, elsewhere = (
