@@ -109,17 +109,9 @@ def main() -> int:
         export_command = [sys.executable, str(SCRIPTS / "export_real_size.py"), "--shape", args.shape]
         export_command += ["--output", str(first), "--external-data"]
         report["export"] = run_phase(export_command, workdir)
-        report["files_mb"] = {
-            path.name: round(path.stat().st_size / 1e6, 1) for path in sorted(first.iterdir())
-        }
 
-        generate = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--tokens",
-            str(args.tokens),
-            "--generate-only",
-        ]
+        generate = [sys.executable, str(Path(__file__).resolve()), "--tokens", str(args.tokens)]
+        generate.append("--generate-only")
         report["generate_in_place"] = run_phase(generate + ["export"], workdir)
 
         started = time.perf_counter()
@@ -129,8 +121,8 @@ def main() -> int:
         report["generate_after_move"] = run_phase(generate + [relative], elsewhere)
     finally:
         if not args.keep:
-            shutil.rmtree(workdir / "export", ignore_errors=True)
-            shutil.rmtree(moved.parent, ignore_errors=True)
+            for folder in (first, moved.parent, elsewhere.parent):
+                shutil.rmtree(folder, ignore_errors=True)
     same = report["generate_in_place"]["tokens"] == report["generate_after_move"]["tokens"]
     report["same_tokens_after_move"] = same
     text = json.dumps(report, indent=2)
