@@ -65,7 +65,12 @@ class KVCache:
 
 
 class CausalLM(Model):
-    """A causal-lm export: `forward` one step, or `generate` / `stream` text."""
+    """A causal-lm export: `forward` one step, or `generate` / `stream` text.
+
+    One instance may serve many threads at once: every call makes its own KV cache, IO binding
+    and shared buffers, and nothing per request is stored on the model (onnxruntime's
+    `InferenceSession.run` is thread-safe). tests/test_sustained_load.py checks this.
+    """
 
     task = "causal-lm"
 
