@@ -85,6 +85,9 @@ def test_generate_bad_input_is_one_error_line(exports, capsys):
     assert "outside the vocabulary [0, 320)" in capsys.readouterr().err
     assert main(["generate", folder, "hi", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+    assert main(["generate", folder, "a\udcffb"]) == 2  # argv bytes that are not UTF-8
+    out, err = capsys.readouterr()
+    assert "not valid Unicode" in err and out == ""  # refused before the prompt is echoed
     assert main(["generate", folder, "hi", "--provider", "npu"]) == 2
     assert "unknown provider 'npu'" in capsys.readouterr().err
     assert main(["classify", folder, "hi"]) == 2

@@ -173,7 +173,7 @@ def check_token_ids(rows: Sequence[Sequence[int]] | np.ndarray, vocab_size: int)
 
 
 def integer_array(values: object, name: str) -> np.ndarray:
-    """`values` as an int64 array; floats, bools, strings and ragged lists are refused."""
+    """`values` as an integer numpy array; floats, bools, strings and ragged lists are refused."""
     try:
         array = np.asarray(values)
     except ValueError as error:  # ragged nested lists
