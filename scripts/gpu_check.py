@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a file from anywhere: import the repo's packages
     sys.path.insert(0, str(ROOT))
 
+from gptneo_onnx.bench.models import SHAPES  # noqa: E402  (the benchmark's gpt-neo-125m shape)
+
 SMALL = dict(hidden_size=256, num_layers=4, num_heads=4, window_size=32, vocab_size=1024,
              max_position_embeddings=512, attention_types=[[["global", "local"], 2]])  # fmt: skip
-SHAPE_125M = dict(hidden_size=768, num_layers=12, num_heads=12, window_size=256, vocab_size=50257,
-                  max_position_embeddings=2048, attention_types=[[["global", "local"], 6]])  # fmt: skip
 
 
 PAIRS = (("past_key", "present_key"), ("past_value", "present_value"))
@@ -202,7 +202,7 @@ def check_decode_vs_optimum(work: Path, report: dict, skip_optimum: bool) -> Non
     from gptneo_onnx.reference import from_pretrained
     from gptneo_onnx.runtime import Model
 
-    checkpoint = random_checkpoint(work / "ckpt-125m", SHAPE_125M)
+    checkpoint = random_checkpoint(work / "ckpt-125m", SHAPES["125m"])
     reference = from_pretrained(checkpoint)
     ids = np.random.default_rng(2).integers(1, 50000, size=(1, 32), dtype=np.int64)
     long_ids = np.random.default_rng(3).integers(1, 50000, size=(1, 1500), dtype=np.int64)

@@ -82,3 +82,14 @@ def bundled_optimized_export(tmp_path_factory):
     result = export_bundled_model(folder, progress=False, optimize=True)
     assert result.report["passed"]
     return result.output_dir
+
+
+@pytest.fixture(scope="module")
+def external_export(tmp_path_factory):
+    """A tiny causal-lm export with its weights in model.onnx.data and a tokenizer that fits."""
+    from runtime_helpers import export_tiny, train_tokenizer
+
+    root = tmp_path_factory.mktemp("external")
+    tokenizer = train_tokenizer(root / "tokenizer.json")
+    options = {"external_data": True, "validate": False}
+    return export_tiny("causal-lm", root / "export", tokenizer, export_options=options, vocab_size=320)[1]

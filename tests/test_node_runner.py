@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from onnx import helper
-from runtime_helpers import export_tiny, train_tokenizer
+from runtime_helpers import train_tokenizer
 from test_safe_exports import add_contrib_node, reseal, rewrite_graph, set_locations
 
 from gptneo_onnx.cli.defaults import BUNDLED_MODEL_DIR
@@ -215,15 +215,6 @@ def test_node_refuses_sidecars_it_cannot_follow(runner, copy, change, match):
 
 
 # ---- crafted exports (as tests/test_safe_exports.py makes them): refused before onnxruntime -------
-
-
-@pytest.fixture(scope="module")
-def external_export(tmp_path_factory):
-    """A tiny causal-lm export with its weights in model.onnx.data and a tokenizer that fits."""
-    root = tmp_path_factory.mktemp("node-safe")
-    tokenizer = train_tokenizer(root / "tokenizer.json")
-    options = {"external_data": True, "validate": False}
-    return export_tiny("causal-lm", root / "export", tokenizer, export_options=options, vocab_size=320)[1]
 
 
 @pytest.fixture

@@ -22,15 +22,6 @@ from gptneo_onnx.runtime import ExportFolderError, Model
 from gptneo_onnx.runtime import model as runtime_model
 
 
-@pytest.fixture(scope="module")
-def external_export(tmp_path_factory):
-    """A causal-lm export with its weights in model.onnx.data and a tokenizer that fits."""
-    root = tmp_path_factory.mktemp("safe")
-    tokenizer = train_tokenizer(root / "tokenizer.json")
-    options = {"external_data": True, "validate": False}
-    return export_tiny("causal-lm", root / "export", tokenizer, export_options=options, vocab_size=320)[1]
-
-
 @pytest.fixture
 def copy(external_export, tmp_path):
     target = tmp_path / "export"

@@ -86,9 +86,6 @@ class GraphBuilder:
         )
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def weight_bytes(self) -> int:
-        return sum(array.nbytes for array in self.weights.values())
-
     def to_model(self, external_data_file: Path | None = None) -> onnx.ModelProto:
         """The ModelProto; with `external_data_file`, weights are streamed there instead."""
         if self.views and external_data_file is None:
