@@ -110,11 +110,11 @@ class DeviceDecoder:
         for _ in range(new_tokens):
             binding = self.session.io_binding()
             positions = (np.cumsum(mask, axis=1) - 1)[:, -current.shape[1] :]
-            for name, value in (
-                ("input_ids", current),
-                ("attention_mask", mask),
-                ("position_ids", positions),
-            ):
+            feeds = {"input_ids": current, "attention_mask": mask, "position_ids": positions}
+            local = self.manifest["cache"].get("local_window")
+            if local:  # the device cache keeps every row, so local layers see the whole mask
+                feeds[local["input"]] = mask
+            for name, value in feeds.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             binding.bind_output("logits", "cpu")
             for layer in layers:

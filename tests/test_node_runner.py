@@ -86,10 +86,10 @@ def test_node_generates_the_same_greedy_tokens_as_python(runner, export_dir, pro
 
 def test_node_concat_cache_on_the_optimized_export(runner, bundled_optimized_export):
     expected = Model.load(bundled_optimized_export, cache_mode="concat").generate(
-        LONG_PROMPT, max_new_tokens=24
+        LONG_PROMPT, max_new_tokens=80
     )
     node = node_json(
-        runner, bundled_optimized_export, LONG_PROMPT, "--cache-mode", "concat", "--max-new-tokens", 24
+        runner, bundled_optimized_export, LONG_PROMPT, "--cache-mode", "concat", "--max-new-tokens", 80
     )
     assert node["cache_mode"] == "concat"
     assert node["sequences"][0]["token_ids"] == expected.sequences[0]
@@ -202,7 +202,7 @@ def test_node_refuses_links_and_missing_files(runner, copy, tmp_path):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda m: m.update(format_version=2), "format_version 2"),
+        (lambda m: m.update(format_version=3), "format_version 3"),
         (lambda m: (m.pop("io"), m.pop("format_minor_version")), "without the `io` roles"),
         (lambda m: m.update(task="base"), 'holds a "base" export'),
         (lambda m: m["io"].update(position_ids_rule="arange"), 'io.position_ids_rule is "arange"'),
@@ -304,3 +304,18 @@ def _sidecar_link(folder, tmp_path):
 def test_node_refuses_crafted_exports(runner, crafted, tmp_path, damage, match):
     damage(crafted, tmp_path)
     expect_error(runner, crafted, "5,6,7", "--token-ids", "--no-verify", match=match)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda local: local.update(min_rows=local["window"] - 2), "min_rows >= window - 1"),
+        (lambda local: local.update(input="mask2"), '"mask2" is not a graph input'),
+        (lambda local: local.pop("window"), "lacks the required field `cache.local_window.window`"),
+    ],
+)
+def test_node_refuses_a_bad_local_window(runner, bundled_optimized_export, tmp_path, change, match):
+    copy = Path(shutil.copytree(bundled_optimized_export, tmp_path / "export"))
+    assert json.loads((copy / "gptneo_onnx.json").read_text())["format_version"] == 2
+    edit_sidecar(copy, lambda m: change(m["cache"]["local_window"]))
+    expect_error(runner, copy, "x", match=match)

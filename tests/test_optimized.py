@@ -180,10 +180,20 @@ def test_runtime_batched_multi_token_step_with_past_runs_row_by_row(tmp_path):
         results[name] = logits, past.values
     keep = mask[:, 5:].astype(bool)
     np.testing.assert_allclose(results["optimized"][0][keep], results["portable"][0][keep], atol=1e-4)
-    real = mask.astype(bool)  # cache rows of real tokens: (B, H, T, D) -> (B, T, H, D)[real]
+    # Local layers keep only their newest window - 1 rows (windowed local cache), global ones all.
+    local = {
+        layer[k]
+        for layer in manifest["cache"]["layers"]
+        if layer["window"]
+        for k in ("past_key", "past_value")
+    }
+    assert local and manifest["cache"]["local_window"]["min_rows"] == 2
     for name, value in results["portable"][1].items():
+        rows = 2 if name in local else ids.shape[1]
+        assert results["optimized"][1][name].shape[2] == rows
+        real = mask[:, -rows:].astype(bool)  # cache rows of real tokens: (B, H, T, D) -> (B, T, H, D)[real]
         optimized = results["optimized"][1][name].transpose(0, 2, 1, 3)[real]
-        np.testing.assert_allclose(optimized, value.transpose(0, 2, 1, 3)[real], atol=1e-4)
+        np.testing.assert_allclose(optimized, value[:, :, -rows:].transpose(0, 2, 1, 3)[real], atol=1e-4)
     shared = Model.load(tmp_path / "optimized", provider="cpu", cache_mode="shared-buffer")
     _, past = shared.forward(ids[:, :5], mask[:, :5], capacity=9)
     with pytest.raises(InputError, match="cache_mode='concat'"):

@@ -140,10 +140,12 @@ def test_optimized_export_with_a_shared_buffer_cache(exported, tmp_path):
     if shared.cache_mode != "shared-buffer":
         pytest.skip("this export offers no shared-buffer cache (fused attention unavailable)")
     concat = CausalLM.load(folder, cache_mode="concat")
+    bound = CausalLM.load(folder, cache_mode="concat", io_binding=True)
     for options in ({}, {"num_beams": 3, "num_return_sequences": 2}):
         expected = hf_generate(hf_model, PROMPTS, max_new_tokens=10, do_sample=False, **options)
         assert shared.generate(PROMPTS, max_new_tokens=10, **options).sequences == expected
         assert concat.generate(PROMPTS, max_new_tokens=10, **options).sequences == expected
+        assert bound.generate(PROMPTS, max_new_tokens=10, **options).sequences == expected
     with pytest.raises(InputError, match="cache_mode 'paged'"):
         CausalLM.load(folder, cache_mode="paged")
 
@@ -221,3 +223,39 @@ def test_nan_logits_raise(exported, monkeypatch):
         fresh.generate("hi", max_new_tokens=3)
     with pytest.raises(NumericalError, match="NaN"):
         fresh.generate("hi", max_new_tokens=3, num_beams=2)
+
+
+@pytest.mark.parametrize("mode", ["shared-buffer", "concat", "concat-io-binding"])
+def test_windowed_local_cache_stays_bounded_and_matches_transformers(tmp_path, mode):
+    """Local layers keep at most window - 1 + slack rows, and a left-padded batch decoded one token
+    at a time far past the window still gives transformers' logits."""
+    hf_model, folder = export_tiny(
+        "causal-lm", tmp_path, export_options={"optimize": True, "validate": False}, **MODEL
+    )
+    cache_mode, _, binding = mode.partition("-io-")
+    model = CausalLM.load(folder, cache_mode=cache_mode, io_binding=bool(binding) or None)
+    local = model.manifest.raw["cache"]["local_window"]
+    assert local == {"input": "local_attention_mask", "window": 4, "min_rows": 3}
+    local_names = {layer.past_key for layer in model.layers if layer.window}
+    ids = np.random.default_rng(0).integers(3, MODEL["vocab_size"], size=(2, 40))
+    mask = np.ones_like(ids)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        positions = torch.from_numpy(np.maximum(mask.cumsum(1) - 1, 0))  # left padding
+        expected = hf_model(
+            torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=positions
+        ).logits.numpy()
+    logits, cache = model.forward(ids[:, :7], mask[:, :7], capacity=40)
+    steps, held = [logits], []
+    for i in range(7, 40):
+        logits, cache = model.forward(ids[:, i : i + 1], mask[:, : i + 1], past=cache)
+        steps.append(logits)
+        held.append(cache.local_rows)
+        if cache_mode == "concat":
+            rows = {
+                name: value.shape()[2] if binding else value.shape[2] for name, value in cache.values.items()
+            }
+            assert {rows[name] for name in local_names} == {cache.local_rows}
+    assert max(held) <= 3 + 1 and min(held) == 3  # trimmed back to min_rows every slack (1) steps
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1)[real], expected[real], atol=1e-4)

@@ -254,7 +254,7 @@ def test_a_missing_field_is_named(copy, no_session, path):
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        (("format_version",), 2, "format_version 2; this runtime reads versions 1"),
+        (("format_version",), 3, "format_version 3; this runtime reads versions 1, 2"),
         (("format_version",), "1", "`format_version` must be a JSON integer"),
         (("graph", "bytes"), True, "`graph.bytes` must be a JSON integer"),
         (("graph", "op_domains"), "ai.onnx", "`graph.op_domains` must be a JSON array"),
@@ -280,3 +280,30 @@ def test_a_linked_sidecar_is_refused(copy, tmp_path, no_session):
     (copy / "gptneo_onnx.json").symlink_to(tmp_path / "sidecar.json")
     with pytest.raises(ExportFolderError, match="gptneo_onnx.json is a link"):
         Model.load(copy)
+
+
+@pytest.fixture(scope="module")
+def windowed_export(tmp_path_factory):
+    """An optimized export: its local layers take their own mask (format 2, `cache.local_window`)."""
+    folder = tmp_path_factory.mktemp("windowed") / "export"
+    export_tiny("causal-lm", folder, export_options={"optimize": True, "validate": False}, vocab_size=320)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda local: local.pop("min_rows"), "lacks the required field `cache.local_window.min_rows`"),
+        (lambda local: local.update(input="mask2"), "'mask2' is not a graph input"),
+        (lambda local: local.update(min_rows=2), "min_rows >= window - 1"),
+        (lambda local: local.update(window=0), "window >= 1"),
+    ],
+)
+def test_a_bad_local_window_is_refused(windowed_export, tmp_path, no_session, change, message):
+    target = tmp_path / "export"
+    shutil.copytree(windowed_export, target)
+    manifest = json.loads((target / "gptneo_onnx.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["cache"]["local_window"]["window"] == 4
+    edit_manifest(target, lambda m: change(m["cache"]["local_window"]))
+    with pytest.raises(ExportFolderError, match=re.escape(message)):
+        Model.load(target)

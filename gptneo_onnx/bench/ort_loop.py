@@ -4,6 +4,7 @@ It reads the manifest (docs/sidecar.md) and supports both cache modes:
 - `concat`: presents are fed back as the next pasts;
 - `shared-buffer`: one (B, H, capacity, D) buffer per layer tensor, bound with IOBinding as
   both the past input and the present output, so onnxruntime writes new rows in place.
+Exports with a windowed local cache keep only the newest rows for local layers, as the runtime does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from gptneo_onnx.runtime.local_window import LocalWindow
 
 PAIRS = (("past_key", "present_key"), ("past_value", "present_value"))
 
@@ -58,6 +61,7 @@ class ExportDecoder:
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.layers = self.manifest["cache"]["layers"]
         self.dtype = np.dtype(self.manifest["cache"]["dtype"])
+        self.local = LocalWindow.from_cache(self.manifest["cache"])
         model = self.manifest["model"]
         self.num_heads, self.head_dim = model["num_heads"], model["head_dim"]
 
@@ -98,26 +102,34 @@ class ExportDecoder:
     def _concat_steps(self, batch: int, capacity: int):
         """A coroutine: send (ids, mask, positions), get last-position logits; presents become pasts."""
         past = {layer[name]: self._empty(batch, 0) for layer in self.layers for name, _ in PAIRS}
-        last = None
+        last, held = None, 0  # held: rows in the local layers' caches
         while True:
             ids, mask, positions = yield last
             feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
+            if self.local:
+                feed[self.local.input] = self.local.mask(mask, held, ids.shape[1])
             named = dict(zip(self.output_names, self.session.run(None, feed), strict=True))
             past = {layer[p]: named[layer[q]] for layer in self.layers for p, q in PAIRS}
             last = named["logits"][:, -1]
+            if self.local:
+                held += ids.shape[1]
+                keep = self.local.rows_to_keep(held)
+                for name in self.local.past_names if keep < held else ():
+                    past[name] = np.ascontiguousarray(past[name][:, :, held - keep :])
+                held = keep
 
     def _shared_steps(self, batch: int, capacity: int):
         """The same coroutine in shared-buffer mode: one buffer per layer tensor, written in place."""
-        buffers = {
-            layer[p]: ort.OrtValue.ortvalue_from_numpy(self._empty(batch, capacity))
-            for layer in self.layers
-            for p, _ in PAIRS
-        }
-        last = None
+        arrays = {layer[p]: self._empty(batch, capacity) for layer in self.layers for p, _ in PAIRS}
+        buffers = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        last, held = None, 0  # held: rows in the local layers' buffers
         while True:
             ids, mask, positions = yield last
             binding = self.session.io_binding()
-            for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", positions)):
+            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+            if self.local:
+                feed[self.local.input] = self.local.mask(mask, held, ids.shape[1])
+            for name, value in feed.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             binding.bind_output("logits")  # the first bound output: get_outputs()[0]
             for layer in self.layers:
@@ -126,3 +138,9 @@ class ExportDecoder:
                     binding.bind_ortvalue_output(layer[q], buffers[layer[p]])
             self.session.run_with_iobinding(binding)
             last = binding.get_outputs()[0].numpy()[:, -1]
+            if self.local:
+                held += ids.shape[1]
+                keep = self.local.rows_to_keep(held)
+                for name in self.local.past_names if keep < held else ():
+                    self.local.move_newest_to_front(arrays[name], held, keep)
+                held = keep

@@ -10,7 +10,7 @@ import torch
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.export import layers
 from gptneo_onnx.export.graph_builder import GraphBuilder
-from gptneo_onnx.export.optimized import fused_body
+from gptneo_onnx.export.optimized import LOCAL_ATTENTION_MASK, fused_body, local_cache_window
 
 BATCH, SEQUENCE, PAST, TOTAL = (
     "batch_size",
@@ -18,6 +18,8 @@ BATCH, SEQUENCE, PAST, TOTAL = (
     "past_sequence_length",
     "total_sequence_length",
 )
+# A windowed local cache (see export/optimized.py) holds its own number of rows.
+LOCAL_PAST, LOCAL_TOTAL = "local_past_sequence_length", "local_total_sequence_length"
 PRECISIONS = {"float32": np.float32, "float16": np.float16}
 FLAVORS = ("portable", "optimized")
 # onnxruntime prepacks each lm_head slice and frees its mapped pages before the next, so the
@@ -52,18 +54,26 @@ def numpy_weights(model: torch.nn.Module, dtype) -> dict[str, np.ndarray]:
     }
 
 
-def io_specs(config: GPTNeoConfig, task: str, precision: str) -> tuple[list[IOSpec], list[IOSpec]]:
-    """The graph's inputs and outputs for a task: the export surface, declared as data."""
+def io_specs(
+    config: GPTNeoConfig, task: str, precision: str, windowed_local_cache: bool = False
+) -> tuple[list[IOSpec], list[IOSpec]]:
+    """The graph's inputs and outputs for a task: the export surface, declared as data.
+
+    `windowed_local_cache`: local layers' caches get their own length and mask input."""
     if task == "causal-lm":
-        cache_shape = [BATCH, config.num_heads, PAST, config.head_dim]
-        present_shape = [BATCH, config.num_heads, TOTAL, config.head_dim]
         inputs = [
             IOSpec("input_ids", "int64", [BATCH, SEQUENCE]),
             IOSpec("attention_mask", "int64", [BATCH, TOTAL]),
             IOSpec("position_ids", "int64", [BATCH, SEQUENCE]),
         ]
+        if windowed_local_cache:
+            inputs.append(IOSpec(LOCAL_ATTENTION_MASK, "int64", [BATCH, LOCAL_TOTAL]))
         outputs = [IOSpec("logits", "float32", [BATCH, SEQUENCE, config.vocab_size])]
         for layer in range(config.num_layers):
+            local = windowed_local_cache and config.layer_window(layer) is not None
+            past_length, total = (LOCAL_PAST, LOCAL_TOTAL) if local else (PAST, TOTAL)
+            cache_shape = [BATCH, config.num_heads, past_length, config.head_dim]
+            present_shape = [BATCH, config.num_heads, total, config.head_dim]
             names = cache_names(layer)
             inputs += [
                 IOSpec(names["past_key"], precision, cache_shape),
@@ -224,7 +234,8 @@ def build_graph(
     config: GPTNeoConfig = model.config
     dtype = PRECISIONS[precision]
     weights = numpy_weights(model, dtype)
-    inputs, outputs = io_specs(config, task, precision)
+    windowed = flavor == "optimized" and local_cache_window(config, task) is not None
+    inputs, outputs = io_specs(config, task, precision, windowed)
     g = GraphBuilder(f"gptneo_{task.replace('-', '_')}", external_data=external_data)
     for spec in inputs:
         g.add_input(spec.name, spec.dtype, spec.shape)

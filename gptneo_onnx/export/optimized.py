@@ -15,6 +15,13 @@
 
 Where GQA can't serve (CPU needs head_dim % 8 == 0), attention falls back to the portable ops
 inside the same graph; `optimization_summary` says which kernels a config gets.
+
+Windowed local cache: GQA on CPU reads every past row and masks the ones outside the window, so
+a local layer fed the whole past pays for rows it never uses. With GQA, local layers therefore
+take their own mask input, `local_attention_mask`, covering only the rows their cache holds plus
+the new tokens: a runner may keep just the newest `window - 1` past rows for local layers
+(docs/sidecar.md, `cache.local_window`). Keys are position-free (GPT-Neo's positions are
+absolute embeddings), so a suffix of the cache attends exactly like the whole of it.
 """
 
 from __future__ import annotations
@@ -46,6 +53,19 @@ def fused_attention_problem(config: GPTNeoConfig, task: str = "causal-lm") -> st
         # reference then spreads softmax over all keys, GQA only over the causal ones.
         return "question-answering scores padded positions, whose fully masked rows GQA computes differently"
     return None
+
+
+LOCAL_ATTENTION_MASK = "local_attention_mask"
+
+
+def local_cache_window(config: GPTNeoConfig, task: str = "causal-lm") -> int | None:
+    """The window of the local layers when the graph takes a windowed local cache, else None."""
+    if task != "causal-lm" or fused_attention_problem(config, task) is not None:
+        return None
+    windows = {config.layer_window(i) for i in range(config.num_layers)} - {None}
+    if len(windows) != 1:  # no local layer (or, never in GPT-Neo, several window sizes)
+        return None
+    return windows.pop()
 
 
 def optimization_summary(config: GPTNeoConfig, task: str = "causal-lm") -> dict:
@@ -136,8 +156,9 @@ def fused_body(task: str):
 
     def body(g, config, weights, dtype, input_ids, attention_mask, position_ids, past):
         use_gqa = fused_attention_problem(config, task) is None
+        local_mask = LOCAL_ATTENTION_MASK if local_cache_window(config, task) else None
         return transformer_body_fused(
-            g, config, weights, dtype, input_ids, attention_mask, position_ids, past, use_gqa=use_gqa
+            g, config, weights, dtype, input_ids, attention_mask, position_ids, past, use_gqa, local_mask
         )
 
     return body
@@ -153,12 +174,15 @@ def transformer_body_fused(
     position_ids: str,
     past: list[tuple[str, str]] | None,
     use_gqa: bool = True,
+    local_attention_mask: str | None = None,
 ) -> tuple[str, list[tuple[str, str]]]:
-    """Same contract as `graphs.transformer_body`, built on fused kernels."""
+    """Same contract as `graphs.transformer_body`, built on fused kernels. With
+    `local_attention_mask` (GQA only), local layers take their mask from that input."""
     eps = config.layer_norm_epsilon
     use_gqa = use_gqa and fused_attention_problem(config) is None
     if use_gqa:
         shared = _GQAInputs(g, input_ids, attention_mask, dtype)
+        local = _GQAInputs(g, input_ids, local_attention_mask, dtype) if local_attention_mask else shared
     else:
         query_length = g.op("Slice", [g.op("Shape", [input_ids]), g.const([1]), g.const([2])])
         windows = {config.layer_window(i) for i in range(config.num_layers)}
@@ -188,7 +212,8 @@ def transformer_body_fused(
         layer_past = past[i] if past is not None else None
         window = config.layer_window(i)
         if use_gqa:
-            context, key, value = _gqa(g, shared, qkv, layer_past, config, window)
+            inputs = local if window is not None else shared
+            context, key, value = _gqa(g, inputs, qkv, layer_past, config, window)
         else:
             context, key, value = _portable_attention(g, config, qkv, layer_past, biases[window], dtype)
         presents.append((key, value))

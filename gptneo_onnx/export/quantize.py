@@ -209,6 +209,9 @@ def _prefill_logits(session, manifest: dict, ids: np.ndarray) -> np.ndarray:
         "attention_mask": np.ones_like(ids),
         "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), ids.shape).copy(),
     }
+    local_window = manifest["cache"].get("local_window")
+    if local_window:  # a prefill: the local layers' rows are the new tokens too
+        feed[local_window["input"]] = feed["attention_mask"]
     for layer in manifest["cache"]["layers"]:
         feed[layer["past_key"]] = feed[layer["past_value"]] = empty
     return session.run(["logits"], feed)[0].astype(np.float32)

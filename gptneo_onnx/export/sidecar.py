@@ -11,10 +11,14 @@ import onnx
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.export.graph_builder import OPSET, sha256_of
 from gptneo_onnx.export.graphs import IOSpec, cache_names
+from gptneo_onnx.export.optimized import LOCAL_ATTENTION_MASK
 from gptneo_onnx.export.output_folder import write_json
 
 MANIFEST_NAME = "gptneo_onnx.json"
-FORMAT_VERSION = 1  # the major version: it changes only when a runtime that knows 1 could misread
+# The major version is the lowest one a reader needs: 1, or 2 for graphs with a windowed local
+# cache (an extra required input, `local_attention_mask`, that a 1.x reader would not feed).
+FORMAT_VERSION = 1
+WINDOWED_LOCAL_CACHE_VERSION = 2
 DEFAULT_DOMAIN = "ai.onnx"  # ONNX spells the default operator domain "" or "ai.onnx"
 # Minor versions only add fields: a reader of 1.0 runs a 1.1 export unchanged (docs/sidecar.md).
 FORMAT_MINOR_VERSION = 1
@@ -95,10 +99,22 @@ def io_roles(task: str, inputs: list[IOSpec]) -> dict:
         "input_ids": "input_ids",
         "attention_mask": "attention_mask",
         "position_ids": "position_ids" if "position_ids" in names else None,
+        "local_attention_mask": LOCAL_ATTENTION_MASK if LOCAL_ATTENTION_MASK in names else None,
         "logits": "logits" if causal else None,
         "padding_side": "left",
         "attention_mask_columns": "past_and_new" if causal else "sequence",
         "position_ids_rule": "cumsum_minus_one" if causal else "in_graph",
+    }
+
+
+def local_window_entry(window: int) -> dict:
+    """`cache.local_window`: local layers' caches may keep only the newest rows (docs/sidecar.md)."""
+    return {
+        "input": LOCAL_ATTENTION_MASK,
+        "window": window,
+        # A local layer's past may be any suffix of the sequence with at least
+        # min(past_sequence_length, min_rows) rows; the input masks exactly those rows + the new ones.
+        "min_rows": window - 1,
     }
 
 
@@ -138,10 +154,14 @@ def build_manifest(
                 for i in range(config.num_layers)
             ],
         }
+    windowed = any(spec.name == LOCAL_ATTENTION_MASK for spec in inputs)
+    if windowed:
+        window = next(config.layer_window(i) for i in range(config.num_layers) if config.layer_window(i))
+        cache["local_window"] = local_window_entry(window)
     classification = task in ("sequence-classification", "token-classification")
     return {
         "format": "gptneo-onnx",
-        "format_version": FORMAT_VERSION,
+        "format_version": WINDOWED_LOCAL_CACHE_VERSION if windowed else FORMAT_VERSION,
         "format_minor_version": FORMAT_MINOR_VERSION,
         "task": task,
         "flavor": flavor,

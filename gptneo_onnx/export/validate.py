@@ -118,18 +118,25 @@ class _Comparison:
 
 @torch.no_grad()
 def _compare_causal_lm(model, session, manifest: dict, ids, mask, comparison: _Comparison) -> None:
+    """Prefill, then steps with a past. With a windowed local cache (`cache.local_window`), local
+    layers carry only the fewest past rows the sidecar allows, so that contract is checked too."""
     config: GPTNeoConfig = model.config
     cache = manifest["cache"]
     dtype = np.dtype(cache["dtype"])
     batch, length = ids.shape
     empty = np.zeros((batch, config.num_heads, 0, config.head_dim), dtype=dtype)
     ort_past = {name: empty for layer in cache["layers"] for name in (layer["past_key"], layer["past_value"])}
+    local_window = cache.get("local_window")
+    windowed = {id(layer) for layer in cache["layers"] if local_window and layer.get("window")}
+    local_rows = 0  # past rows the local layers hold
     ref_past = None
     start = 0
     for step, size in enumerate((length - 4, 1, 3)):  # prefill (empty past), then decode with a past
         chunk, step_mask = ids[:, start : start + size], mask[:, : start + size]
         pos = positions(step_mask, size)
         feed = {"input_ids": chunk, "attention_mask": step_mask, "position_ids": pos, **ort_past}
+        if local_window:
+            feed[local_window["input"]] = step_mask[:, step_mask.shape[1] - (local_rows + size) :]
         row_limit = (manifest.get("optimization") or {}).get("multi_token_step_max_batch")
         by_rows = row_limit is not None and step > 0 and size > 1 and batch > row_limit
         outputs = _run_by_rows(session, feed) if by_rows else session.run(None, feed)
@@ -140,14 +147,19 @@ def _compare_causal_lm(model, session, manifest: dict, ids, mask, comparison: _C
         keep = step_mask[:, -size:].astype(bool)
         comparison.add(f"step{step}.logits", ref_logits.numpy(), results["logits"], keep, top1=True)
         for layer, (ref_key, ref_value) in zip(cache["layers"], ref_past):
-            visible = step_mask.astype(bool)  # (B, T): compare cache rows of real tokens only
+            rows = local_rows + size if id(layer) in windowed else step_mask.shape[1]
+            visible = step_mask[:, -rows:].astype(bool)  # (B, rows): compare cache rows of real tokens only
             for ref, name in ((ref_key, layer["present_key"]), (ref_value, layer["present_value"])):
-                expected = ref.float().numpy().transpose(0, 2, 1, 3)  # (B, T, H, D)
+                expected = ref.float().numpy()[:, :, -rows:].transpose(0, 2, 1, 3)  # (B, rows, H, D)
                 comparison.add(
                     f"step{step}.{name}", expected, results[name].transpose(0, 2, 1, 3), visible, False
                 )
+        if local_window:
+            local_rows = min(local_rows + size, local_window["min_rows"])
         ort_past = {
-            layer[past]: results[layer[present]]
+            layer[past]: results[layer[present]][:, :, -local_rows:]
+            if id(layer) in windowed
+            else results[layer[present]]
             for layer in cache["layers"]
             for past, present in (("past_key", "present_key"), ("past_value", "present_value"))
         }

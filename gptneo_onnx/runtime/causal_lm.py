@@ -5,7 +5,8 @@ each step feeds the presents back as the next pasts. On CUDA / TensorRT the pres
 the device as OrtValues (IO binding): only the logits come back to the host each step.
 Optimized exports that list `shared-buffer` in `cache.modes` run with one preallocated
 (B, H, capacity, D) buffer per layer tensor, bound as both past and present and written in
-place by the graph, so no cache is copied per step.
+place by the graph, so no cache is copied per step. Exports with a windowed local cache keep only
+the newest rows for local layers (runtime/local_window.py), on the CPU; device caches keep all.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from gptneo_onnx.runtime.encoding import (
 )
 from gptneo_onnx.runtime.errors import GenerationConfigError, InputError
 from gptneo_onnx.runtime.generation import GenerationConfig, GenerationResult, StopCheck, TokenStep, decode
+from gptneo_onnx.runtime.local_window import LocalWindow
 from gptneo_onnx.runtime.model import Model
 from gptneo_onnx.runtime.streaming import first_stop_index, stream_text
 
@@ -62,6 +64,11 @@ class KVCache:
     values: dict[str, Any]
     length: int  # past_sequence_length: rows [0, length) of each value are filled
     binding: Any = field(default=None, repr=False, compare=False)  # shared-buffer: bound once
+    local_length: int | None = None  # rows the local layers hold (windowed local cache), else None
+
+    @property
+    def local_rows(self) -> int:
+        return self.length if self.local_length is None else self.local_length
 
 
 class CausalLM(Model):
@@ -94,6 +101,7 @@ class CausalLM(Model):
         self.cache_mode = cache_mode
         optimization = self.manifest.raw.get("optimization") or {}
         self._multi_token_step_max_batch = optimization.get("multi_token_step_max_batch")
+        self._local_window = LocalWindow.from_cache(self.manifest.raw.get("cache") or {})
         advice = gpu_attention_advice(self.manifest.raw, self.provider)
         if advice:
             warnings.warn(advice, stacklevel=3)
@@ -129,6 +137,7 @@ class CausalLM(Model):
             )
         if past is not None:
             self._check_past(past, batch)
+        local_held = 0 if past is None else past.local_rows
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, length)
         else:
@@ -142,6 +151,8 @@ class CausalLM(Model):
             self.io["attention_mask"]: attention_mask,
             self.io["position_ids"]: position_ids,
         }
+        if self._local_window is not None:
+            feeds[self._local_window.input] = self._local_window.mask(attention_mask, local_held, length)
         if past is None:
             if capacity is not None and not (isinstance(capacity, int) and capacity >= length):
                 raise InputError(
@@ -156,13 +167,35 @@ class CausalLM(Model):
                     "pass a larger capacity at the prefill"
                 )
         if self.io_binding:
-            return self._forward_bound(feeds, past)
-        outputs = dict(
-            zip(self._output_names(), self.session.run(self._output_names(), {**feeds, **past.values}))
-        )
-        return outputs[self.io["logits"]].astype(np.float32, copy=False), self._next_cache(
-            outputs, past.length + length
-        )
+            logits, cache = self._forward_bound(feeds, past)
+        else:
+            outputs = dict(
+                zip(self._output_names(), self.session.run(self._output_names(), {**feeds, **past.values}))
+            )
+            logits = outputs[self.io["logits"]].astype(np.float32, copy=False)
+            cache = self._next_cache(outputs, past.length + length)
+        return logits, self._trim_local(cache, local_held + length)
+
+    def _trim_local(self, cache: KVCache, rows: int) -> KVCache:
+        """Windowed local cache: the local layers now hold `rows` rows; past `min_rows + slack`,
+        keep only the newest `min_rows` (on the CPU; a device cache keeps every row)."""
+        local = self._local_window
+        if local is None:
+            return cache
+        keep = local.rows_to_keep(rows)
+        if keep == rows or self._device[0] != "cpu":
+            cache.local_length = rows
+            return cache
+        for name in local.past_names:
+            value = cache.values[name]
+            if self.cache_mode == "shared-buffer":  # numpy() of a CPU OrtValue is a view of it
+                local.move_newest_to_front(value.numpy(), rows, keep)
+                continue
+            host = value.numpy() if isinstance(value, ort.OrtValue) else value
+            newest = np.ascontiguousarray(host[:, :, rows - keep : rows])
+            cache.values[name] = ort.OrtValue.ortvalue_from_numpy(newest) if self.io_binding else newest
+        cache.local_length = keep
+        return cache
 
     def _forward_by_rows(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: KVCache
@@ -178,15 +211,21 @@ class CausalLM(Model):
             name: value.numpy() if isinstance(value, ort.OrtValue) else value
             for name, value in past.values.items()
         }
-        logits, caches = [], []
+        logits, caches, caches_local_length = [], [], None
         for row in range(input_ids.shape[0]):
-            row_past = KVCache({name: value[row : row + 1] for name, value in host.items()}, past.length)
+            row_past = KVCache(
+                {name: value[row : row + 1] for name, value in host.items()},
+                past.length,
+                None,
+                past.local_length,
+            )
             rows = slice(row, row + 1)
             row_logits, row_cache = self.forward(
                 input_ids[rows], attention_mask[rows], position_ids[rows], row_past
             )
             logits.append(row_logits)
             caches.append(row_cache.values)
+            caches_local_length = row_cache.local_length  # every row trims alike
         values = {}
         for name in host:
             parts = [c[name].numpy() if isinstance(c[name], ort.OrtValue) else c[name] for c in caches]
@@ -194,7 +233,8 @@ class CausalLM(Model):
             values[name] = (
                 ort.OrtValue.ortvalue_from_numpy(joined, *self._device) if self.io_binding else joined
             )
-        return np.concatenate(logits, axis=0), KVCache(values, past.length + input_ids.shape[1])
+        rows_cache = KVCache(values, past.length + input_ids.shape[1], None, caches_local_length)
+        return np.concatenate(logits, axis=0), rows_cache
 
     def _check_past(self, past: KVCache, batch: int) -> None:
         """The cache must be one this model made, for the same batch."""
@@ -298,7 +338,7 @@ class CausalLM(Model):
                 reordered[name] = ort.OrtValue.ortvalue_from_numpy(array, *self._device)
             else:
                 reordered[name] = value[rows]
-        return KVCache(reordered, cache.length)
+        return KVCache(reordered, cache.length, None, cache.local_length)
 
     # ---- generation -------------------------------------------------------------------------
     def generation_config(self, config: GenerationConfig | None = None, **options: Any) -> GenerationConfig:

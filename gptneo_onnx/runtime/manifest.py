@@ -16,7 +16,9 @@ from gptneo_onnx.runtime.export_files import check_graph_references, check_liste
 
 MANIFEST_NAME = "gptneo_onnx.json"
 MANIFEST_FORMAT = "gptneo-onnx"
-SUPPORTED_FORMAT_VERSIONS = (1,)  # major versions; fields added within a major are ignored by older runtimes
+# Major versions; fields added within a major are ignored by older runtimes. 2 adds the windowed
+# local cache (`cache.local_window` and its mask input, see runtime/local_window.py).
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 TASKS = ("causal-lm", "base", "sequence-classification", "token-classification", "question-answering")
 # The fields this runtime needs, per object, with their JSON types (docs/sidecar.md).
 TOP_FIELDS = {
@@ -43,6 +45,7 @@ MODEL_FIELDS = {
 }
 CACHE_FIELDS = {"mode": str, "layers": list}
 LAYER_FIELDS = {"layer": int, "past_key": str, "past_value": str, "present_key": str, "present_value": str}
+LOCAL_WINDOW_FIELDS = {"input": str, "window": int, "min_rows": int}
 # The `io` roles of a manifest written before `io` existed (format 1.0).
 DEFAULT_IO = {
     "input_ids": "input_ids",
@@ -240,6 +243,25 @@ def _check_fields(raw: Any, manifest_path: Path) -> None:
         _require(cache, "cache", CACHE_FIELDS, manifest_path)
         for index, layer in enumerate(cache["layers"]):
             _require(layer, f"cache.layers[{index}]", LAYER_FIELDS, manifest_path)
+        _check_local_window(raw, manifest_path)
+
+
+def _check_local_window(raw: dict, manifest_path: Path) -> None:
+    """`cache.local_window` (format 2): its mask is a graph input and its rows cover the window."""
+    local = raw["cache"].get("local_window")
+    if local is None:
+        return
+    _require(local, "cache.local_window", LOCAL_WINDOW_FIELDS, manifest_path)
+    if local["input"] not in {item["name"] for item in raw["inputs"]}:
+        raise ExportFolderError(
+            f"{manifest_path}: cache.local_window.input {local['input']!r} is not a graph input"
+        )
+    if local["window"] < 1 or local["min_rows"] < local["window"] - 1:
+        raise ExportFolderError(
+            f"{manifest_path}: cache.local_window needs window >= 1 and min_rows >= window - 1, got {local}"
+        )
+    if not any(layer.get("window") for layer in raw["cache"]["layers"]):
+        raise ExportFolderError(f"{manifest_path}: cache.local_window is set but no layer is local")
 
 
 def _require(item: Any, where: str, fields: dict[str, type], manifest_path: Path) -> None:

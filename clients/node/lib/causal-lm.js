@@ -6,6 +6,9 @@
 // - concat: pasts start with 0 rows; each step feeds the presents back as the next pasts.
 // - shared-buffer: one zeroed (batch, ..., capacity, ...) buffer per past tensor, passed both as
 //   the past input and as the preallocated present output, so the graph writes new rows in place.
+// With `cache.local_window` (format 2), local layers' caches keep only their newest rows: their
+// own mask input covers those rows plus the new tokens, and once they pass min_rows + slack the
+// newest min_rows move to the front (as gptneo_onnx/runtime/local_window.py does).
 
 import fs from "node:fs";
 
@@ -59,6 +62,12 @@ export class CausalLM {
       throw new InputError(`cache mode ${JSON.stringify(cacheMode)} is not offered by this export; it offers ${modes.join(", ")}`);
     }
     this.cacheMode = cacheMode;
+    const local = sidecar.cache.local_window ?? null;
+    this.localWindow = local && {
+      ...local,
+      slack: Math.max(1, Math.floor(local.window / 4)),
+      pastNames: this.layers.filter((l) => l.window).flatMap((l) => [l.past_key, l.past_value]),
+    };
     this.cacheArray = FLOAT_ARRAYS[sidecar.cache.dtype];
     if (!this.cacheArray) throw new ExportFolderError(`unsupported cache dtype ${JSON.stringify(sidecar.cache.dtype)}`);
     const logits = ioSpec(sidecar, this.io.logits);
@@ -159,6 +168,11 @@ export class CausalLM {
       const positions = mask.map((column) => Math.max((seen += column) - 1, 0)).slice(total - newIds.length);
       feeds[this.io.position_ids] = intTensor(spec("position_ids").dtype, positions, [1, newIds.length]);
     }
+    const local = this.localWindow;
+    if (local) {
+      const columns = cache.localRows + newIds.length; // the local layers' rows, then the new tokens
+      feeds[local.input] = intTensor(spec("attention_mask").dtype, mask.slice(total - columns), [1, columns]);
+    }
     Object.assign(feeds, cache.pasts);
     let results;
     if (this.cacheMode === "shared-buffer") {
@@ -178,6 +192,7 @@ export class CausalLM {
         cache.pasts[layer.past_value] = results[layer.present_value];
       }
     }
+    if (local) this.trimLocal(cache, cache.localRows + newIds.length);
     const logits = results[this.io.logits];
     const vocab = logits.dims.at(-1);
     if (vocab !== this.sidecar.vocabSize) {
@@ -186,6 +201,31 @@ export class CausalLM {
       );
     }
     return Float32Array.from(logits.data.subarray(logits.data.length - vocab));
+  }
+
+  /** The local layers now hold `rows` rows: past min_rows + slack, keep only the newest min_rows. */
+  trimLocal(cache, rows) {
+    const { min_rows: keep, slack, pastNames } = this.localWindow;
+    cache.localRows = rows;
+    if (rows <= keep + slack) return;
+    for (const name of pastNames) {
+      const tensor = cache.pasts[name];
+      const [heads, capacity, width] = tensor.dims.slice(1); // (1, heads, rows or capacity, head_dim)
+      if (this.cacheMode === "shared-buffer") {
+        for (let h = 0; h < heads; h++) {
+          const base = h * capacity * width;
+          tensor.data.copyWithin(base, base + (rows - keep) * width, base + rows * width);
+        }
+      } else {
+        const data = new this.cacheArray(heads * keep * width);
+        for (let h = 0; h < heads; h++) {
+          const from = (h * capacity + rows - keep) * width;
+          data.set(tensor.data.subarray(from, from + keep * width), h * keep * width);
+        }
+        cache.pasts[name] = new ort.Tensor(tensor.type, data, [1, heads, keep, width]);
+      }
+    }
+    cache.localRows = keep;
   }
 
   /** Pasts for a prefill: 0 rows (concat) or zeroed buffers of `capacity` rows (shared-buffer). */
@@ -205,7 +245,7 @@ export class CausalLM {
         pasts[name] = new ort.Tensor(this.sidecar.cache.dtype, new this.cacheArray(size), dims);
       }
     }
-    return { pasts, capacity };
+    return { pasts, capacity, localRows: 0 };
   }
 }
 

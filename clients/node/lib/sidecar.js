@@ -11,7 +11,7 @@ import { MalformedGraph, scanGraph } from "./graph-scan.js";
 
 export const SIDECAR_NAME = "gptneo_onnx.json";
 const FORMAT = "gptneo-onnx";
-const FORMAT_VERSIONS = [1];
+const FORMAT_VERSIONS = [1, 2]; // 2: a windowed local cache (`cache.local_window`)
 const MIN_MINOR_VERSION = 1; // 1.1 added `io`, which this runner needs
 // The fields the runner reads, per object, with their JSON types (docs/sidecar.md, "Required fields").
 const TOP_FIELDS = {
@@ -153,6 +153,19 @@ function checkFields(raw, sidecarPath) {
   cache.layers.forEach((layer, i) => requireFields(layer, `cache.layers[${i}]`, LAYER_FIELDS, sidecarPath));
   if (!Array.isArray(cache.layout) || !cache.layout.includes("past_sequence_length")) {
     throw new ExportFolderError(`${sidecarPath}: \`cache.layout\` must name the past_sequence_length axis`);
+  }
+  if (cache.local_window != null) checkLocalWindow(raw, sidecarPath);
+}
+
+/** `cache.local_window`: its mask is a graph input and its rows cover the window. */
+function checkLocalWindow(raw, sidecarPath) {
+  const local = raw.cache.local_window;
+  requireFields(local, "cache.local_window", { input: "string", window: "integer", min_rows: "integer" }, sidecarPath);
+  if (!raw.inputs.some((item) => item.name === local.input)) {
+    throw new ExportFolderError(`${sidecarPath}: cache.local_window.input ${JSON.stringify(local.input)} is not a graph input`);
+  }
+  if (local.window < 1 || local.min_rows < local.window - 1) {
+    throw new ExportFolderError(`${sidecarPath}: cache.local_window needs window >= 1 and min_rows >= window - 1`);
   }
 }
 
