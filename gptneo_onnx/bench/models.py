@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -59,8 +60,19 @@ def build_checkpoint(folder: Path, shape: str, seed: int = 0) -> Path:
     return folder
 
 
+def exporter_stamp() -> str:
+    """A hash of the exporter's and the reference model's source: a cached export made by other
+    code (an older checkout) is rebuilt rather than benchmarked."""
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*(package / "export").glob("*.py"), *(package / "reference").glob("*.py")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def export_ours(checkpoint: Path, folder: Path, options: dict, block_size: int) -> Path:
-    if (folder / "gptneo_onnx.json").is_file():
+    stamp = folder.with_name(folder.name + ".stamp")
+    if (folder / "gptneo_onnx.json").is_file() and stamp.is_file() and stamp.read_text() == exporter_stamp():
         return folder
     from gptneo_onnx.export import export
     from gptneo_onnx.reference import from_pretrained
@@ -70,6 +82,7 @@ def export_ours(checkpoint: Path, folder: Path, options: dict, block_size: int) 
     # External data: onnxruntime maps the weights file instead of copying the graph's bytes.
     extra = {**(extra if "quantize" in options else {}), "external_data": True}
     export(reference, folder, progress=False, overwrite=True, **options, **extra)
+    stamp.write_text(exporter_stamp())
     return folder
 
 

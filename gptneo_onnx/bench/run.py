@@ -3,9 +3,9 @@
     gptneo-onnx bench              # gpt-neo-125m shape, random init (~15 min on 2 cores)
     gptneo-onnx bench --quick      # tiny shape, seconds: a smoke test
 
-Every system generates greedily from the same random-init weights. Scenarios are repeated and
-interleaved across systems (so load drifts hit all alike); medians are reported with ratios
-against each peer. Cold start and peak RSS come from fresh processes (bench/cold.py).
+Every system generates greedily from the same random-init weights. Scenarios are repeated, and
+within each the systems take turns (so load drifts hit all alike); medians are reported with
+ratios against each peer. Cold start and peak RSS come from fresh processes (bench/cold.py).
 """
 
 from __future__ import annotations
@@ -72,8 +72,16 @@ def prompt(rows: int, length: int, vocab: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(1, vocab, size=(rows, length), dtype=np.int64)
 
 
+def scenarios(plan: Plan) -> list[tuple[str, tuple[int, ...]]]:
+    """(kind, sizes) per warm scenario: short decode, prefill + decode per context, batch."""
+    contexts = [("context", sizes) for sizes in (*plan.contexts, plan.long)]
+    return [("short", plan.short), *contexts, ("batch", plan.batch)]
+
+
 def measure_warm(plan: Plan, runners: dict, vocab: int, bar) -> dict[str, dict[str, list[float]]]:
-    """Each scenario, `plan.repeats` times, interleaved across the runners."""
+    """Each scenario, `plan.repeats` times. Systems take turns within each scenario, so the samples
+    being compared are seconds apart and share the machine's state; the turn order is reversed
+    every other repeat, so no system always runs first."""
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
 
     def add(name: str, metric: str, value: float) -> None:
@@ -82,24 +90,26 @@ def measure_warm(plan: Plan, runners: dict, vocab: int, bar) -> dict[str, dict[s
     for generate in runners.values():  # warm-up: first-run allocations, thread pools
         generate(prompt(1, plan.short[0], vocab, 99), np.ones((1, plan.short[0]), np.int64), 2, lambda: None)
     for repeat in range(plan.repeats):
-        for name, generate in runners.items():
-            length, new = plan.short
-            bar.set_postfix_str(f"{name}: decode after {length}")
-            add(
-                name,
-                f"decode_tok_s@{length}",
-                timed(generate, prompt(1, length, vocab, repeat), new)["decode_tok_s"],
-            )
-            for length, new in (*plan.contexts, plan.long):
-                bar.set_postfix_str(f"{name}: prefill {length} + decode")
-                result = timed(generate, prompt(1, length, vocab, repeat), new)
-                add(name, f"prefill_tok_s@{length}", length / result["first_token_s"])
-                add(name, f"decode_tok_s@{length}", result["decode_tok_s"])
-            rows, length, new = plan.batch
-            bar.set_postfix_str(f"{name}: batch {rows}")
-            result = timed(generate, prompt(rows, length, vocab, repeat), new)
-            add(name, f"batch{rows}_tok_s", rows * new / result["total_s"])
-            bar.update()
+        order = list(runners.items())[:: 1 if repeat % 2 == 0 else -1]
+        for kind, sizes in scenarios(plan):
+            for name, generate in order:
+                if kind == "short":
+                    length, new = sizes
+                    bar.set_postfix_str(f"{name}: decode after {length}")
+                    result = timed(generate, prompt(1, length, vocab, repeat), new)
+                    add(name, f"decode_tok_s@{length}", result["decode_tok_s"])
+                elif kind == "context":
+                    length, new = sizes
+                    bar.set_postfix_str(f"{name}: prefill {length} + decode")
+                    result = timed(generate, prompt(1, length, vocab, repeat), new)
+                    add(name, f"prefill_tok_s@{length}", length / result["first_token_s"])
+                    add(name, f"decode_tok_s@{length}", result["decode_tok_s"])
+                else:
+                    rows, length, new = sizes
+                    bar.set_postfix_str(f"{name}: batch {rows}")
+                    result = timed(generate, prompt(rows, length, vocab, repeat), new)
+                    add(name, f"batch{rows}_tok_s", rows * new / result["total_s"])
+                bar.update()
     return samples
 
 
@@ -154,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     runners = {
         name: load_runner(VARIANTS[name][1], artifacts.exports[VARIANTS[name][0]]) for name in variants
     }
-    with tqdm(total=plan.repeats * len(runners), desc="warm scenarios", unit="run") as bar:
+    total = plan.repeats * len(runners) * len(scenarios(plan))
+    with tqdm(total=total, desc="warm scenarios", unit="run") as bar:
         samples = measure_warm(plan, runners, vocab, bar)
     del runners
     if not args.no_cold:
