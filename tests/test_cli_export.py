@@ -65,3 +65,26 @@ def test_verify_computes_the_quality_of_an_existing_export(tmp_path, capsys):
     quality = json.loads(capsys.readouterr().out)["quality"]
     assert quality["windows"] == 2 and quality["top1_agreement"] > 0.99
     assert abs(quality["perplexity_ratio"] - 1.0) < 1e-3  # a float32 export is the reference
+
+
+def test_windowed_local_cache_flag_sets_the_sidecar_format(tmp_path, capsys):
+    """Portable: off by default (format 1, Optimum's IO); --windowed-local-cache turns it on;
+    --optimize has it on unless --no-windowed-local-cache."""
+    checkpoint = tmp_path / "checkpoint"
+    tiny_hf_model("causal-lm").save_pretrained(checkpoint)
+    cases = {
+        "portable": ([], 1),
+        "portable-windowed": (["--windowed-local-cache"], 2),
+        "optimized": (["--optimize"], 2),
+        "optimized-plain": (["--optimize", "--no-windowed-local-cache"], 1),
+    }
+    greedy = {}
+    for name, (flags, version) in cases.items():
+        output = tmp_path / name
+        assert main(["export", "--model", str(checkpoint), "--output", str(output), "--json", *flags]) == 0
+        manifest = json.loads((output / "gptneo_onnx.json").read_text())
+        assert manifest["format_version"] == version and manifest["validation"]["passed"], name
+        assert ("local_window" in manifest["cache"]) == (version == 2)
+        greedy[name] = Model.load(output).generate([5, 6, 7, 8, 9, 10], max_new_tokens=12).sequences
+    assert all(tokens == greedy["portable"] for tokens in greedy.values())  # same weights, same tokens
+    capsys.readouterr()

@@ -32,12 +32,13 @@ def empty_past(config, batch, dtype=np.float32):
     }
 
 
-def ort_step(sess, ids, mask, past):
+def ort_step(sess, ids, mask, past, local_mask=None):
     pos = np.maximum(mask.cumsum(-1) - 1, 0)[:, -ids.shape[1] :]
     names = [o.name for o in sess.get_outputs()]
-    out = dict(
-        zip(names, sess.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}))
-    )
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}
+    if local_mask is not None:
+        feed["local_attention_mask"] = local_mask
+    out = dict(zip(names, sess.run(None, feed)))
     present = {
         name.replace("present", "past_key_values"): out[name] for name in names if name.startswith("present")
     }
@@ -297,3 +298,42 @@ def test_big_models_are_judged_against_a_float32_reference_with_a_wider_bound(tm
     assert result.report["reference_precision"] == "float32"
     assert result.report["max_abs_diff_allowed"] == pytest.approx(1e-3)
     assert result.report["top1_agreement_required"] == pytest.approx(0.99)
+
+
+def test_portable_windowed_local_cache_validates_and_runs_in_reference_evaluator(tmp_path):
+    """`windowed_local_cache=True` on a portable export: standard ops only, parity (validation cuts
+    local caches to window - 1 rows), and the ONNX reference evaluator agrees on a step whose local
+    layers hold only the newest rows."""
+    from onnx.reference import ReferenceEvaluator
+
+    hf_model = tiny_hf_model("causal-lm", hidden_size=16, num_heads=2)  # window 4
+    result = export(from_transformers(hf_model), tmp_path, progress=False, windowed_local_cache=True)
+    assert result.report["passed"] and result.manifest["format_version"] == 2
+    assert result.manifest["cache"]["local_window"] == {
+        "input": "local_attention_mask",
+        "window": 4,
+        "min_rows": 3,
+    }
+    model = onnx.load(tmp_path / "model.onnx")
+    assert {node.domain for node in model.graph.node} == {""}
+    ids = np.array([[0, 0, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18]], np.int64)
+    mask = (ids != 0).astype(np.int64)
+    _, past = ort_step(session(tmp_path), ids, mask, empty_past(hf_model.config, 2), mask)
+    local = {name for name in past if int(name.split(".")[1]) % 2 == 1}  # layers alternate global, local
+    past = {name: value[:, :, -3:] if name in local else value for name, value in past.items()}
+    step_mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    feed = {
+        "input_ids": np.array([[20], [21]]),
+        "attention_mask": step_mask,
+        "local_attention_mask": step_mask[:, -4:],  # the 3 kept rows + the new token
+        "position_ids": np.maximum(step_mask.cumsum(-1) - 1, 0)[:, -1:],
+        **past,
+    }
+    ours, theirs = session(tmp_path).run(None, feed), ReferenceEvaluator(model).run(None, feed)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with torch.no_grad():  # and both give transformers' logits for the new token
+        full = torch.from_numpy(np.concatenate([ids, feed["input_ids"]], 1))
+        positions = torch.from_numpy(np.maximum(step_mask.cumsum(-1) - 1, 0))
+        expected = hf_model(full, attention_mask=torch.from_numpy(step_mask), position_ids=positions).logits
+    np.testing.assert_allclose(ours[0][:, -1], expected[:, -1].numpy(), atol=1e-4)

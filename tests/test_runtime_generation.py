@@ -225,15 +225,20 @@ def test_nan_logits_raise(exported, monkeypatch):
         fresh.generate("hi", max_new_tokens=3, num_beams=2)
 
 
-@pytest.mark.parametrize("mode", ["shared-buffer", "concat", "concat-io-binding"])
-def test_windowed_local_cache_stays_bounded_and_matches_transformers(tmp_path, mode):
+@pytest.mark.parametrize(
+    ("optimize", "cache_mode", "io_binding"),
+    [(True, "shared-buffer", None), (True, "concat", None), (True, "concat", True), (False, "concat", None)],
+    ids=["optimized-shared-buffer", "optimized-concat", "optimized-concat-io-binding", "portable-concat"],
+)
+def test_windowed_local_cache_stays_bounded_and_matches_transformers(
+    tmp_path, optimize, cache_mode, io_binding
+):
     """Local layers keep at most window - 1 + slack rows, and a left-padded batch decoded one token
     at a time far past the window still gives transformers' logits."""
-    hf_model, folder = export_tiny(
-        "causal-lm", tmp_path, export_options={"optimize": True, "validate": False}, **MODEL
-    )
-    cache_mode, _, binding = mode.partition("-io-")
-    model = CausalLM.load(folder, cache_mode=cache_mode, io_binding=bool(binding) or None)
+    options = {"optimize": optimize, "windowed_local_cache": True, "validate": False}
+    hf_model, folder = export_tiny("causal-lm", tmp_path, export_options=options, **MODEL)
+    model = CausalLM.load(folder, cache_mode=cache_mode, io_binding=io_binding)
+    binding = model.io_binding
     local = model.manifest.raw["cache"]["local_window"]
     assert local == {"input": "local_attention_mask", "window": 4, "min_rows": 3}
     local_names = {layer.past_key for layer in model.layers if layer.window}

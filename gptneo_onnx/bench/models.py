@@ -32,6 +32,7 @@ SHAPES = {
 # Our variants: (export options). Quantized ones build on the optimized flavor.
 OUR_VARIANTS = {
     "ours-portable-fp32": dict(),
+    "ours-portable-fp32-windowed": dict(windowed_local_cache=True),
     "ours-optimized-fp32": dict(optimize=True),
     "ours-optimized-int8": dict(optimize=True, quantize="int8"),
     "ours-optimized-int4": dict(optimize=True, quantize="int4"),

@@ -30,6 +30,7 @@ from gptneo_onnx.bench.runners import load_runner
 # variant -> (export it uses, runner kind)
 VARIANTS = {
     "ours-portable-fp32": ("ours-portable-fp32", "ours"),
+    "ours-portable-fp32-windowed": ("ours-portable-fp32-windowed", "ours"),
     "ours-optimized-fp32-concat": ("ours-optimized-fp32", "ours"),
     "ours-optimized-fp32": ("ours-optimized-fp32", "ours-shared"),
     "ours-optimized-int8": ("ours-optimized-int8", "ours-shared"),

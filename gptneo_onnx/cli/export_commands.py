@@ -40,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write quality_report.json: perplexity and top-1 agreement vs fp32 on held-out stdlib code",
     )
     export.add_argument("--quality-windows", type=int, default=32, help="512-token windows for --quality")
+    export.add_argument(
+        "--windowed-local-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="local layers get their own mask so runners keep only their newest rows (default: on with "
+        "--optimize; off for portable exports, which then keep Optimum's exact IO)",
+    )
     export.add_argument("--no-validate", action="store_true", help="skip the parity run against PyTorch")
     export.add_argument("--json", action="store_true", help="print the result as JSON")
     export.set_defaults(handler=run_export)
@@ -92,6 +99,7 @@ def run_export(args: argparse.Namespace) -> int:
         external_data=True if args.external_data else None,
         progress=not args.json,
         optimize=args.optimize,
+        windowed_local_cache=args.windowed_local_cache,
         quantize=args.quantize,
         block_size=args.block_size,
         accuracy_level=args.accuracy_level,

@@ -65,6 +65,7 @@ def export(
     accuracy_level: int = 4,
     quality_windows=None,
     overwrite: bool = False,
+    windowed_local_cache: bool | None = None,
 ) -> ExportResult:
     """Export a reference model (see `gptneo_onnx.reference`) to an ONNX folder with a sidecar.
 
@@ -73,6 +74,9 @@ def export(
     quantize: None, "int8" (dynamic) or "int4" (MatMulNBits, `block_size`, `accuracy_level`).
     quality_windows: token windows (N, L) for quality_report.json (quantized causal-lm exports).
     overwrite: replace an existing export in `output_dir`; without it a non-empty folder is refused.
+    windowed_local_cache: local layers take their own mask input, so runners may keep only their
+    newest rows (sidecar format 2, docs/sidecar.md). None: on for `optimize`; off for the portable
+    flavor, whose IO then stays exactly Optimum's (ORTModelForCausalLM loads it).
 
     The folder is written beside `output_dir` and renamed into place when complete (see
     export/output_folder.py): a crash leaves `output_dir` as it was. An export that fails its
@@ -102,6 +106,7 @@ def export(
             quantize=quantize,
             block_size=block_size,
             accuracy_level=accuracy_level,
+            windowed_local_cache=optimize if windowed_local_cache is None else windowed_local_cache,
         )
         report, parity_error = None, None
         if validate:
@@ -147,6 +152,7 @@ def _write_files(
     quantize: str | None,
     block_size: int,
     accuracy_level: int,
+    windowed_local_cache: bool,
 ) -> dict:
     """Build the graph and write every file into the (new, empty) `folder`; returns the manifest."""
     flavor = "optimized" if optimize else "portable"
@@ -155,7 +161,9 @@ def _write_files(
     weight_bytes = sum(p.numel() for p in model.parameters()) * itemsize
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     # Quantization rewrites the lm_head itself (untied, MatMulNBits): no slices for it.
-    graph, inputs, outputs = build_graph(model, task, precision, flavor, use_external and quantize is None)
+    graph, inputs, outputs = build_graph(
+        model, task, precision, flavor, use_external and quantize is None, windowed_local_cache
+    )
     steps.update()
 
     steps.set_postfix_str("writing files")

@@ -10,7 +10,8 @@ import torch
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.export import layers
 from gptneo_onnx.export.graph_builder import GraphBuilder
-from gptneo_onnx.export.optimized import LOCAL_ATTENTION_MASK, fused_body, local_cache_window
+from gptneo_onnx.export.layers import LOCAL_ATTENTION_MASK, local_cache_window
+from gptneo_onnx.export.optimized import fused_body
 
 BATCH, SEQUENCE, PAST, TOTAL = (
     "batch_size",
@@ -110,11 +111,13 @@ def transformer_body(
     attention_mask: str,
     position_ids: str,
     past: list[tuple[str, str]] | None,
+    local_attention_mask: str | None = None,
 ) -> tuple[str, list[tuple[str, str]]]:
-    """Embeddings, the blocks and the final norm. Returns hidden (B, S, E) and per-layer K/V."""
+    """Embeddings, the blocks and the final norm. Returns hidden (B, S, E) and per-layer K/V.
+
+    With `local_attention_mask`, local layers take their mask (and cache length) from it."""
     query_length = g.op("Slice", [g.op("Shape", [input_ids]), g.const([1]), g.const([2])])  # [S]
-    windows = sorted({config.layer_window(i) for i in range(config.num_layers)}, key=lambda w: w or 0)
-    biases = {w: layers.attention_bias(g, attention_mask, query_length, w) for w in windows}
+    biases = layers.attention_biases(g, config, attention_mask, local_attention_mask, query_length)
 
     tokens = g.op(
         "Gather", [g.weight("transformer.wte.weight", weights["transformer.wte.weight"]), input_ids]
@@ -224,17 +227,19 @@ def build_graph(
     precision: str = "float32",
     flavor: str = "portable",
     external_data: bool = False,
+    windowed_local_cache: bool = False,
 ) -> tuple[GraphBuilder, list[IOSpec], list[IOSpec]]:
     """The graph for `task` from the reference model `model`: `portable`, or `optimized` (fused ops).
 
     `external_data`: the weights will be saved to an external file, so the tied lm_head can read
-    the embedding table through row slices that alias it."""
+    the embedding table through row slices that alias it. `windowed_local_cache`: local layers
+    take their own mask input (see `layers.local_cache_window`; causal-lm with local layers only)."""
     if flavor not in FLAVORS:
         raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}")
     config: GPTNeoConfig = model.config
     dtype = PRECISIONS[precision]
     weights = numpy_weights(model, dtype)
-    windowed = flavor == "optimized" and local_cache_window(config, task) is not None
+    windowed = windowed_local_cache and local_cache_window(config, task) is not None
     inputs, outputs = io_specs(config, task, precision, windowed)
     g = GraphBuilder(f"gptneo_{task.replace('-', '_')}", external_data=external_data)
     for spec in inputs:
@@ -247,7 +252,10 @@ def build_graph(
         query_length = g.op("Slice", [g.op("Shape", ["input_ids"]), g.const([1]), g.const([2])])
         position_ids = layers.positions_from_mask(g, "attention_mask", query_length)
     body = fused_body(task) if flavor == "optimized" else transformer_body
-    hidden, presents = body(g, config, weights, dtype, "input_ids", "attention_mask", position_ids, past)
+    local_mask = LOCAL_ATTENTION_MASK if windowed else None
+    hidden, presents = body(
+        g, config, weights, dtype, "input_ids", "attention_mask", position_ids, past, local_mask
+    )
     values = head_outputs(g, config, task, weights, hidden, "input_ids", dtype)
     if task == "causal-lm":
         values += [tensor for pair in presents for tensor in pair]

@@ -16,12 +16,8 @@
 Where GQA can't serve (CPU needs head_dim % 8 == 0), attention falls back to the portable ops
 inside the same graph; `optimization_summary` says which kernels a config gets.
 
-Windowed local cache: GQA on CPU reads every past row and masks the ones outside the window, so
-a local layer fed the whole past pays for rows it never uses. With GQA, local layers therefore
-take their own mask input, `local_attention_mask`, covering only the rows their cache holds plus
-the new tokens: a runner may keep just the newest `window - 1` past rows for local layers
-(docs/sidecar.md, `cache.local_window`). Keys are position-free (GPT-Neo's positions are
-absolute embeddings), so a suffix of the cache attends exactly like the whole of it.
+Local layers take their mask from `local_attention_mask` (see `layers.local_cache_window`), so a
+runner may keep only their newest past rows; GQA on CPU reads every row it is given.
 """
 
 from __future__ import annotations
@@ -53,19 +49,6 @@ def fused_attention_problem(config: GPTNeoConfig, task: str = "causal-lm") -> st
         # reference then spreads softmax over all keys, GQA only over the causal ones.
         return "question-answering scores padded positions, whose fully masked rows GQA computes differently"
     return None
-
-
-LOCAL_ATTENTION_MASK = "local_attention_mask"
-
-
-def local_cache_window(config: GPTNeoConfig, task: str = "causal-lm") -> int | None:
-    """The window of the local layers when the graph takes a windowed local cache, else None."""
-    if task != "causal-lm" or fused_attention_problem(config, task) is not None:
-        return None
-    windows = {config.layer_window(i) for i in range(config.num_layers)} - {None}
-    if len(windows) != 1:  # no local layer (or, never in GPT-Neo, several window sizes)
-        return None
-    return windows.pop()
 
 
 def optimization_summary(config: GPTNeoConfig, task: str = "causal-lm") -> dict:
@@ -154,9 +137,8 @@ def _portable_attention(g, config, qkv, past, bias, dtype):
 def fused_body(task: str):
     """The optimized `transformer_body` for `task` (see `fused_attention_problem`)."""
 
-    def body(g, config, weights, dtype, input_ids, attention_mask, position_ids, past):
+    def body(g, config, weights, dtype, input_ids, attention_mask, position_ids, past, local_mask=None):
         use_gqa = fused_attention_problem(config, task) is None
-        local_mask = LOCAL_ATTENTION_MASK if local_cache_window(config, task) else None
         return transformer_body_fused(
             g, config, weights, dtype, input_ids, attention_mask, position_ids, past, use_gqa, local_mask
         )
@@ -177,7 +159,7 @@ def transformer_body_fused(
     local_attention_mask: str | None = None,
 ) -> tuple[str, list[tuple[str, str]]]:
     """Same contract as `graphs.transformer_body`, built on fused kernels. With
-    `local_attention_mask` (GQA only), local layers take their mask from that input."""
+    `local_attention_mask`, local layers take their mask from that input."""
     eps = config.layer_norm_epsilon
     use_gqa = use_gqa and fused_attention_problem(config) is None
     if use_gqa:
@@ -185,8 +167,7 @@ def transformer_body_fused(
         local = _GQAInputs(g, input_ids, local_attention_mask, dtype) if local_attention_mask else shared
     else:
         query_length = g.op("Slice", [g.op("Shape", [input_ids]), g.const([1]), g.const([2])])
-        windows = {config.layer_window(i) for i in range(config.num_layers)}
-        biases = {w: layers.attention_bias(g, attention_mask, query_length, w) for w in windows}
+        biases = layers.attention_biases(g, config, attention_mask, local_attention_mask, query_length)
     tokens = g.op(
         "Gather", [g.weight("transformer.wte.weight", weights["transformer.wte.weight"]), input_ids]
     )

@@ -11,7 +11,7 @@ import onnx
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.export.graph_builder import OPSET, sha256_of
 from gptneo_onnx.export.graphs import IOSpec, cache_names
-from gptneo_onnx.export.optimized import LOCAL_ATTENTION_MASK
+from gptneo_onnx.export.layers import LOCAL_ATTENTION_MASK
 from gptneo_onnx.export.output_folder import write_json
 
 MANIFEST_NAME = "gptneo_onnx.json"
