@@ -264,3 +264,19 @@ def test_windowed_local_cache_stays_bounded_and_matches_transformers(
     assert max(held) <= 3 + 1 and min(held) == 3  # trimmed back to min_rows every slack (1) steps
     real = mask.astype(bool)
     np.testing.assert_allclose(np.concatenate(steps, axis=1)[real], expected[real], atol=1e-4)
+
+
+def test_a_generation_whose_cache_would_not_fit_is_refused_up_front(exported):
+    _, model = exported
+    # 2 layers x (key, value) x 4 heads x head_dim 8 x 4 bytes = 512 bytes per token per row;
+    # 3 prompts (longest 9 tokens) + 10 new = 19 tokens: 29,184 bytes greedy, 3x that with 3 beams.
+    small = CausalLM.load(model.manifest.folder, max_cache_bytes=50_000)
+    assert (
+        small.generate(PROMPTS, max_new_tokens=10).sequences
+        == model.generate(PROMPTS, max_new_tokens=10).sequences
+    )
+    with pytest.raises(GenerationConfigError, match=r"3 prompt\(s\) x 3 sequence\(s\) each x 19 tokens"):
+        small.generate_steps(PROMPTS, max_new_tokens=10, num_beams=3)
+    with pytest.raises(GenerationConfigError, match="lower the batch, num_beams"):
+        small.generate(PROMPTS, max_new_tokens=30)
+    assert model.max_cache_bytes > 1 << 30  # the default: 3/4 of this machine's memory

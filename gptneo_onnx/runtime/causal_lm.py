@@ -11,6 +11,7 @@ the newest rows for local layers (runtime/local_window.py), on the CPU; device c
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,6 +55,15 @@ def gpu_attention_advice(manifest: dict, provider: str) -> str | None:
     )
 
 
+def host_cache_limit() -> int | None:
+    """The default `max_cache_bytes` for a host-resident cache: 3/4 of physical memory. Past it the
+    kernel's OOM killer would end the process mid-generation, with no error at all."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return None
+
+
 @dataclass
 class KVCache:
     """Per-layer past keys and values, keyed by the graph's past input names.
@@ -81,7 +91,16 @@ class CausalLM(Model):
 
     task = "causal-lm"
 
-    def __init__(self, *args: Any, io_binding: bool | None = None, cache_mode: str = "auto"):
+    def __init__(
+        self,
+        *args: Any,
+        io_binding: bool | None = None,
+        cache_mode: str = "auto",
+        max_cache_bytes: int | None = None,
+    ):
+        """`max_cache_bytes`: refuse, before the first step, a generation whose KV cache would
+        need more (default: 3/4 of physical memory when the cache lives on the host; none on a
+        GPU, where onnxruntime reports a failed allocation itself)."""
         super().__init__(*args)
         self.layers = self.manifest.cache_layers
         self.io = self.manifest.io  # graph names by role
@@ -107,6 +126,10 @@ class CausalLM(Model):
             warnings.warn(advice, stacklevel=3)
         if cache_mode == "shared-buffer":
             self.io_binding = True  # the buffers are bound as both input and output
+        on_host = self._device[0] == "cpu"
+        self.max_cache_bytes = (
+            max_cache_bytes if max_cache_bytes is not None else (host_cache_limit() if on_host else None)
+        )
 
     # ---- one step ---------------------------------------------------------------------------
     def forward(
@@ -357,6 +380,7 @@ class CausalLM(Model):
         config = self.generation_config(config, **options)
         config.check_token_ids(self.manifest.vocab_size)
         input_ids, attention_mask = self._prepare(as_batch(prompts), config)
+        self._check_cache_size(input_ids.shape[0], input_ids.shape[1] + config.max_new_tokens, config)
         stop_check = self._stop_check(config.stop_strings)
         return self._steps(input_ids, attention_mask, config, stop_check)
 
@@ -426,6 +450,20 @@ class CausalLM(Model):
         )
         pad = config.pad_token_id if config.pad_token_id is not None else self.pad_token_id
         return left_pad(rows, pad)
+
+    def _check_cache_size(self, prompts: int, tokens: int, config: GenerationConfig) -> None:
+        """Refuse a generation whose KV cache would pass `max_cache_bytes` (every row of every
+        layer holds keys and values for up to `tokens` tokens)."""
+        rows = prompts * max(config.num_beams, config.num_return_sequences)
+        row_bytes = 2 * len(self.layers) * self._num_heads * self._head_dim * self.cache_dtype.itemsize
+        needed = rows * tokens * row_bytes
+        if self.max_cache_bytes is not None and needed > self.max_cache_bytes:
+            raise GenerationConfigError(
+                f"this generation needs a {needed / 2**30:.1f} GiB KV cache ({prompts} prompt(s) x "
+                f"{rows // prompts} sequence(s) each x {tokens} tokens), over the limit of "
+                f"{self.max_cache_bytes / 2**30:.1f} GiB; lower the batch, num_beams, "
+                "num_return_sequences or max_new_tokens (or load with a larger max_cache_bytes)"
+            )
 
     def _stop_check(self, stop_strings: list[str]) -> StopCheck | None:
         if not stop_strings:
