@@ -50,3 +50,10 @@ def test_targets_compare_against_the_right_peer():
     assert int4_int4["peer"] == "optimum-int4" and int4_int4["measured_x"] == pytest.approx(1.5)
     assert rss["measured_x"] == pytest.approx(2.5) and rss["met"] is True  # 400 MB is 0.4x of 1000 MB
     assert cold["met"] is None  # not measured
+
+
+def test_a_worker_that_cannot_load_its_system_fails_with_its_log(tmp_path):
+    from gptneo_onnx.bench.worker import Worker
+
+    with pytest.raises(RuntimeError, match="benchmark worker failed(.|\n)*gptneo_onnx.json"):
+        Worker("ours", tmp_path / "missing", tmp_path / "worker.log")

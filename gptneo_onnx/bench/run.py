@@ -3,9 +3,10 @@
     gptneo-onnx bench              # gpt-neo-125m shape, random init (~15 min on 2 cores)
     gptneo-onnx bench --quick      # tiny shape, seconds: a smoke test
 
-Every system generates greedily from the same random-init weights. Scenarios are repeated, and
-within each the systems take turns (so load drifts hit all alike); medians are reported with
-ratios against each peer. Cold start and peak RSS come from fresh processes (bench/cold.py).
+Every system generates greedily from the same random-init weights, each in its own process
+(bench/worker.py). Scenarios are repeated, and within each the systems take turns (so load
+drifts hit all alike); medians are reported with ratios against each peer. Cold start and
+peak RSS come from fresh processes (bench/cold.py).
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from gptneo_onnx.bench.models import OUR_VARIANTS, build_all
 from gptneo_onnx.bench.report import evaluate_targets, markdown_table, write_chart
-from gptneo_onnx.bench.runners import load_runner
+from gptneo_onnx.bench.worker import Worker, child_env
 
 # variant -> (export it uses, runner kind)
 VARIANTS = {
@@ -59,56 +59,44 @@ FULL = Plan("125m", (32, 128), (1500, 64), ((512, 16), (1024, 16)), (8, 32, 64),
 QUICK = Plan("tiny", (8, 8), (96, 4), ((32, 4), (64, 4)), (2, 8, 4), 1, (8, 2), 1)
 
 
-def timed(generate, ids: np.ndarray, new_tokens: int) -> dict:
-    """Wall time, time to the first token, and the decode rate after it."""
-    stamps: list[float] = []
-    start = time.perf_counter()
-    generate(ids, np.ones_like(ids), new_tokens, lambda: stamps.append(time.perf_counter()))
-    total = time.perf_counter() - start
-    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
-    return {"total_s": total, "first_token_s": stamps[0] - start, "decode_tok_s": decode}
-
-
-def prompt(rows: int, length: int, vocab: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(1, vocab, size=(rows, length), dtype=np.int64)
-
-
 def scenarios(plan: Plan) -> list[tuple[str, tuple[int, ...]]]:
     """(kind, sizes) per warm scenario: short decode, prefill + decode per context, batch."""
     contexts = [("context", sizes) for sizes in (*plan.contexts, plan.long)]
     return [("short", plan.short), *contexts, ("batch", plan.batch)]
 
 
-def measure_warm(plan: Plan, runners: dict, vocab: int, bar) -> dict[str, dict[str, list[float]]]:
+def measure_warm(
+    plan: Plan, workers: dict[str, Worker], vocab: int, bar
+) -> dict[str, dict[str, list[float]]]:
     """Each scenario, `plan.repeats` times. Systems take turns within each scenario, so the samples
     being compared are seconds apart and share the machine's state; the turn order is reversed
-    every other repeat, so no system always runs first."""
-    samples: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
+    every other repeat, so no system always runs first. Each system runs in its own process."""
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in workers}
 
     def add(name: str, metric: str, value: float) -> None:
         samples[name].setdefault(metric, []).append(value)
 
-    for generate in runners.values():  # warm-up: first-run allocations, thread pools
-        generate(prompt(1, plan.short[0], vocab, 99), np.ones((1, plan.short[0]), np.int64), 2, lambda: None)
+    for worker in workers.values():  # warm-up: first-run allocations, thread pools
+        worker.timed(1, plan.short[0], 2, 99, vocab)
     for repeat in range(plan.repeats):
-        order = list(runners.items())[:: 1 if repeat % 2 == 0 else -1]
+        order = list(workers.items())[:: 1 if repeat % 2 == 0 else -1]
         for kind, sizes in scenarios(plan):
-            for name, generate in order:
+            for name, worker in order:
                 if kind == "short":
                     length, new = sizes
                     bar.set_postfix_str(f"{name}: decode after {length}")
-                    result = timed(generate, prompt(1, length, vocab, repeat), new)
+                    result = worker.timed(1, length, new, repeat, vocab)
                     add(name, f"decode_tok_s@{length}", result["decode_tok_s"])
                 elif kind == "context":
                     length, new = sizes
                     bar.set_postfix_str(f"{name}: prefill {length} + decode")
-                    result = timed(generate, prompt(1, length, vocab, repeat), new)
+                    result = worker.timed(1, length, new, repeat, vocab)
                     add(name, f"prefill_tok_s@{length}", length / result["first_token_s"])
                     add(name, f"decode_tok_s@{length}", result["decode_tok_s"])
                 else:
                     rows, length, new = sizes
                     bar.set_postfix_str(f"{name}: batch {rows}")
-                    result = timed(generate, prompt(rows, length, vocab, repeat), new)
+                    result = worker.timed(rows, length, new, repeat, vocab)
                     add(name, f"batch{rows}_tok_s", rows * new / result["total_s"])
                 bar.update()
     return samples
@@ -117,7 +105,7 @@ def measure_warm(plan: Plan, runners: dict, vocab: int, bar) -> dict[str, dict[s
 def measure_cold(plan: Plan, name: str, kind: str, path: Path) -> dict[str, list[float]]:
     """Spawn-to-first-token and peak RSS of a fresh process serving `path`."""
     samples: dict[str, list[float]] = {"cold_start_s": [], "peak_rss_mb": []}
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = child_env()
     for _ in range(plan.cold_repeats):
         command = [sys.executable, "-m", "gptneo_onnx.bench.cold", kind, str(path), *map(str, plan.cold)]
         spawned = time.time()
@@ -162,13 +150,17 @@ def main(argv: list[str] | None = None) -> dict:
             work, plan.shape, exports_needed, lambda text: (bar.set_postfix_str(text), bar.update())
         )
     vocab = json.loads((artifacts.checkpoint / "config.json").read_text())["vocab_size"]
-    runners = {
-        name: load_runner(VARIANTS[name][1], artifacts.exports[VARIANTS[name][0]]) for name in variants
-    }
-    total = plan.repeats * len(runners) * len(scenarios(plan))
-    with tqdm(total=total, desc="warm scenarios", unit="run") as bar:
-        samples = measure_warm(plan, runners, vocab, bar)
-    del runners
+    workers: dict[str, Worker] = {}
+    try:
+        for name in tqdm(variants, desc="loading systems", unit="process"):
+            log = work / f"worker-{name}.log"
+            workers[name] = Worker(VARIANTS[name][1], artifacts.exports[VARIANTS[name][0]], log)
+        total = plan.repeats * len(workers) * len(scenarios(plan))
+        with tqdm(total=total, desc="warm scenarios", unit="run") as bar:
+            samples = measure_warm(plan, workers, vocab, bar)
+    finally:
+        for worker in workers.values():
+            worker.close()
     if not args.no_cold:
         for name in tqdm(variants, desc="cold start + peak RSS", unit="process"):
             export_name, kind = VARIANTS[name]
