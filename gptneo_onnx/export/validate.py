@@ -127,7 +127,7 @@ def _compare_causal_lm(model, session, manifest: dict, ids, mask, comparison: _C
     empty = np.zeros((batch, config.num_heads, 0, config.head_dim), dtype=dtype)
     ort_past = {name: empty for layer in cache["layers"] for name in (layer["past_key"], layer["past_value"])}
     local_window = cache.get("local_window")
-    windowed = {id(layer) for layer in cache["layers"] if local_window and layer.get("window")}
+    windowed = {layer["layer"] for layer in cache["layers"] if local_window and layer.get("window")}
     local_rows = 0  # past rows the local layers hold
     ref_past = None
     start = 0
@@ -147,7 +147,7 @@ def _compare_causal_lm(model, session, manifest: dict, ids, mask, comparison: _C
         keep = step_mask[:, -size:].astype(bool)
         comparison.add(f"step{step}.logits", ref_logits.numpy(), results["logits"], keep, top1=True)
         for layer, (ref_key, ref_value) in zip(cache["layers"], ref_past):
-            rows = local_rows + size if id(layer) in windowed else step_mask.shape[1]
+            rows = local_rows + size if layer["layer"] in windowed else step_mask.shape[1]
             visible = step_mask[:, -rows:].astype(bool)  # (B, rows): compare cache rows of real tokens only
             for ref, name in ((ref_key, layer["present_key"]), (ref_value, layer["present_value"])):
                 expected = ref.float().numpy()[:, :, -rows:].transpose(0, 2, 1, 3)  # (B, rows, H, D)
@@ -158,7 +158,7 @@ def _compare_causal_lm(model, session, manifest: dict, ids, mask, comparison: _C
             local_rows = min(local_rows + size, local_window["min_rows"])
         ort_past = {
             layer[past]: results[layer[present]][:, :, -local_rows:]
-            if id(layer) in windowed
+            if layer["layer"] in windowed
             else results[layer[present]]
             for layer in cache["layers"]
             for past, present in (("past_key", "present_key"), ("past_value", "present_value"))
