@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -153,11 +155,24 @@ def test_a_killed_export_leaves_the_previous_export_intact_and_a_re_export_recov
     with pytest.raises(ExportFolderError, match="has no gptneo_onnx.json.*interrupted export"):
         Model.load(tmp_path / partial)
 
+    owner = json.loads((tmp_path / partial / ".owner").read_text())  # the killed writer's
+    assert owner["host"] == socket.gethostname() and owner["pid"] != os.getpid()
+    with pytest.raises(ProcessLookupError):  # that writer is gone
+        os.kill(owner["pid"], 0)
+    live = tmp_path / ".export.partial-live"  # a staging folder of a process that still runs
+    live.mkdir()
+    (live / ".owner").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    legacy = tmp_path / ".export.partial-legacy"  # made before writers were recorded
+    legacy.mkdir()
+
     arguments = ["export", "--model", str(checkpoint), "--output", str(output), "--external-data", "--json"]
     assert main([*arguments, "--overwrite"]) == 0
     assert fingerprint(output) != before
     manifest = json.loads((output / "gptneo_onnx.json").read_text())
     assert manifest["validation"]["passed"] and Model.load(output).generate([5, 6], max_new_tokens=2)
+    assert not (output / ".owner").exists()
+    # The re-export removed what the killed one left, and kept the others.
+    assert leftovers(tmp_path, "export") == [".export.partial-legacy", ".export.partial-live"]
 
 
 def test_a_half_copied_export_fails_clearly(tmp_path):

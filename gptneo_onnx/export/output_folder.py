@@ -6,6 +6,10 @@ elsewhere. The finished folder replaces the output in one rename. A crash theref
 output as it was (absent, or the previous export, intact) and a `.NAME.partial-*` folder that
 holds no valid export. An existing output is replaced only when asked, and only when it holds
 nothing but export files.
+
+Each staging folder records its writer (`.owner`: host and process id) until it is renamed into
+place. The next export to the same output deletes the staging folders whose writer is gone (same
+host, process no longer running), so what a killed export left behind does not pile up.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ import json
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from gptneo_onnx.errors import ExportOutputError
+
+OWNER_FILE = ".owner"
 
 # Every name an export folder may hold; `overwrite=True` deletes nothing else.
 EXPORT_FILES = frozenset(
@@ -65,13 +72,54 @@ def staged_output(output_dir: str | Path, overwrite: bool = False) -> Iterator[P
     target = Path(output_dir).resolve()  # a link to a folder: write where it points
     check_output_folder(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(target)
     staging = _fresh_folder(target.parent, f".{target.name}.partial-")
     try:
+        _write_owner(staging)
         yield staging
+        (staging / OWNER_FILE).unlink()
         _move_into_place(staging, target, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _write_owner(staging: Path) -> None:
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    with (staging / OWNER_FILE).open("x", encoding="utf-8") as stream:
+        stream.write(json.dumps(owner))
+
+
+def remove_abandoned_staging(target: Path) -> list[Path]:
+    """Delete `.NAME.partial-*` staging folders beside `target` whose writer is gone: written on
+    this host by a process that no longer runs. Folders without a readable owner (made by an
+    older gptneo-onnx) or of a live process are kept, and so is a `.NAME.old-*` folder (a kill
+    between the two renames leaves the previous export there, its only copy). Returns what was
+    deleted."""
+    removed = []
+    for folder in sorted(target.parent.glob(f".{target.name}.partial-*")):
+        owner_file = folder / OWNER_FILE
+        if folder.is_symlink() or not folder.is_dir() or owner_file.is_symlink():
+            continue
+        try:
+            owner = json.loads(owner_file.read_text(encoding="utf-8"))
+            host, pid = owner["host"], int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if host == socket.gethostname() and not _process_running(pid):
+            shutil.rmtree(folder)  # removes links themselves, never what they point to
+            removed.append(folder)
+    return removed
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
