@@ -287,12 +287,15 @@ class CausalLM(Model):
         values = {}
         if self.cache_mode == "shared-buffer":
             capacity = capacity or self.manifest.max_position_embeddings
-            zeros = np.zeros((batch, self._num_heads, capacity, self._head_dim), dtype=self.cache_dtype)
+            # np.zeros per buffer (not one copied): the OS maps pages as rows are written, so
+            # capacity that is never reached costs no memory and nothing is written up front.
+            buffer_shape = (batch, self._num_heads, capacity, self._head_dim)
         for layer in self.layers:
             for name in (layer.past_key, layer.past_value):
                 if self.cache_mode == "shared-buffer":
                     device, device_id = self._device
-                    values[name] = ort.OrtValue.ortvalue_from_numpy(zeros.copy(), device, device_id)
+                    zeros = np.zeros(buffer_shape, dtype=self.cache_dtype)
+                    values[name] = ort.OrtValue.ortvalue_from_numpy(zeros, device, device_id)
                 elif self.io_binding:
                     device, device_id = self._device
                     values[name] = ort.OrtValue.ortvalue_from_shape_and_type(
