@@ -111,11 +111,7 @@ class ExportDecoder:
             past = {layer[p]: named[layer[q]] for layer in self.layers for p, q in PAIRS}
             last = named["logits"][:, -1]
             if self.local:
-                held += ids.shape[1]
-                keep = self.local.rows_to_keep(held)
-                for name in self.local.past_names if keep < held else ():
-                    past[name] = np.ascontiguousarray(past[name][:, :, held - keep :])
-                held = keep
+                held = self.local.trim(past, held + ids.shape[1], in_place=False)
 
     def _shared_steps(self, batch: int, capacity: int):
         """The same coroutine in shared-buffer mode: one buffer per layer tensor, written in place."""
@@ -138,8 +134,4 @@ class ExportDecoder:
             self.session.run_with_iobinding(binding)
             last = binding.get_outputs()[0].numpy()[:, -1]
             if self.local:
-                held += ids.shape[1]
-                keep = self.local.rows_to_keep(held)
-                for name in self.local.past_names if keep < held else ():
-                    self.local.move_newest_to_front(arrays[name], held, keep)
-                held = keep
+                held = self.local.trim(arrays, held + ids.shape[1], in_place=True)

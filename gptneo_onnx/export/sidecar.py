@@ -11,7 +11,7 @@ import onnx
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.export.graph_builder import OPSET, sha256_of
 from gptneo_onnx.export.graphs import IOSpec, cache_names
-from gptneo_onnx.export.layers import LOCAL_ATTENTION_MASK
+from gptneo_onnx.export.layers import LOCAL_ATTENTION_MASK, local_cache_window
 from gptneo_onnx.export.output_folder import write_json
 
 MANIFEST_NAME = "gptneo_onnx.json"
@@ -156,8 +156,7 @@ def build_manifest(
         }
     windowed = any(spec.name == LOCAL_ATTENTION_MASK for spec in inputs)
     if windowed:
-        window = next(config.layer_window(i) for i in range(config.num_layers) if config.layer_window(i))
-        cache["local_window"] = local_window_entry(window)
+        cache["local_window"] = local_window_entry(local_cache_window(config, task))
     classification = task in ("sequence-classification", "token-classification")
     return {
         "format": "gptneo-onnx",

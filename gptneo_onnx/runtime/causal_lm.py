@@ -205,19 +205,20 @@ class CausalLM(Model):
         local = self._local_window
         if local is None:
             return cache
-        keep = local.rows_to_keep(rows)
-        if keep == rows or self._device[0] != "cpu":
+        if self._device[0] != "cpu" or local.rows_to_keep(rows) == rows:
             cache.local_length = rows
             return cache
-        for name in local.past_names:
-            value = cache.values[name]
-            if self.cache_mode == "shared-buffer":  # numpy() of a CPU OrtValue is a view of it
-                local.move_newest_to_front(value.numpy(), rows, keep)
-                continue
-            host = value.numpy() if isinstance(value, ort.OrtValue) else value
-            newest = np.ascontiguousarray(host[:, :, rows - keep : rows])
-            cache.values[name] = ort.OrtValue.ortvalue_from_numpy(newest) if self.io_binding else newest
-        cache.local_length = keep
+        # numpy() of a CPU OrtValue is a view of it: shared buffers are trimmed in place.
+        arrays = {
+            name: value.numpy() if isinstance(value, ort.OrtValue) else value
+            for name, value in cache.values.items()
+            if name in local.past_names
+        }
+        in_place = self.cache_mode == "shared-buffer"
+        cache.local_length = local.trim(arrays, rows, in_place)
+        if not in_place:
+            for name, array in arrays.items():
+                cache.values[name] = ort.OrtValue.ortvalue_from_numpy(array) if self.io_binding else array
         return cache
 
     def _forward_by_rows(

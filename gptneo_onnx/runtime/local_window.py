@@ -49,6 +49,21 @@ class LocalWindow:
         """How many of `rows` cached rows to keep: all, until they pass `min_rows + slack`."""
         return self.min_rows if rows > self.min_rows + self.slack else rows
 
+    def trim(self, arrays: dict[str, np.ndarray], rows: int, in_place: bool) -> int:
+        """After a step that left `rows` rows in the local layers' caches, trim `arrays` (keyed
+        by past name; other keys are left alone) as `rows_to_keep` says and return the rows now
+        held. `in_place` (shared buffers): move the newest rows to the front of each buffer;
+        otherwise (concat): replace each local array by a contiguous copy of its newest rows."""
+        keep = self.rows_to_keep(rows)
+        if keep == rows:
+            return rows
+        for name in self.past_names:
+            if in_place:
+                self.move_newest_to_front(arrays[name], rows, keep)
+            else:
+                arrays[name] = np.ascontiguousarray(arrays[name][:, :, rows - keep : rows])
+        return keep
+
     def move_newest_to_front(self, buffer: np.ndarray, rows: int, keep: int) -> None:
         """In a (B, H, capacity, D) buffer holding `rows` rows, make the newest `keep` the first."""
         buffer[:, :, :keep] = buffer[:, :, rows - keep : rows]  # numpy copies overlapping ranges safely
