@@ -46,9 +46,9 @@ class _SinglePassModel(Model):
                 f"an input of {longest} tokens exceeds max_position_embeddings ({limit}); shorten it"
             )
         input_ids, attention_mask = left_pad(rows, self.pad_token_id)
-        outputs = self.session.run(
-            self.manifest.output_names, {"input_ids": input_ids, "attention_mask": attention_mask}
-        )
+        io = self.manifest.io  # graph names by role, from the sidecar
+        feeds = {io["input_ids"]: input_ids, io["attention_mask"]: attention_mask}
+        outputs = self.session.run(self.manifest.output_names, feeds)
         return dict(zip(self.manifest.output_names, outputs)), attention_mask
 
     def _labels(self) -> dict[int, str]:
