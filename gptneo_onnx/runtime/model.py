@@ -94,9 +94,6 @@ class Model:
         eos = self.manifest.eos_token_ids
         return eos[0] if eos else 0
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, feeds)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.manifest.folder)!r}, provider={self.provider!r})"
 
