@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
