@@ -218,9 +218,9 @@ class KVCache:
         if any(type(cache) is not type(self) or cache.spec != self.spec for cache in caches):
             raise InputError("extend joins caches of one model and one cache mode")
         length = max(cache.length for cache in caches)
-        local_length = None
-        if self.spec.local is not None:
-            local_length = self.spec.local.common_rows([(c.local_rows, c.length) for c in caches])
+        # Local layers: the most rows any cache holds. Zero rows in front of an untrimmed cache
+        # fall on its left padding; in front of a trimmed one (>= min_rows rows), outside the window.
+        local_length = None if self.spec.local is None else max(cache.local_rows for cache in caches)
         hosts = [cache.host_arrays() for cache in caches]
         arrays = {}
         for name, _ in self.spec.names:
@@ -231,11 +231,8 @@ class KVCache:
 
 
 def _left_aligned(array: np.ndarray, rows: int) -> np.ndarray:
-    """The newest `rows` rows of a (B, H, T, D) array, zero rows in front where it holds fewer."""
-    held = array.shape[2]
-    if held >= rows:
-        return array[:, :, held - rows :]
-    return np.pad(array, ((0, 0), (0, 0), (rows - held, 0), (0, 0)))
+    """A (B, H, T, D) array with zero rows in front, to `rows` rows."""
+    return np.pad(array, ((0, 0), (0, 0), (rows - array.shape[2], 0), (0, 0)))
 
 
 class ConcatCache(KVCache):
