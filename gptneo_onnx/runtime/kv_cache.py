@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnxruntime as ort
 
-from gptneo_onnx.runtime.errors import InputError
+from gptneo_onnx.runtime.errors import GenerationConfigError, InputError
 from gptneo_onnx.runtime.local_window import LocalWindow
 from gptneo_onnx.runtime.manifest import Manifest
 
@@ -88,6 +88,19 @@ def host_cache_limit() -> int | None:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4
     except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
         return None
+
+
+def check_cache_size(spec: CacheSpec, prompts: int, sequences: int, tokens: int, limit: int | None) -> None:
+    """Refuse a generation whose cache would pass `limit` bytes: `prompts` x `sequences` rows, each
+    holding keys and values of every layer for up to `tokens` tokens."""
+    needed = prompts * sequences * tokens * spec.bytes_per_token
+    if limit is not None and needed > limit:
+        raise GenerationConfigError(
+            f"this generation needs a {needed / 2**30:.1f} GiB KV cache ({prompts} prompt(s) x "
+            f"{sequences} sequence(s) each x {tokens} tokens), over the limit of "
+            f"{limit / 2**30:.1f} GiB; lower the batch, num_beams, "
+            "num_return_sequences or max_new_tokens (or load with a larger max_cache_bytes)"
+        )
 
 
 class KVCache:
@@ -258,6 +271,12 @@ class BoundConcatCache(KVCache):
     """Concat through IO binding: pasts and presents stay where the provider runs (OrtValues)."""
 
     mode = "concat"
+
+    @classmethod
+    def empty(cls, spec: CacheSpec, batch: int, capacity: int | None = None) -> KVCache:
+        shape = (batch, spec.num_heads, 0, spec.head_dim)
+        make = ort.OrtValue.ortvalue_from_shape_and_type
+        return cls(spec, {past: make(shape, spec.dtype.type, *spec.device) for past, _ in spec.names})
 
     @classmethod
     def from_host(cls, spec, arrays, length, local_length, capacity=None):  # noqa: D102

@@ -84,8 +84,7 @@ class Engine:
         # the running batch: rows, their KV cache, attention mask (B, L) and next input token
         self._rows: list[Row] = []
         self._cache: KVCache | None = None
-        self._mask = np.zeros((0, 0), np.int64)
-        self._next = np.zeros(0, np.int64)
+        self._reset_batch()
 
     # ---- the caller's side -----------------------------------------------------------------------
     @property
@@ -178,13 +177,16 @@ class Engine:
                     self._lock.wait(IDLE_WAIT_S)
                 if self._stopping:
                     return
-            self._leave()  # first, so that the slots it frees are taken at once
-            with self._lock:
-                joining = self._admit()
-            for handle in joining:
-                self._join(handle)
-            if self._rows:
-                self._step()
+            try:
+                self._leave()  # first, so that the slots it frees are taken at once
+                with self._lock:
+                    joining = self._admit()
+                for handle in joining:
+                    self._join(handle)
+                if self._rows:
+                    self._step()
+            except Exception as error:  # noqa: BLE001 - the batch fails, the engine goes on
+                self._fail_batch(error)
 
     def _admit(self) -> list[RequestHandle]:
         """Under the lock: take the waiting requests this policy lets in now."""
@@ -228,9 +230,7 @@ class Engine:
         if len(keep) == len(self._rows):
             return
         if not keep:
-            self._rows, self._cache = [], None
-            self._mask, self._next = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
-            return
+            return self._reset_batch()
         mask = self._mask[keep]
         drop = int(np.argmax(mask != 0, axis=1).min())  # left padding no kept row needs
         self._cache = self._cache.select(keep, drop)
@@ -265,15 +265,7 @@ class Engine:
     def _step(self) -> None:
         """One decode step for the whole batch; each live row takes its next token."""
         self._mask = np.concatenate([self._mask, np.ones((len(self._rows), 1), np.int64)], axis=1)
-        try:
-            logits, self._cache = self.model.forward(self._next[:, None], self._mask, past=self._cache)
-        except Exception as error:  # noqa: BLE001 - every row of this batch fails, the engine goes on
-            for row in self._rows:
-                if not row.done:
-                    self._finish(row, "error", f"{type(error).__name__}: {error}")
-            self._rows, self._cache = [], None
-            self._mask, self._next = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
-            return
+        logits, self._cache = self.model.forward(self._next[:, None], self._mask, past=self._cache)
         if self.on_step is not None:
             self.on_step(len(self._rows))
         for index, row in enumerate(self._rows):
@@ -289,12 +281,22 @@ class Engine:
             if reason is not None:
                 self._finish(row, reason)
 
+    def _fail_batch(self, error: Exception) -> None:
+        for row in self._rows:
+            if not row.done:
+                self._finish(row, "error", f"{type(error).__name__}: {error}")
+        self._reset_batch()
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache = [], None
+        self._mask, self._next = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
+
     def _end_everything(self) -> None:
         """After the thread stopped: every request still admitted or waiting ends as cancelled."""
         for row in self._rows:
             if not row.done:
                 self._finish(row, "cancelled", "the engine stopped before the request finished")
-        self._rows, self._cache = [], None
+        self._reset_batch()
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
         for handle in waiting:
