@@ -76,7 +76,7 @@ def test_node_generates_the_same_greedy_tokens_as_python(runner, export_dir, pro
         assert len(expected_ids) > model.manifest.model["window_size"]
     node = node_json(runner, export_dir, prompt)
     assert node["cache_mode"] == model.cache_mode  # concat (portable), shared-buffer (optimized)
-    assert node["prompt_token_ids"] == expected_ids
+    assert node["prompt_token_ids"] == [expected_ids]
     sequence = node["sequences"][0]
     assert sequence["token_ids"] == expected.sequences[0]
     assert len(sequence["token_ids"]) >= 8
@@ -149,7 +149,7 @@ def expect_error(runner, *args, match: str) -> None:
         (("x", "--max-new-tokens", 0), "max_new_tokens must be an integer >= 1"),
         (("x", "--repetition-penalty", 0), "repetition_penalty must be > 0"),
         (("x", "--temperature", "hot"), '--temperature must be a number, got "hot"'),
-        (("x", "--num-beams", 4), "beam search (num_beams=4) is Python-only"),
+        (("x", "--num-beams", 2, "--do-sample"), "beam sampling (--do-sample with --num-beams > 1) is Python-only"),
         (("x", "--cache-mode", "paged"), 'unknown cache mode "paged"'),
         (("x", "--bogus"), "Unknown option '--bogus'"),
     ],

@@ -21,7 +21,7 @@ from gptneo_onnx.runtime.generation import (
     check_choices,
     check_finite,
 )
-from gptneo_onnx.runtime.sampling import log_softmax, sample_without_replacement
+from gptneo_onnx.runtime.sampling import SplitMix64, log_softmax, sample_without_replacement
 
 BIG = np.float32(1.0e9)
 ReorderFn = Callable[[Any, np.ndarray], Any]
@@ -62,7 +62,7 @@ def beam_search(
     batch, prompt_length = input_ids.shape
     max_length = prompt_length + config.max_new_tokens
     processor = config.processor(eos_token_ids)
-    rng = np.random.default_rng(config.seed)
+    rng = SplitMix64(config.seed)
     eos = np.asarray(eos_token_ids, dtype=np.int64)
     beams_to_keep = max(2, 1 + len(eos_token_ids)) * num_beams
     top_num_beam_mask = np.arange(beams_to_keep) < num_beams

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gptneo_onnx.runtime.errors import GenerationConfigError, NumericalError
-from gptneo_onnx.runtime.sampling import LogitsProcessor, sample
+from gptneo_onnx.runtime.sampling import LogitsProcessor, SplitMix64, sample
 
 # forward(input_ids, attention_mask, cache) -> (last-position logits (B, V) float32, cache)
 ForwardFn = Callable[[np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
@@ -244,7 +244,7 @@ def decode(
     mask = np.repeat(attention_mask, repeat, axis=0)
     batch, prompt_length = tokens.shape
     processor = config.processor(eos_token_ids)
-    rng = np.random.default_rng(config.seed)
+    rng = SplitMix64(config.seed)
     eos = np.asarray(eos_token_ids, dtype=np.int64)
     active = np.ones(batch, dtype=bool)
     reasons: list[str | None] = [None] * batch
