@@ -1,10 +1,10 @@
 // Drive the page in Debian's Chromium (headless, through playwright-core; no browser download):
 //   node test/drive.mjs JOBS_JSON
 // JOBS_JSON: {"executable": "/usr/bin/chromium", "screenshot": "out.png" | null,
-//             "jobs": [{"url": page URL with ?export=..., "prompt": "...", "timeout_s": 120}]}
-// For each job: open the page, wait for the export to load, type the prompt, press Generate,
-// wait for "done"; prints one JSON array of {status, state, token_ids, text}. The screenshot is
-// of the last job's page.
+//             "jobs": [{"url": page URL with ?export=..., "prompts": ["..."], "timeout_s": 120}]}
+// For each job: open the page, wait for the export to load; for each prompt type it, press
+// Generate and wait for "done". Prints a JSON array, per job and prompt, of {state, status,
+// model_info, text, ids: {prompt, completion}, console}. The screenshot is of the last page.
 
 import fs from "node:fs";
 import os from "node:os";
@@ -32,20 +32,22 @@ try {
     await page.goto(job.url);
     const state = () => page.locator("#status").getAttribute("data-state");
     await page.waitForFunction(() => ["ready", "error"].includes(document.querySelector("#status").dataset.state), null, { timeout });
-    if ((await state()) === "ready") {
-      await page.locator("#prompt").fill(job.prompt);
-      await page.locator("#generate").click();
-      await page.waitForFunction(() => ["done", "error"].includes(document.querySelector("#status").dataset.state), null, { timeout });
+    for (const prompt of job.prompts) {
+      if ((await state()) !== "error") {
+        await page.locator("#prompt").fill(prompt);
+        await page.locator("#generate").click();
+        await page.waitForFunction(() => ["done", "error"].includes(document.querySelector("#status").dataset.state), null, { timeout });
+      }
+      const ids = await page.locator("#token-ids").textContent();
+      results.push({
+        state: await state(),
+        status: await page.locator("#status").textContent(),
+        model_info: await page.locator("#model-info").textContent(),
+        text: await page.locator("#completion").textContent(),
+        ids: ids ? JSON.parse(ids) : null,
+        console: console_,
+      });
     }
-    const ids = await page.locator("#token-ids").textContent();
-    results.push({
-      state: await state(),
-      status: await page.locator("#status").textContent(),
-      model_info: await page.locator("#model-info").textContent(),
-      text: await page.locator("#completion").textContent(),
-      ids: ids ? JSON.parse(ids) : null,
-      console: console_,
-    });
     if (spec.screenshot && job === spec.jobs.at(-1)) await page.screenshot({ path: spec.screenshot, fullPage: true });
     await page.close();
   }
