@@ -32,7 +32,9 @@ pytestmark = [
         reason="chromium is not installed: the web page test needs Debian's chromium "
         "(`apt-get install -y --no-install-recommends chromium`; .ci/run does it where it can)",
     ),
-    pytest.mark.skipif(NODE is None, reason="node is not installed: playwright-core drives chromium from Node.js"),
+    pytest.mark.skipif(
+        NODE is None, reason="node is not installed: playwright-core drives chromium from Node.js"
+    ),
 ]
 
 LONG_PROMPT = (BUNDLED_MODEL_DIR.parent / "runtime" / "generation.py").read_text()[:900]  # ~316 tokens
@@ -51,7 +53,10 @@ def page_results(bundled_export, bundled_optimized_export, tmp_path_factory):
     """Drive the page once per export: the long prompt on both, then a short one for the screenshot."""
     for package in ("onnxruntime-web", "@huggingface/tokenizers", "playwright-core"):
         if not (WEB / "node_modules" / package / "package.json").is_file():
-            pytest.fail(f"chromium is installed but the page's npm packages are not ({package}): run `cd clients/web && npm ci`")
+            pytest.fail(
+                f"chromium is installed but the page's npm packages are not ({package}): "
+                "run `cd clients/web && npm ci`"
+            )
     out = tmp_path_factory.mktemp("web")
     server = load_serve().start({"portable": bundled_export, "optimized": bundled_optimized_export})
     try:

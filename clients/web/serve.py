@@ -18,7 +18,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 CLIENTS = Path(__file__).resolve().parent.parent
-TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json"}
+TYPES = {
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".wasm": "application/wasm",
+    ".json": "application/json",
+}
 
 
 class Handler(SimpleHTTPRequestHandler):
@@ -51,7 +56,9 @@ class Handler(SimpleHTTPRequestHandler):
 
 def start(exports: dict[str, Path], port: int = 0) -> ThreadingHTTPServer:
     """Serve in a daemon thread on 127.0.0.1 (port 0: any free port); call .shutdown() to stop."""
-    handler = functools.partial(Handler, exports={name: Path(path).resolve() for name, path in exports.items()})
+    handler = functools.partial(
+        Handler, exports={name: Path(path).resolve() for name, path in exports.items()}
+    )
     server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
