@@ -135,13 +135,10 @@ class SplitMix64:
 
 def _draw(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """The draw rule (docs/sidecar.md): per row, the first token whose float64 cumulative weight,
-    summed in token order, exceeds uniform * total; rounding can put the draw on the total, and
-    then the last token with a weight is taken. (B, N) weights, (B,) uniforms -> (B,) int64."""
+    summed in token order, exceeds uniform * total. (B, N) weights, (B,) uniforms -> (B,) int64."""
     cdf = np.cumsum(weights, axis=-1)
-    draws = uniforms * cdf[:, -1]
-    index = (cdf <= draws[:, None]).sum(axis=-1)
-    last = weights.shape[-1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=-1)
-    return np.minimum(index, last).astype(np.int64)
+    draws = uniforms * cdf[:, -1]  # below the total: a token with weight > 0 always qualifies
+    return (cdf <= draws[:, None]).sum(axis=-1).astype(np.int64)
 
 
 def _weights(scores: np.ndarray) -> np.ndarray:

@@ -175,23 +175,17 @@ export function argmax(scores) {
 /**
  * Draw one index from softmax(scores) with `random()` in [0, 1), by the rule Python's sampler
  * follows (docs/sidecar.md, "Seeded sampling"): float64 weights exp(score - max), summed in token
- * order; the first index whose running sum exceeds random() * total (the last weighted one when
- * rounding puts the draw on the total).
+ * order; the first index whose running sum exceeds random() * total.
  */
 export function sample(scores, random) {
   let max = -Infinity;
   for (const v of scores) if (v > max) max = v;
   const cdf = new Float64Array(scores.length);
   let total = 0;
-  let last = 0;
-  for (let i = 0; i < scores.length; i++) {
-    const weight = Math.exp(scores[i] - max);
-    if (weight > 0) last = i;
-    cdf[i] = total += weight;
-  }
-  const draw = random() * total;
-  for (let i = 0; i < last; i++) if (cdf[i] > draw) return i;
-  return last;
+  for (let i = 0; i < scores.length; i++) cdf[i] = total += Math.exp(scores[i] - max);
+  const draw = random() * total; // below the total: a token with weight > 0 always qualifies
+  const index = cdf.findIndex((sum) => sum > draw);
+  return index === -1 ? 0 : index; // -1 only for a row with no finite score (a finished row), as numpy's count gives 0
 }
 
 const UINT64 = (1n << 64n) - 1n;
