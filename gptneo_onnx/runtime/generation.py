@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gptneo_onnx.runtime.errors import GenerationConfigError, NumericalError
-from gptneo_onnx.runtime.sampling import LogitsProcessor, sample
+from gptneo_onnx.runtime.sampling import LogitsProcessor, SplitMix64, sample
 
 # forward(input_ids, attention_mask, cache) -> (last-position logits (B, V) float32, cache)
 ForwardFn = Callable[[np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
@@ -225,9 +225,10 @@ def check_choices(scores: np.ndarray, rows: np.ndarray | None = None) -> None:
         )
 
 
-def seeded_rng(seed: int | None) -> np.random.Generator:
-    """The generator one generation (or one served request) samples from."""
-    return np.random.default_rng(seed)
+def seeded_rng(seed: int | None) -> SplitMix64:
+    """The generator one generation (or one served request) samples from: the portable
+    SplitMix64 of docs/sidecar.md, so the Node runner draws the same tokens for the same seed."""
+    return SplitMix64(seed)
 
 
 def decode(
