@@ -2,8 +2,8 @@
 
 flax.serialization writes nested string-keyed maps whose leaves are msgpack ExtType code 1,
 holding the msgpack array `[shape, dtype name, C-order bytes]`. Arrays over 2^30 bytes are split
-into `{"__msgpack_chunked_array__": true, "shape": ..., "chunks": {"0": ..., ...}}` along their
-first axis. Names map to transformers' PyTorch names: `a/b/kernel` is the transpose of `a.b.weight`,
+into `{"__msgpack_chunked_array__": true, "shape": {"0": ...}, "chunks": {"0": ..., ...}}`, flat
+pieces in C order. Names map to transformers' PyTorch names: `a/b/kernel` is the transpose of `a.b.weight`,
 `scale` (LayerNorm) and `embedding` are `weight`. Anything else is a CheckpointError that names it.
 """
 
@@ -93,10 +93,11 @@ def _leaves(file: Path, tree: dict, path: tuple[str, ...]):
 
 
 def _tensor(file: Path, path: tuple[str, ...], leaf) -> torch.Tensor:
-    if isinstance(leaf, dict):  # a chunked array: chunks along the first axis, in key order
+    if isinstance(leaf, dict):  # a chunked array: flat chunks, and the shape, as {"0": ..., "1": ...}
         try:
-            chunks = [leaf["chunks"][key] for key in sorted(leaf["chunks"], key=int)]
-            leaf = np.concatenate(chunks).reshape(tuple(leaf["shape"]))
+            shape = tuple(int(leaf["shape"][str(i)]) for i in range(len(leaf["shape"])))
+            chunks = [leaf["chunks"][str(i)] for i in range(len(leaf["chunks"]))]
+            leaf = np.concatenate([chunk.reshape(-1) for chunk in chunks]).reshape(shape)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise CheckpointError(
                 f"{file}: the chunked array {'/'.join(path)} is damaged ({type(error).__name__}: {error})"
