@@ -30,9 +30,9 @@ def checkpoints(tmp_path_factory):
     for task, cls in (("causal-lm", "FlaxGPTNeoForCausalLM"), ("base", "FlaxGPTNeoModel")):
         flax_models[task] = getattr(transformers, cls).from_pretrained(root / "pytorch", from_pt=True)
         flax_models[task].save_pretrained(root / task)
-        assert sorted(p.name for p in (root / task).iterdir() if "weights" in p.name or "model" in p.name) == [
-            "flax_model.msgpack"
-        ]
+        assert sorted(
+            p.name for p in (root / task).iterdir() if "weights" in p.name or "model" in p.name
+        ) == ["flax_model.msgpack"]
     return root, flax_models
 
 
@@ -138,7 +138,9 @@ def _delete(path):
     return edit
 
 
-def _add(path, values=np.ones(32, np.float32)):
+def _add(path, values=None):
+    values = np.ones(32, np.float32) if values is None else values
+
     def edit(tree):
         *parents, leaf = path.split("/")
         node = tree
@@ -174,10 +176,15 @@ def test_malformed_files_are_named_checkpoint_errors(checkpoints, tmp_path):
         "garbage": (b"\xc1" + data[1:], "truncated or corrupt"),
         "unknown-ext": (msgpack.packb({"transformer": msgpack.ExtType(7, b"x")}), "extension of type 7"),
         "short-array": (
-            msgpack.packb({"wte": {"embedding": msgpack.ExtType(1, msgpack.packb(((97, 32), "float32", b"x")))}}),
+            msgpack.packb(
+                {"wte": {"embedding": msgpack.ExtType(1, msgpack.packb(((97, 32), "float32", b"x")))}}
+            ),
             "truncated or corrupt",
         ),
-        "string-dtype": (msgpack.packb({"wte": {"embedding": _array(np.array(["a"]))}}), "dtype '<U1'|dtype 'str"),
+        "string-dtype": (
+            msgpack.packb({"wte": {"embedding": _array(np.array(["a"]))}}),
+            "dtype '<U1'|dtype 'str",
+        ),
         "not-a-map": (msgpack.packb([1, 2, 3]), "parameter tree"),
     }
     for name, (content, message) in cases.items():

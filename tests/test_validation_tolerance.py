@@ -168,7 +168,9 @@ def test_report_is_written_whatever_fails(tmp_path, edit, reason):
 
 
 def test_a_shape_mismatch_is_reported(tmp_path):
-    manifest = export(from_transformers(tiny_hf_model("token-classification")), tmp_path, progress=False).manifest
+    manifest = export(
+        from_transformers(tiny_hf_model("token-classification")), tmp_path, progress=False
+    ).manifest
     other = from_transformers(tiny_hf_model("token-classification", num_labels=2))
     with pytest.raises(ParityError, match="shape"):
         validate_export(other, tmp_path, manifest, Tolerance.for_precision("float32"))

@@ -79,7 +79,9 @@ def reference_causal_lm(
     for step, size in enumerate(steps):
         chunk, step_mask = ids[:, start : start + size], mask[:, : start + size]
         pos = np.maximum(np.cumsum(step_mask, axis=1) - 1, 0)[:, -size:]
-        logits, past = model(torch.from_numpy(chunk), torch.from_numpy(step_mask), torch.from_numpy(pos), past)
+        logits, past = model(
+            torch.from_numpy(chunk), torch.from_numpy(step_mask), torch.from_numpy(pos), past
+        )
         keep = step_mask[:, -size:].astype(bool)
         outputs[f"step{step}.logits"] = Output(_numpy(logits), keep, top1=True, group=f"step{step}.logits")
         for layer, (key, value) in zip(cache["layers"], past):
@@ -87,7 +89,9 @@ def reference_causal_lm(
             visible = step_mask[:, -rows:].astype(bool)  # (B, rows): cache rows of real tokens only
             for tensor, name in ((key, layer["present_key"]), (value, layer["present_value"])):
                 values = _numpy(tensor[:, :, -rows:]).transpose(0, 2, 1, 3)  # (B, rows, H, D)
-                outputs[f"step{step}.{name}"] = Output(values, visible, False, f"step{step}.present", cache=True)
+                outputs[f"step{step}.{name}"] = Output(
+                    values, visible, False, f"step{step}.present", cache=True
+                )
         if local_window:
             local_rows = min(local_rows + size, local_window["min_rows"])
         start += size

@@ -30,8 +30,9 @@ REPORT_FILE = "parity_report.json"
 class Tolerance:
     """|export - float64 reference| <= max(floor, rounding_factor x rounding) for every element of an
     output, where rounding is the largest |reference in `rounding_precision` - float64 reference| of
-    that output (of all layers' cache rows, for a step's presents), and floor is `floor_atol + floor_rtol * |reference|` (for fp16, `floor_atol` times
-    the largest |logit|). Top-1 must agree wherever the float64 top-1/top-2 margin exceeds the bound."""
+    that output (of all layers' cache rows, for a step's presents), and floor is
+    `floor_atol + floor_rtol * |reference|` (for fp16, `floor_atol` times the largest |logit|).
+    Top-1 must agree wherever the float64 top-1/top-2 margin exceeds the bound."""
 
     floor_atol: float
     floor_rtol: float = 0.0
@@ -49,11 +50,13 @@ class Tolerance:
 
     def describe(self) -> dict:
         """The rule as parity_report.json states it: what was allowed, and why."""
-        floor = f"{self.floor_atol:g}" + (" x max |reference logit|" if self.floor_relative_to_logit_range else "")
+        floor = f"{self.floor_atol:g}" + (
+            " x max |reference logit|" if self.floor_relative_to_logit_range else ""
+        )
         floor += f" + {self.floor_rtol:g} x |reference|" if self.floor_rtol else ""
         rounding = (
-            f"{self.rounding_factor:g} x the largest |{self.rounding_precision} reference - float64 reference| "
-            "of that output (of all layers' presents, for a step's cache)"
+            f"{self.rounding_factor:g} x the largest |{self.rounding_precision} reference - float64 "
+            "reference| of that output (of all layers' presents, for a step's cache)"
             if self.rounding_precision
             else "none (not judged element by element)"
         )
@@ -147,7 +150,9 @@ def _export_single_pass(session, ids: np.ndarray, mask: np.ndarray) -> dict[str,
 def _reference(model: torch.nn.Module, manifest: dict, ids: np.ndarray, mask: np.ndarray, dtype: torch.dtype):
     with computing_in(model, dtype):
         if manifest["task"] == "causal-lm":
-            return reference_causal_lm(model, manifest["cache"], ids, mask, causal_lm_steps(ids.shape[1]), dtype)
+            return reference_causal_lm(
+                model, manifest["cache"], ids, mask, causal_lm_steps(ids.shape[1]), dtype
+            )
         return reference_single_pass(model, manifest, ids, mask)
 
 
@@ -162,18 +167,26 @@ def _rounding(truth: dict, rounding_run: dict | None) -> dict[str, float]:
     return rounding
 
 
-def _judge(name: str, truth, rounding: float, actual: np.ndarray | None, tolerance: Tolerance, floor_atol: float):
+def _judge(
+    name: str, truth, rounding: float, actual: np.ndarray | None, tolerance: Tolerance, floor_atol: float
+):
     """One output's check: its bound, its worst difference, and top-1 where the truth decides it."""
     check: dict = {"output": name, "rounding_group": truth.group}
     if actual is None:
         return {**check, "passed": False, "reason": "the export does not produce this output"}
     actual = actual.transpose(0, 2, 1, 3) if truth.cache else actual
     if actual.shape != truth.values.shape:
-        return {**check, "passed": False, "reason": f"shape {actual.shape}, the reference gives {truth.values.shape}"}
+        return {
+            **check,
+            "passed": False,
+            "reason": f"shape {actual.shape}, the reference gives {truth.values.shape}",
+        }
     expected, actual = truth.select(truth.values), truth.select(actual.astype(np.float64))
     if not np.isfinite(actual).all():
         return {**check, "passed": False, "reason": "the export produced NaN or Inf"}
-    allowed = np.maximum(floor_atol + tolerance.floor_rtol * np.abs(expected), tolerance.rounding_factor * rounding)
+    allowed = np.maximum(
+        floor_atol + tolerance.floor_rtol * np.abs(expected), tolerance.rounding_factor * rounding
+    )
     diff = np.abs(actual - expected)
     check.update(
         max_abs_diff=float(diff.max()) if diff.size else 0.0,
@@ -188,12 +201,16 @@ def _judge(name: str, truth, rounding: float, actual: np.ndarray | None, toleran
         margin = np.take_along_axis(expected, top[..., None], -1)[..., 0] - runner_up
         decided = margin > np.take_along_axis(allowed, top[..., None], -1)[..., 0]
         flipped = decided & (actual.argmax(-1) != top)
-        check.update(top1_positions=int(top.size), top1_decided=int(decided.sum()), top1_flipped=int(flipped.sum()))
+        check.update(
+            top1_positions=int(top.size), top1_decided=int(decided.sum()), top1_flipped=int(flipped.sum())
+        )
         check["passed"] = check["passed"] and not flipped.any()
     if not check["passed"]:
-        check["reason"] = "top-1 differs where the reference decides it" if diff.size and (
-            diff <= allowed
-        ).all() else "differs beyond the bound"
+        check["reason"] = (
+            "top-1 differs where the reference decides it"
+            if diff.size and (diff <= allowed).all()
+            else "differs beyond the bound"
+        )
     return check
 
 
@@ -300,5 +317,8 @@ def _failure_summary(report: dict) -> str:
     if "max_abs_diff" in worst:
         detail += f": max |diff| {worst['max_abs_diff']:.3g}, {worst['worst_ratio']:.3g} times its bound"
         if worst.get("top1_flipped"):
-            detail += f", top-1 flipped at {worst['top1_flipped']} of {worst['top1_decided']} decided positions"
-    return f"export does not match the reference: {len(failed)} output(s) off, first {worst['output']} ({detail})"
+            detail += (
+                f", top-1 flipped at {worst['top1_flipped']} of {worst['top1_decided']} decided positions"
+            )
+    off = f"{len(failed)} output(s) off, first {worst['output']}"
+    return f"export does not match the reference: {off} ({detail})"

@@ -32,7 +32,9 @@ def read_flax_checkpoint(file: Path) -> dict[str, torch.Tensor]:
     import msgpack  # the export extra
 
     try:
-        tree = msgpack.unpackb(file.read_bytes(), ext_hook=lambda code, data: _ext(file, code, data), raw=False)
+        tree = msgpack.unpackb(
+            file.read_bytes(), ext_hook=lambda code, data: _ext(file, code, data), raw=False
+        )
     except CheckpointError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as error:  # ExtraData, FormatError, ...
@@ -67,7 +69,9 @@ def _array(file: Path, shape: tuple[int, ...], dtype_name: str, raw: bytes) -> n
     elif dtype_name in ("float16", "float32", "float64"):
         dtype = np.dtype(dtype_name).newbyteorder("<")
     else:
-        raise CheckpointError(f"{file} holds an array of dtype {dtype_name!r}; expected floating-point weights")
+        raise CheckpointError(
+            f"{file} holds an array of dtype {dtype_name!r}; expected floating-point weights"
+        )
     count = int(np.prod(shape, dtype=np.int64))
     if not isinstance(raw, bytes) or len(raw) != count * dtype.itemsize:
         raise CheckpointError(
