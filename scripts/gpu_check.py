@@ -66,7 +66,7 @@ def cuda_session(path: Path, providers: list):
 def check_parity(reference, work: Path, report: dict) -> None:
     """fp32 and fp16, portable and optimized, on the CUDA provider against the torch reference."""
     from gptneo_onnx.export import export
-    from gptneo_onnx.export.validate import Tolerance, _compare_causal_lm, _Comparison, validation_batch
+    from gptneo_onnx.export.validate import Tolerance, parity_verdict
 
     for flavor in ("portable", "optimized"):
         for precision in ("float32", "float16"):
@@ -74,10 +74,7 @@ def check_parity(reference, work: Path, report: dict) -> None:
             result = export(reference, folder, progress=False, validate=False, precision=precision,
                             optimize=flavor == "optimized")  # fmt: skip
             session = cuda_session(folder / "model.onnx", [DEVICE["provider"]])
-            ids, mask = validation_batch(reference.config)
-            comparison = _Comparison()
-            _compare_causal_lm(reference, session, result.manifest, ids, mask, comparison)
-            verdict = comparison.verdict(Tolerance.for_precision(precision))
+            verdict = parity_verdict(reference, session, result.manifest, Tolerance.for_precision(precision))
             verdict.pop("checks")
             report[f"parity_cuda_{flavor}_{precision}"] = verdict
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gptneo_onnx.config import ConfigError
-from gptneo_onnx.errors import CheckpointError, ExportOutputError
+from gptneo_onnx.errors import CheckpointError, ExportOutputError, ParityError
 from gptneo_onnx.runtime.errors import RuntimeModelError
 
 # Other command modules may extend this tuple with their own named errors.
@@ -12,5 +12,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     CheckpointError,
     ExportOutputError,
+    ParityError,
     FileNotFoundError,
 )

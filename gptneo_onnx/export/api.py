@@ -134,7 +134,7 @@ def export(
         files = {path.name: path.stat().st_size for path in folder.iterdir() if path.is_file()}
     steps.close()
     if parity_error is not None:
-        raise parity_error
+        raise parity_error.moved_to(output_dir)
     return ExportResult(output_dir, manifest, report, files)
 
 
