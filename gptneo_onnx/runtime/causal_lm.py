@@ -11,10 +11,12 @@ the newest rows for local layers (runtime/local_window.py), on the CPU; device c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,13 +57,32 @@ def gpu_attention_advice(manifest: dict, provider: str) -> str | None:
     )
 
 
+# Copies of one step's (rows, vocab) float32 logits alive at once (processors, log-softmax, beam top-k).
+LOGITS_STEP_COPIES = 4
+
+
 def host_cache_limit() -> int | None:
-    """The default `max_cache_bytes` for a host-resident cache: 3/4 of physical memory. Past it the
-    kernel's OOM killer would end the process mid-generation, with no error at all."""
+    """The default `max_cache_bytes` for a host-resident cache: 3/4 of the memory this process may
+    use (physical memory, or less under a cgroup limit or RLIMIT_AS). Past it the kernel's OOM
+    killer would end the process mid-generation, with no error at all."""
+    limits = []
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4
-    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
-        return None
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    try:  # cgroup v2 (containers)
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            limits.append(int(text))
+    except OSError:
+        pass
+    return min(limits) * 3 // 4 if limits else None
 
 
 @dataclass
@@ -102,6 +123,12 @@ class CausalLM(Model):
         need more (default: 3/4 of physical memory when the cache lives on the host; none on a
         GPU, where onnxruntime reports a failed allocation itself)."""
         super().__init__(*args)
+        if max_cache_bytes is not None and (
+            not isinstance(max_cache_bytes, int) or isinstance(max_cache_bytes, bool) or max_cache_bytes < 1
+        ):
+            raise InputError(
+                f"max_cache_bytes must be a positive number of bytes or None, got {max_cache_bytes!r}"
+            )
         self.layers = self.manifest.cache_layers
         self.io = self.manifest.io  # graph names by role
         self.cache_dtype = np.dtype(self.manifest.cache_dtype)
@@ -456,15 +483,19 @@ class CausalLM(Model):
         return left_pad(rows, pad)
 
     def _check_cache_size(self, prompts: int, tokens: int, config: GenerationConfig) -> None:
-        """Refuse a generation whose KV cache would pass `max_cache_bytes` (every row of every
-        layer holds keys and values for up to `tokens` tokens)."""
+        """Refuse a generation whose memory would pass `max_cache_bytes`, before anything is
+        allocated: the KV cache (every row of every layer holds keys and values for up to `tokens`
+        tokens) plus the host logits every row needs (the prefill's, in onnxruntime and copied,
+        and a step's, through the processors and beam search)."""
         rows = prompts * max(config.num_beams, config.num_return_sequences)
         row_bytes = 2 * len(self.layers) * self._num_heads * self._head_dim * self.cache_dtype.itemsize
-        needed = rows * tokens * row_bytes
+        logits_row_bytes = self.manifest.vocab_size * np.dtype(np.float32).itemsize
+        prompt_tokens = tokens - config.max_new_tokens
+        needed = rows * (tokens * row_bytes + logits_row_bytes * (2 * prompt_tokens + LOGITS_STEP_COPIES))
         if self.max_cache_bytes is not None and needed > self.max_cache_bytes:
             raise GenerationConfigError(
-                f"this generation needs a {needed / 2**30:.1f} GiB KV cache ({prompts} prompt(s) x "
-                f"{rows // prompts} sequence(s) each x {tokens} tokens), over the limit of "
+                f"this generation needs {needed / 2**30:.1f} GiB for its KV cache and logits ({prompts} "
+                f"prompt(s) x {rows // prompts} sequence(s) each x {tokens} tokens), over the limit of "
                 f"{self.max_cache_bytes / 2**30:.1f} GiB; lower the batch, num_beams, "
                 "num_return_sequences or max_new_tokens (or load with a larger max_cache_bytes)"
             )

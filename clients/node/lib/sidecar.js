@@ -35,6 +35,11 @@ const KNOWN_RULES = {
   position_ids_rule: ["cumsum_minus_one"],
 };
 const HASH_CHUNK = 1 << 20;
+// `validation.status` (docs/sidecar.md): only "passed" and "skipped" exports load.
+const VALIDATION_STATUSES = ["passed", "failed", "pending", "skipped"];
+// An export is written into `.NAME.partial-XXXX` holding `.owner`, then renamed into place.
+const STAGING_NAME = /^\..+\.partial-[0-9a-f]+$/;
+const STAGING_OWNER_FILE = ".owner";
 
 /** Load `gptneo_onnx.json` from `folder`, check it, the files it lists and (unless `verify` is false) their sha256. */
 export function loadSidecar(folder, { verify = true } = {}) {
@@ -42,6 +47,12 @@ export function loadSidecar(folder, { verify = true } = {}) {
     throw new ExportFolderError(`export folder ${folder} does not exist or is not a folder`);
   }
   const root = fs.realpathSync(folder);
+  if (STAGING_NAME.test(path.basename(root)) || fs.existsSync(path.join(root, STAGING_OWNER_FILE))) {
+    throw new ExportFolderError(
+      `${root} is the staging folder of an export that did not finish (it was killed, or is still running): ` +
+        "it is not an export. Re-export, and use the folder given as --output",
+    );
+  }
   const sidecarPath = path.join(root, SIDECAR_NAME);
   if (fs.lstatSync(sidecarPath, { throwIfNoEntry: false })?.isSymbolicLink()) {
     throw new ExportFolderError(`${sidecarPath} is a link; copy the real file into the export folder`);
@@ -58,12 +69,7 @@ export function loadSidecar(folder, { verify = true } = {}) {
     throw new ExportFolderError(`${sidecarPath} is not valid JSON: ${error.message}`);
   }
   checkFields(raw, sidecarPath);
-  if (raw.validation?.passed === false) {
-    throw new ExportFolderError(
-      `${root} failed its parity validation against PyTorch (see ${raw.validation.report}); ` +
-        "it is kept for inspection, not for running. Fix the cause and re-export",
-    );
-  }
+  checkValidation(root, raw);
   const files = listedFiles(raw).map((entry) => {
     const file = insideFolder(root, entry.file, SIDECAR_NAME);
     const size = fs.statSync(file).size;
@@ -90,6 +96,41 @@ export function loadSidecar(folder, { verify = true } = {}) {
     padTokenId: raw.special_tokens.pad_token_id,
     generation: raw.generation || {},
   };
+}
+
+/** passed, failed, pending (validation never finished) or skipped, as runtime/manifest.py reads it. */
+export function validationStatus(raw) {
+  const validation = raw.validation;
+  if (validation === null || validation === undefined) return "skipped";
+  if (validation.status === undefined) return validation.passed ? "passed" : "failed";
+  return validation.status;
+}
+
+const warnedUnvalidated = new Set();
+
+function checkValidation(root, raw) {
+  const status = validationStatus(raw);
+  if (status === "failed") {
+    throw new ExportFolderError(
+      `${root} failed its parity validation against PyTorch (see ${raw.validation.report ?? "parity_report.json"}); ` +
+        "it is kept for inspection, not for running. Fix the cause and re-export",
+    );
+  }
+  if (status === "pending") {
+    throw new ExportFolderError(
+      `${root} was never validated to the end (validation.status is 'pending': the export was interrupted); re-export it`,
+    );
+  }
+  if (!VALIDATION_STATUSES.includes(status)) {
+    throw new ExportFolderError(`${root}: validation.status is ${JSON.stringify(status)}, expected one of ${VALIDATION_STATUSES.join(", ")}`);
+  }
+  if (status === "skipped" && !warnedUnvalidated.has(root)) {
+    warnedUnvalidated.add(root);
+    process.stderr.write(
+      `warning: ${root} was exported without validation (--no-validate): nothing compared it with PyTorch; ` +
+        "run `gptneo-onnx verify` on it\n",
+    );
+  }
 }
 
 /** The graph's input/output metadata as the sidecar lists it, by name. */
