@@ -183,7 +183,7 @@ def load_manifest(export_dir: str | Path, task: str | None = None, verify_hashes
     finished, are refused; one made without validation loads with a warning (once per folder).
     """
     manifest = read_manifest(export_dir)
-    folder, raw = manifest.folder, manifest.raw
+    folder = manifest.folder
     if task is not None and manifest.task != task:
         raise ExportFolderError(
             f"{folder} holds a {manifest.task!r} export, not a {task!r} one; use the command for "
