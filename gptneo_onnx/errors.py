@@ -24,3 +24,15 @@ class ParityError(ValueError):
     def moved_to(self, folder: Path) -> ParityError:
         """The same error, pointing at the report in `folder` (the export once put in place)."""
         return ParityError(self.summary, Path(folder) / self.report.name)
+
+
+class PromptLooksLikePathError(ValueError):
+    """A `generate` prompt that names a file or folder, or looks like a path: not guessed into a prompt."""
+
+
+class MissingExtraError(RuntimeError):
+    """A command needs an install extra (export, cpu, bench) that is not installed."""
+
+
+class QuantizationError(ValueError):
+    """A quantization request the graph or onnxruntime cannot serve."""

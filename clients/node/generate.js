@@ -169,6 +169,12 @@ async function main(argv) {
   return 0;
 }
 
+// A reader that goes away (`| head -c 10`) ends the run quietly, as Unix tools do (exit 141 = 128 + SIGPIPE).
+process.stdout.on("error", (error) => {
+  if (error.code !== "EPIPE") throw error;
+  process.exit(141);
+});
+
 try {
   process.exitCode = await main(process.argv.slice(2));
 } catch (error) {

@@ -54,6 +54,12 @@ class CausalLM(Model):
         need more (default: 3/4 of physical memory when the cache lives on the host; none on a
         GPU, where onnxruntime reports a failed allocation itself)."""
         super().__init__(*args)
+        if max_cache_bytes is not None and (
+            not isinstance(max_cache_bytes, int) or isinstance(max_cache_bytes, bool) or max_cache_bytes < 1
+        ):
+            raise InputError(
+                f"max_cache_bytes must be a positive number of bytes or None, got {max_cache_bytes!r}"
+            )
         self.layers = self.manifest.cache_layers
         self.io = self.manifest.io  # graph names by role
         # IO binding keeps the cache on the GPU; `io_binding=True` forces it on CPU too (for tests).
@@ -175,7 +181,14 @@ class CausalLM(Model):
         input_ids, attention_mask = self._prepare(as_batch(prompts), config)
         sequences = max(config.num_beams, config.num_return_sequences)
         tokens = input_ids.shape[1] + config.max_new_tokens
-        check_cache_size(self.cache_spec, input_ids.shape[0], sequences, tokens, self.max_cache_bytes)
+        check_cache_size(
+            self.cache_spec,
+            input_ids.shape[0],
+            sequences,
+            tokens,
+            config.max_new_tokens,
+            self.max_cache_bytes,
+        )
         stop_check = self.stop_check(config.stop_strings)
         return self._steps(input_ids, attention_mask, config, stop_check)
 

@@ -74,8 +74,8 @@ def apply_repetition_penalty(input_ids: np.ndarray, scores: np.ndarray, penalty:
     if not penalty > 0:
         raise GenerationConfigError(f"repetition_penalty must be > 0 (1.0 = none), got {penalty}")
     seen = np.take_along_axis(scores, input_ids, axis=-1)
-    factor = np.float32(penalty)  # 0 or inf for penalties beyond float32's range
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        factor = np.float32(penalty)  # 0 or inf for penalties beyond float32's range (no warning)
         penalized = np.where(seen < 0, seen * factor, seen / factor).astype(scores.dtype)
     # An extreme penalty can overflow: keep such scores at float32's largest finite values
     # (0 / an underflowed penalty is 0), so no inf or NaN reaches the softmax.

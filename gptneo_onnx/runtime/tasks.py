@@ -143,6 +143,8 @@ class Embedder(_SinglePassModel):
         """(B, hidden) float32 embeddings, `mean` or `last`-token pooled over the mask."""
         if pooling not in ("mean", "last"):
             raise InputError(f"unknown pooling {pooling!r}; expected 'mean' or 'last'")
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise InputError(f"normalize must be True or False, got {normalize!r}")
         outputs, mask = self.run_ids(encode_prompts(as_batch(texts), self.tokenizer))
         vectors = pool_hidden_states(outputs["last_hidden_state"].astype(np.float32), mask, pooling)
         if normalize:

@@ -10,6 +10,9 @@ import { MalformedGraph, scanGraph, utf8 } from "./graph-scan.js";
 import { SIDECAR_NAME } from "./sidecar.js";
 
 const HASH_CHUNK = 1 << 20;
+// An export is written into `.NAME.partial-XXXX` holding `.owner`, then renamed into place.
+const STAGING_NAME = /^\..+\.partial-[0-9a-f]+$/;
+const STAGING_OWNER_FILE = ".owner";
 const WINDOW = 1 << 16;
 
 export class NodeFolder {
@@ -18,6 +21,12 @@ export class NodeFolder {
       throw new ExportFolderError(`export folder ${folder} does not exist or is not a folder`);
     }
     this.name = fs.realpathSync(folder);
+    if (STAGING_NAME.test(path.basename(this.name)) || fs.existsSync(path.join(this.name, STAGING_OWNER_FILE))) {
+      throw new ExportFolderError(
+        `${this.name} is the staging folder of an export that did not finish (it was killed, or is still running): ` +
+          "it is not an export. Re-export, and use the folder given as --output",
+      );
+    }
   }
 
   async sidecarText() {

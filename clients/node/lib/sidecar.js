@@ -36,6 +36,8 @@ const KNOWN_RULES = {
   attention_mask_columns: ["past_and_new"],
   position_ids_rule: ["cumsum_minus_one"],
 };
+// `validation.status` (docs/sidecar.md): only "passed" and "skipped" exports load.
+const VALIDATION_STATUSES = ["passed", "failed", "pending", "skipped"];
 
 /** Load the sidecar from `folder`, check it, the files it lists and (unless `verify` is false) their sha256. */
 export async function loadSidecar(folder, { verify = true } = {}) {
@@ -49,12 +51,7 @@ export async function loadSidecar(folder, { verify = true } = {}) {
     throw new ExportFolderError(`${sidecarPath} is not valid JSON: ${error.message}`);
   }
   checkFields(raw, sidecarPath);
-  if (raw.validation?.passed === false) {
-    throw new ExportFolderError(
-      `${root} failed its parity validation against PyTorch (see ${raw.validation.report}); ` +
-        "it is kept for inspection, not for running. Fix the cause and re-export",
-    );
-  }
+  checkValidation(root, raw);
   const files = [];
   for (const entry of listedFiles(raw)) {
     const file = await folder.file(checkRelative(entry.file, SIDECAR_NAME), SIDECAR_NAME);
@@ -82,6 +79,41 @@ export async function loadSidecar(folder, { verify = true } = {}) {
     padTokenId: raw.special_tokens.pad_token_id,
     generation: raw.generation || {},
   };
+}
+
+/** passed, failed, pending (validation never finished) or skipped, as runtime/manifest.py reads it. */
+export function validationStatus(raw) {
+  const validation = raw.validation;
+  if (validation === null || validation === undefined) return "skipped";
+  if (validation.status === undefined) return validation.passed ? "passed" : "failed";
+  return validation.status;
+}
+
+const warnedUnvalidated = new Set();
+
+function checkValidation(root, raw) {
+  const status = validationStatus(raw);
+  if (status === "failed") {
+    throw new ExportFolderError(
+      `${root} failed its parity validation against PyTorch (see ${raw.validation.report ?? "parity_report.json"}); ` +
+        "it is kept for inspection, not for running. Fix the cause and re-export",
+    );
+  }
+  if (status === "pending") {
+    throw new ExportFolderError(
+      `${root} was never validated to the end (validation.status is 'pending': the export was interrupted); re-export it`,
+    );
+  }
+  if (!VALIDATION_STATUSES.includes(status)) {
+    throw new ExportFolderError(`${root}: validation.status is ${JSON.stringify(status)}, expected one of ${VALIDATION_STATUSES.join(", ")}`);
+  }
+  if (status === "skipped" && !warnedUnvalidated.has(root)) {
+    warnedUnvalidated.add(root);
+    console.warn(
+      `warning: ${root} was exported without validation (--no-validate): nothing compared it with PyTorch; ` +
+        "run `gptneo-onnx verify` on it",
+    );
+  }
 }
 
 /** The graph's input/output metadata as the sidecar lists it, by name. */
