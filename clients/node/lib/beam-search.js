@@ -13,9 +13,11 @@ const fround = Math.fround;
 
 /** Indices of the `k` largest `values`, largest first, ties by the lowest index (a stable argsort of -values). */
 function topK(values, k) {
-  return Array.from(values.keys())
-    .sort((a, b) => values[b] - values[a] || a - b)
-    .slice(0, k);
+  const sorted = Float32Array.from(values).sort(); // ascending; the k-th largest is the threshold
+  const threshold = sorted[Math.max(0, sorted.length - k)];
+  const candidates = [];
+  for (let i = 0; i < values.length; i++) if (values[i] >= threshold) candidates.push(i);
+  return candidates.sort((a, b) => values[b] - values[a] || a - b).slice(0, k);
 }
 
 /** Add `-BIG` where `flags` are set, as numpy's `scores + flags.astype(float32) * -BIG`. */
