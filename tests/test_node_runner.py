@@ -5,8 +5,8 @@ Rust `tokenizers`), the same greedy token ids, the same text; on the portable ex
 cache) and on the optimized one (GroupQueryAttention, shared-buffer cache). Both sides decode
 with the sidecar's defaults (greedy, repetition penalty 1.3, EOS from special_tokens). Then
 left-padded batches, beam search and seeded sampling (one generator, SplitMix64, in both
-languages) token for token; float16, int8 and int4 exports of a tiny model; and the runner's
-errors on bad input.
+languages) token for token, beam sampling included; float16, int8 and int4 exports of a tiny
+model; and the runner's errors on bad input.
 """
 
 from __future__ import annotations
@@ -159,8 +159,9 @@ def test_node_left_padded_batch_matches_python(runner, export_dir):
         ({"num_beams": 3, "num_return_sequences": 2}, True),
         ({"num_beams": 4, "length_penalty": 0.6, "early_stopping": True, "repetition_penalty": 1.0}, False),
         ({"num_beams": 2, "early_stopping": "never", "min_new_tokens": 4}, False),
+        ({"num_beams": 3, "seed": 5, "do_sample": True, "temperature": 0.9, "top_k": 40}, True),
     ],
-    ids=["beams-3-return-2", "length-penalty-early", "never-min-new"],
+    ids=["beams-3-return-2", "length-penalty-early", "never-min-new", "beam-sampling"],
 )
 def test_node_beam_search_matches_python(runner, export_dir, config, long):
     prompts = [PROMPTS["short"], PROMPTS["longer-than-window" if long else "unicode"]]
@@ -280,8 +281,12 @@ def expect_error(runner, *args, match: str) -> None:
         (("x", "--repetition-penalty", 0), "repetition_penalty must be > 0"),
         (("x", "--temperature", "hot"), '--temperature must be a number, got "hot"'),
         (
-            ("x", "--num-beams", 2, "--do-sample"),
-            "beam sampling (--do-sample with --num-beams > 1) is Python-only",
+            ("x", "--early-stopping", "sometimes"),
+            '--early-stopping must be true, false or never, got "sometimes"',
+        ),
+        (
+            ("x", "--num-beams", 2, "--num-return-sequences", 3),
+            "num_return_sequences (3) must be <= num_beams (2)",
         ),
         (("x", "--cache-mode", "paged"), 'unknown cache mode "paged"'),
         (("x", "--bogus"), "Unknown option '--bogus'"),
