@@ -49,7 +49,7 @@ function validate(config) {
     [config.top_p > 0 && config.top_p <= 1, "top_p must be in (0, 1]"],
     [config.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 = no penalty)"],
     [!config.do_sample || config.temperature > 0, "temperature must be > 0 when sampling"],
-    [config.seed === null || (isInt(config.seed) && config.seed >= 0), "seed must be an integer >= 0"],
+    [config.seed === null || (Number.isSafeInteger(config.seed) && config.seed >= 0), "seed must be an integer in [0, 2^53)"],
   ];
   for (const [ok, message] of checks) {
     if (!ok) {
