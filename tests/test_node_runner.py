@@ -5,8 +5,8 @@ Rust `tokenizers`), the same greedy token ids, the same text; on the portable ex
 cache) and on the optimized one (GroupQueryAttention, shared-buffer cache). Both sides decode
 with the sidecar's defaults (greedy, repetition penalty 1.3, EOS from special_tokens). Then
 left-padded batches, beam search and seeded sampling (one generator, SplitMix64, in both
-languages) token for token; float16, int8 and int4 exports of a tiny model; and the runner's
-errors on bad input.
+languages) token for token, beam sampling included; float16, int8 and int4 exports of a tiny
+model; and the runner's errors on bad input.
 """
 
 from __future__ import annotations
@@ -154,29 +154,33 @@ def test_node_left_padded_batch_matches_python(runner, export_dir):
 
 
 @pytest.mark.parametrize(
-    "config",
+    ("config", "long"),
     [
-        {"num_beams": 3, "num_return_sequences": 2},
-        {"num_beams": 4, "length_penalty": 0.6, "early_stopping": True, "repetition_penalty": 1.0},
-        {"num_beams": 2, "early_stopping": "never", "min_new_tokens": 4},
+        ({"num_beams": 3, "num_return_sequences": 2}, True),
+        ({"num_beams": 4, "length_penalty": 0.6, "early_stopping": True, "repetition_penalty": 1.0}, False),
+        ({"num_beams": 2, "early_stopping": "never", "min_new_tokens": 4}, False),
+        ({"num_beams": 3, "seed": 5, "do_sample": True, "temperature": 0.9, "top_k": 40}, True),
     ],
-    ids=["beams-3-return-2", "length-penalty-early", "never-min-new"],
+    ids=["beams-3-return-2", "length-penalty-early", "never-min-new", "beam-sampling"],
 )
-def test_node_beam_search_matches_python(runner, export_dir, config):
-    prompts = [PROMPTS["short"], PROMPTS["longer-than-window"]]
-    expected = Model.load(export_dir).generate(prompts, max_new_tokens=16, **config)
-    node = node_json(runner, export_dir, *prompts, "--max-new-tokens", 16, *options(**config))
+def test_node_beam_search_matches_python(runner, export_dir, config, long):
+    prompts = [PROMPTS["short"], PROMPTS["longer-than-window" if long else "unicode"]]
+    expected = Model.load(export_dir).generate(prompts, max_new_tokens=12, **config)
+    node = node_json(runner, export_dir, *prompts, "--max-new-tokens", 12, *options(**config))
     assert [s["token_ids"] for s in node["sequences"]] == expected.sequences
     assert [s["prompt_index"] for s in node["sequences"]] == expected.prompt_index
     assert [s["score"] for s in node["sequences"]] == pytest.approx(expected.scores, rel=1e-6)
 
 
-@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
-def test_node_seeded_sampling_draws_pythons_tokens(runner, export_dir, seed):
+@pytest.mark.parametrize(("flavor", "seed"), [("portable", 0), ("portable", 2**40 + 3), ("optimized", 7)])
+def test_node_seeded_sampling_draws_pythons_tokens(runner, request, flavor, seed):
+    export_dir = request.getfixturevalue(
+        "bundled_export" if flavor == "portable" else "bundled_optimized_export"
+    )
     prompts = [PROMPTS["short"], PROMPTS["longer-than-window"]]
-    expected = Model.load(export_dir).generate(prompts, max_new_tokens=48, seed=seed, **SAMPLING)
+    expected = Model.load(export_dir).generate(prompts, max_new_tokens=32, seed=seed, **SAMPLING)
     node = node_json(
-        runner, export_dir, *prompts, "--max-new-tokens", 48, "--seed", seed, *options(**SAMPLING)
+        runner, export_dir, *prompts, "--max-new-tokens", 32, "--seed", seed, *options(**SAMPLING)
     )
     assert [s["token_ids"] for s in node["sequences"]] == expected.sequences
     assert [s["text"] for s in node["sequences"]] == expected.texts
@@ -277,8 +281,12 @@ def expect_error(runner, *args, match: str) -> None:
         (("x", "--repetition-penalty", 0), "repetition_penalty must be > 0"),
         (("x", "--temperature", "hot"), '--temperature must be a number, got "hot"'),
         (
-            ("x", "--num-beams", 2, "--do-sample"),
-            "beam sampling (--do-sample with --num-beams > 1) is Python-only",
+            ("x", "--early-stopping", "sometimes"),
+            '--early-stopping must be true, false or never, got "sometimes"',
+        ),
+        (
+            ("x", "--num-beams", 2, "--num-return-sequences", 3),
+            "num_return_sequences (3) must be <= num_beams (2)",
         ),
         (("x", "--cache-mode", "paged"), 'unknown cache mode "paged"'),
         (("x", "--bogus"), "Unknown option '--bogus'"),

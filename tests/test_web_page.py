@@ -4,8 +4,9 @@ A static server on 127.0.0.1 (clients/web/serve.py, with the COOP/COEP headers t
 onnxruntime-web threads) serves the page and the bundled model's portable and optimized exports;
 playwright-core drives Chromium (clients/web/test/drive.mjs): load the export (sidecar and sha256
 checked in the page), type a prompt longer than the local window, press Generate. The streamed
-token ids and text must be Python's, with the sidecar's decoding defaults. It saves a screenshot;
-GPTNEO_ONNX_UPDATE_SCREENSHOT=1 copies it to docs/web_page.png.
+token ids and text must be Python's, with the sidecar's decoding defaults. The portable export is
+read through the page's folder picker, the others by URL; a tampered export is refused. It
+saves a screenshot; GPTNEO_ONNX_UPDATE_SCREENSHOT=1 copies it to docs/web_page.png.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def load_serve():
 
 @pytest.fixture(scope="module")
 def page_results(bundled_export, bundled_optimized_export, tmp_path_factory):
-    """Drive the page once per export: the long prompt on both, then a short one for the screenshot."""
+    """Drive the page once per export: a tampered copy, the long prompt on both, then a short one."""
     for package in ("onnxruntime-web", "@huggingface/tokenizers", "playwright-core"):
         if not (WEB / "node_modules" / package / "package.json").is_file():
             pytest.fail(
@@ -58,15 +59,25 @@ def page_results(bundled_export, bundled_optimized_export, tmp_path_factory):
                 "run `cd clients/web && npm ci`"
             )
     out = tmp_path_factory.mktemp("web")
-    server = load_serve().start({"portable": bundled_export, "optimized": bundled_optimized_export})
+    tampered = Path(shutil.copytree(bundled_export, out / "tampered"))
+    data = bytearray((tampered / "tokenizer.json").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (tampered / "tokenizer.json").write_bytes(bytes(data))
+    exports = {"optimized": bundled_optimized_export, "tampered": tampered}
+    server = load_serve().start(exports)
     try:
         page = f"http://127.0.0.1:{server.server_port}/web/index.html?export=/export/"
         spec = {
             "executable": CHROMIUM,
             "screenshot": str(out / "web_page.png"),
             "jobs": [
+                {"url": page + "tampered/", "prompts": [], "timeout_s": 120},
                 {"url": page + "optimized/", "prompts": [LONG_PROMPT], "timeout_s": 120},
-                {"url": page + "portable/", "prompts": [LONG_PROMPT, SHORT_PROMPT], "timeout_s": 120},
+                {
+                    "url": page.split("?")[0],
+                    "pick": str(bundled_export),
+                    "prompts": [LONG_PROMPT, SHORT_PROMPT],
+                },
             ],
         }
         (out / "jobs.json").write_text(json.dumps(spec))
@@ -78,7 +89,7 @@ def page_results(bundled_export, bundled_optimized_export, tmp_path_factory):
         server.shutdown()
         server.server_close()
     assert result.returncode == 0, result.stderr[-3000:]
-    optimized, portable_long, portable_short = json.loads(result.stdout)
+    tampered_page, optimized, portable_long, portable_short = json.loads(result.stdout)
     screenshot = out / "web_page.png"
     if os.environ.get("GPTNEO_ONNX_UPDATE_SCREENSHOT"):
         shutil.copyfile(screenshot, ROOT / "docs" / "web_page.png")
@@ -87,6 +98,7 @@ def page_results(bundled_export, bundled_optimized_export, tmp_path_factory):
         "portable": (bundled_export, portable_long, LONG_PROMPT),
         "portable-short": (bundled_export, portable_short, SHORT_PROMPT),
         "screenshot": screenshot,
+        "tampered": tampered_page,
     }
 
 
@@ -105,6 +117,14 @@ def test_the_page_streams_pythons_tokens(page_results, case):
     assert page["text"] == expected.texts[0]
     assert "sha256 verified" in page["model_info"]
     assert "tokens/s" in page["status"]
+
+
+def test_the_page_refuses_a_tampered_export(page_results):
+    page = page_results["tampered"]
+    assert page["state"] == "error"
+    assert page["status"].startswith(
+        "error: tokenizer.json does not match the sha256 recorded in gptneo_onnx.json"
+    )
 
 
 def test_the_page_leaves_a_screenshot(page_results):

@@ -23,15 +23,33 @@ function hex(buffer) {
   return Array.from(new Uint8Array(buffer), (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
-/** An export folder served over HTTP at `url` (a folder URL; a trailing slash is added). */
-export class UrlFolder {
-  constructor(url) {
-    this.base = new URL(url.endsWith("/") ? url : `${url}/`, location.href);
-    this.name = this.base.href.replace(/\/$/, "");
-    this.cache = new Map();
+/** What both folders share: the sidecar and each listed file read once, by `read(relative, missing)`. */
+class BytesFolder {
+  cache = new Map();
+
+  async sidecarText() {
+    const missing = `${this.name} has no ${SIDECAR_NAME}; is it an export folder written by \`gptneo-onnx export\`?`;
+    return new TextDecoder().decode(await this.read(SIDECAR_NAME, missing));
   }
 
-  async fetchBytes(relative, missing) {
+  async file(relative, namedBy) {
+    if (!this.cache.has(relative)) {
+      const missing = `${this.name} is missing ${relative}, which ${namedBy} names; re-copy the export`;
+      this.cache.set(relative, handle(relative, await this.read(relative, missing)));
+    }
+    return this.cache.get(relative);
+  }
+}
+
+/** An export folder served over HTTP at `url` (a folder URL; a trailing slash is added). */
+export class UrlFolder extends BytesFolder {
+  constructor(url) {
+    super();
+    this.base = new URL(url.endsWith("/") ? url : `${url}/`, location.href);
+    this.name = this.base.href.replace(/\/$/, "");
+  }
+
+  async read(relative, missing) {
     let response;
     try {
       response = await fetch(new URL(relative, this.base));
@@ -42,41 +60,21 @@ export class UrlFolder {
     if (!response.ok) throw new ExportFolderError(`fetching ${relative} from ${this.name} gave HTTP ${response.status}`);
     return new Uint8Array(await response.arrayBuffer());
   }
-
-  async sidecarText() {
-    const missing = `${this.name} has no ${SIDECAR_NAME}; is it an export folder written by \`gptneo-onnx export\`?`;
-    return new TextDecoder().decode(await this.fetchBytes(SIDECAR_NAME, missing));
-  }
-
-  async file(relative, namedBy) {
-    if (!this.cache.has(relative)) {
-      const missing = `${this.name} is missing ${relative}, which ${namedBy} names; re-copy the export`;
-      this.cache.set(relative, handle(relative, await this.fetchBytes(relative, missing)));
-    }
-    return this.cache.get(relative);
-  }
 }
 
 /** An export folder picked from disk: the FileList of a webkitdirectory input (files at its top level). */
-export class PickedFolder {
+export class PickedFolder extends BytesFolder {
   constructor(fileList) {
+    super();
     const files = Array.from(fileList);
     if (!files.length) throw new ExportFolderError("the picked folder is empty; pick an export folder");
     this.name = files[0].webkitRelativePath.split("/")[0] || "the picked folder";
     this.files = new Map(files.map((file) => [file.webkitRelativePath.split("/").slice(1).join("/") || file.name, file]));
   }
 
-  async sidecarText() {
-    const file = this.files.get(SIDECAR_NAME);
-    if (!file) {
-      throw new ExportFolderError(`${this.name} has no ${SIDECAR_NAME}; is it an export folder written by \`gptneo-onnx export\`?`);
-    }
-    return file.text();
-  }
-
-  async file(relative, namedBy) {
+  async read(relative, missing) {
     const file = this.files.get(relative);
-    if (!file) throw new ExportFolderError(`${this.name} is missing ${relative}, which ${namedBy} names; re-copy the export`);
-    return handle(relative, new Uint8Array(await file.arrayBuffer()));
+    if (!file) throw new ExportFolderError(missing);
+    return new Uint8Array(await file.arrayBuffer());
   }
 }

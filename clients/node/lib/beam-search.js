@@ -2,10 +2,11 @@
 // transformers' vectorized `_beam_search`), so it returns the same tokens: the same candidate pool
 // (max(2, 1 + number of EOS ids) * num_beams per prompt), the same -1e9 masking, length penalty
 // and early-stopping heuristic, and the same float32 arithmetic (Math.fround at every step
-// numpy rounds). Greedy beams only. Environment-neutral; `step` as in decoding.js, and
-// `reorder(cache, rows)` selects cache rows.
+// numpy rounds). Beam sampling (do_sample) draws the candidates without replacement from the
+// shared generator (docs/sidecar.md), as Python does. Environment-neutral; `step` as in
+// decoding.js, and `reorder(cache, rows)` selects cache rows.
 
-import { checkChoices, logSoftmax32, processScores } from "./sampling.js";
+import { checkChoices, logSoftmax32, processScores, sampleWithoutReplacement, seededRandom } from "./sampling.js";
 import { checkFinite, leftPad } from "./decoding.js";
 
 const BIG = Math.fround(1e9);
@@ -13,9 +14,11 @@ const fround = Math.fround;
 
 /** Indices of the `k` largest `values`, largest first, ties by the lowest index (a stable argsort of -values). */
 function topK(values, k) {
-  return Array.from(values.keys())
-    .sort((a, b) => values[b] - values[a] || a - b)
-    .slice(0, k);
+  const sorted = Float32Array.from(values).sort(); // ascending; the k-th largest is the threshold
+  const threshold = sorted[Math.max(0, sorted.length - k)];
+  const candidates = [];
+  for (let i = 0; i < values.length; i++) if (values[i] >= threshold) candidates.push(i);
+  return candidates.sort((a, b) => values[b] - values[a] || a - b).slice(0, k);
 }
 
 /** Add `-BIG` where `flags` are set, as numpy's `scores + flags.astype(float32) * -BIG`. */
@@ -30,6 +33,8 @@ export async function* beamSearch(step, reorder, prompts, config, eos, pad) {
   const promptLength = padded.ids[0].length;
   const maxLength = promptLength + config.max_new_tokens;
   const pool = Math.max(2, 1 + eos.length) * beams;
+  const random = config.do_sample ? seededRandom(config.seed) : null;
+  const keep = config.do_sample ? Math.max(2, eos.length + 1) : 1; // top-k / top-p keep this many
   // Per prompt b: running beams (sequences, scores, beam indices) and the finished pool.
   let runningRows = padded.ids.map((row) => Array.from({ length: beams }, () => [...row]));
   let runningScores = Array.from({ length: batch }, () => Array.from({ length: beams }, (_, k) => (k ? -BIG : 0)));
@@ -49,7 +54,7 @@ export async function* beamSearch(step, reorder, prompts, config, eos, pad) {
     let logits;
     ({ logits, cache } = await step(ids, mask, cache));
     checkFinite(logits);
-    const logProbs = logits.map((row, r) => processScores(logSoftmax32(row), flat[r], curLen - promptLength, config, eos));
+    const logProbs = logits.map((row, r) => processScores(logSoftmax32(row), flat[r], curLen - promptLength, config, eos, keep));
     checkChoices(logProbs);
     const vocab = logProbs[0].length;
     const hitsAll = [];
@@ -62,7 +67,7 @@ export async function* beamSearch(step, reorder, prompts, config, eos, pad) {
         for (let v = 0; v < vocab; v++) scores[k * vocab + v] = row[v] + runningScores[b][k];
       }
       // c. the top candidates over all beams of this prompt
-      const top = topK(scores, pool);
+      const top = random ? sampleWithoutReplacement(scores, pool, random) : topK(scores, pool);
       const topScores = top.map((i) => scores[i]);
       const topBeam = top.map((i) => Math.floor(i / vocab));
       const topIds = top.map((i) => i % vocab);

@@ -49,7 +49,7 @@ function validate(config) {
     [config.top_p > 0 && config.top_p <= 1, "top_p must be in (0, 1]"],
     [config.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 = no penalty)"],
     [!config.do_sample || config.temperature > 0, "temperature must be > 0 when sampling"],
-    [config.seed === null || (isInt(config.seed) && config.seed >= 0), "seed must be an integer >= 0"],
+    [config.seed === null || (Number.isSafeInteger(config.seed) && config.seed >= 0), "seed must be an integer in [0, 2^53)"],
   ];
   for (const [ok, message] of checks) {
     if (!ok) {
@@ -70,9 +70,6 @@ function validate(config) {
   if (beams === 1 && !config.do_sample && count > 1) {
     throw new GenerationConfigError("greedy decoding returns one sequence per prompt; pass --do-sample or --num-beams > 1");
   }
-  if (beams > 1 && config.do_sample) {
-    throw new GenerationConfigError("this runner runs beam search greedily; beam sampling (--do-sample with --num-beams > 1) is Python-only");
-  }
 }
 
 /** Every active row must keep a token to choose (Python's check_choices). */
@@ -84,7 +81,8 @@ export function checkChoices(rows) {
 }
 
 /** Process one row of float32 `scores` in place; `tokens` is the whole row so far (prompt included). */
-export function processScores(scores, tokens, newTokens, config, eosTokenIds) {
+/** `keep`: the fewest tokens top-k and top-p leave (beam sampling keeps max(2, 1 + number of EOS ids)). */
+export function processScores(scores, tokens, newTokens, config, eosTokenIds, keep = 1) {
   if (config.repetition_penalty !== 1.0) applyRepetitionPenalty(scores, tokens, config.repetition_penalty);
   if (newTokens < config.min_new_tokens) for (const eos of eosTokenIds) scores[eos] = -Infinity;
   if (config.do_sample) {
@@ -92,8 +90,8 @@ export function processScores(scores, tokens, newTokens, config, eosTokenIds) {
       const temperature = Math.fround(config.temperature);
       for (let i = 0; i < scores.length; i++) scores[i] = scores[i] / temperature;
     }
-    if (config.top_k) applyTopK(scores, config.top_k);
-    if (config.top_p < 1.0) applyTopP(scores, config.top_p);
+    if (config.top_k) applyTopK(scores, config.top_k, keep);
+    if (config.top_p < 1.0) applyTopP(scores, config.top_p, keep);
   }
   return scores;
 }
@@ -108,19 +106,19 @@ function applyRepetitionPenalty(scores, tokens, penalty) {
 }
 
 /** Keep the k highest scores (ties with the k-th stay). */
-function applyTopK(scores, topK) {
-  const k = Math.min(topK, scores.length);
+function applyTopK(scores, topK, keep) {
+  const k = Math.min(Math.max(topK, keep), scores.length);
   const kth = Float32Array.from(scores).sort()[scores.length - k];
   for (let i = 0; i < scores.length; i++) if (scores[i] < kth) scores[i] = -Infinity;
 }
 
 /** Keep the smallest set of tokens whose probability sums to top_p (at least one), in numpy's float32 arithmetic. */
-function applyTopP(scores, topP) {
+function applyTopP(scores, topP, keep) {
   const order = Array.from(scores.keys()).sort((a, b) => scores[a] - scores[b] || a - b); // ascending, stable
   const probs = softmax32(Float32Array.from(order, (i) => scores[i]));
   const limit = fround(1 - topP);
   let cumulative = 0;
-  for (let rank = 0; rank < order.length - 1; rank++) {
+  for (let rank = 0; rank < order.length - keep; rank++) {
     cumulative = fround(cumulative + probs[rank]);
     if (cumulative <= limit) scores[order[rank]] = -Infinity;
   }
@@ -186,6 +184,29 @@ export function sample(scores, random) {
   const draw = random() * total; // below the total: a token with weight > 0 always qualifies
   const index = cdf.findIndex((sum) => sum > draw);
   return index === -1 ? 0 : index; // -1 only for a row with no finite score (a finished row), as numpy's count gives 0
+}
+
+/** Draw `count` distinct indices from softmax(scores) (beam sampling): one draw after another by `sample`'s rule, each from the weights left. */
+export function sampleWithoutReplacement(scores, count, random) {
+  let max = -Infinity;
+  for (const v of scores) if (v > max) max = v;
+  const weights = Float64Array.from(scores, (v) => Math.exp(v - max));
+  const available = weights.reduce((n, w) => n + (w > 0), 0);
+  if (available < count) {
+    throw new GenerationConfigError(
+      `beam sampling needs ${count} candidates but only ${available} tokens survive the filters; raise top_k / top_p or lower num_beams`,
+    );
+  }
+  const picked = [];
+  for (let n = 0; n < count; n++) {
+    let total = 0;
+    const cdf = weights.map((w) => (total += w));
+    const draw = random() * total;
+    const index = cdf.findIndex((sum) => sum > draw);
+    picked.push(index);
+    weights[index] = 0;
+  }
+  return picked;
 }
 
 const UINT64 = (1n << 64n) - 1n;

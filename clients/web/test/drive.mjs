@@ -1,9 +1,10 @@
 // Drive the page in Debian's Chromium (headless, through playwright-core; no browser download):
 //   node test/drive.mjs JOBS_JSON
 // JOBS_JSON: {"executable": "/usr/bin/chromium", "screenshot": "out.png" | null,
-//             "jobs": [{"url": page URL with ?export=..., "prompts": ["..."], "timeout_s": 120}]}
+//             "jobs": [{"url": page URL with ?export=..., "prompts": ["..."], "timeout_s": 120,
+//                       "pick": a folder to pick with the page's folder input instead (optional)}]}
 // For each job: open the page, wait for the export to load; for each prompt type it, press
-// Generate and wait for "done". Prints a JSON array, per job and prompt, of {state, status,
+// Generate and wait for "done" (no prompts: the state after loading). Prints a JSON array, per job and prompt, of {state, status,
 // model_info, text, ids: {prompt, completion}, console}. The screenshot is of the last page.
 
 import fs from "node:fs";
@@ -30,10 +31,11 @@ try {
     page.on("pageerror", (error) => console_.push(`pageerror: ${error.message}`));
     const timeout = (job.timeout_s ?? 120) * 1000;
     await page.goto(job.url);
+    if (job.pick) await page.locator("#export-folder").setInputFiles(job.pick);
     const state = () => page.locator("#status").getAttribute("data-state");
     await page.waitForFunction(() => ["ready", "error"].includes(document.querySelector("#status").dataset.state), null, { timeout });
-    for (const prompt of job.prompts) {
-      if ((await state()) !== "error") {
+    for (const prompt of job.prompts.length ? job.prompts : [null]) {
+      if (prompt !== null && (await state()) !== "error") {
         await page.locator("#prompt").fill(prompt);
         await page.locator("#generate").click();
         await page.waitForFunction(() => ["done", "error"].includes(document.querySelector("#status").dataset.state), null, { timeout });
