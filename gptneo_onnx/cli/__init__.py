@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "gptneo_onnx.cli.runtime_commands",
     "gptneo_onnx.cli.export_commands",
     "gptneo_onnx.cli.bench_commands",
+    "gptneo_onnx.cli.serve_commands",
 )
 
 
