@@ -225,6 +225,11 @@ def check_choices(scores: np.ndarray, rows: np.ndarray | None = None) -> None:
         )
 
 
+def seeded_rng(seed: int | None) -> np.random.Generator:
+    """The generator one generation (or one served request) samples from."""
+    return np.random.default_rng(seed)
+
+
 def decode(
     forward: ForwardFn,
     input_ids: np.ndarray,
@@ -244,7 +249,7 @@ def decode(
     mask = np.repeat(attention_mask, repeat, axis=0)
     batch, prompt_length = tokens.shape
     processor = config.processor(eos_token_ids)
-    rng = np.random.default_rng(config.seed)
+    rng = seeded_rng(config.seed)
     eos = np.asarray(eos_token_ids, dtype=np.int64)
     active = np.ones(batch, dtype=bool)
     reasons: list[str | None] = [None] * batch
