@@ -130,6 +130,9 @@ class ServerProcess:
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.url = wait_until_serving(self.process)
+        # Warm-up (first-run allocations, thread pools), not measured.
+        body = {"prompt": [1, 2, 3, 4], "max_tokens": 4, "temperature": 0}
+        httpx.post(f"{self.url}/v1/completions", json=body, timeout=120).raise_for_status()
 
     def stop(self) -> None:
         self.process.terminate()

@@ -51,7 +51,7 @@ class Choice:
     text: str = ""
     logprobs: CompletionLogprobs | None = None
     finish: FinishEvent | None = None
-    arrival: float = field(default_factory=time.perf_counter)
+    arrival: float = field(default_factory=time.perf_counter)  # for time to first token
     last_token: float | None = None
 
 
@@ -120,6 +120,7 @@ class Completions:
                 raise APIError(400, f"{name} is not offered; use repetition_penalty", param=name)
         if body.best_of not in (None, body.n):
             raise APIError(400, "best_of is not offered (it must equal n)", param="best_of")
+        arrival = time.perf_counter()
         prompts = self.prompts(body)
         planned = []
         for prompt_index, (text, ids) in enumerate(prompts):
@@ -131,7 +132,7 @@ class Completions:
         choices: list[Choice] = []
         try:
             for index, text, request in planned:
-                choices.append(Choice(index, text, self.engine.submit(request)))
+                choices.append(Choice(index, text, self.engine.submit(request), arrival=arrival))
         except Exception as error:
             for choice in choices:
                 choice.handle.cancel()

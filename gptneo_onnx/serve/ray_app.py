@@ -10,6 +10,7 @@ and give its `args` (docs/serving.md).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -98,6 +99,7 @@ def run_on_ray(
     """Start (or join) Ray, run the app until SIGTERM / Ctrl-C, then shut Serve and Ray down."""
     import ray
 
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from servers
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
