@@ -16,11 +16,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from gptneo_onnx.serve.engine import Engine, EngineLimits
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gptneo_onnx.runtime import CausalLM, Model
 from gptneo_onnx.serve.completions import Completions
+from gptneo_onnx.serve.engine import Engine, EngineLimits
 from gptneo_onnx.serve.errors import APIError, install_error_handlers
 from gptneo_onnx.serve.heads import add_head_routes
 from gptneo_onnx.serve.metrics import ServerMetrics

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from gptneo_onnx.runtime import CausalLM, GenerationConfig
 from gptneo_onnx.serve.engine import (
     Draining,
     Engine,
@@ -21,8 +23,6 @@ from gptneo_onnx.serve.engine import (
     RequestTooLarge,
     TokenEvent,
 )
-
-from gptneo_onnx.runtime import CausalLM, GenerationConfig
 from gptneo_onnx.serve.errors import APIError
 from gptneo_onnx.serve.metrics import ServerMetrics
 from gptneo_onnx.serve.protocol import (

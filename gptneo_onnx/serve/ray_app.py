@@ -17,9 +17,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from gptneo_onnx.serve.engine import EngineLimits
 from ray import serve
 from ray.serve.config import BackpressureConfig
+
+from gptneo_onnx.serve.engine import EngineLimits
 
 DEPLOYMENT_NAME = "gptneo-onnx"
 APP_NAME = "gptneo-onnx"
