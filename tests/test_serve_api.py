@@ -13,12 +13,12 @@ import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-from gptneo_onnx.serve.engine import EngineLimits  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from serve_helpers import app_server, export_tiny_lm  # noqa: E402
 
 from gptneo_onnx.runtime import CausalLM  # noqa: E402
 from gptneo_onnx.serve.api import ServerState  # noqa: E402
+from gptneo_onnx.serve.engine import EngineLimits  # noqa: E402
 
 PROMPTS = [
     "Once upon a time",
@@ -233,7 +233,8 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
         ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ({"prompt": [], "max_tokens": 3}, "prompt"),
-        ({"prompt": [100000], "max_tokens": 3}, "prompt"),
+        ({"prompt": [100000], "max_tokens": 3}, None),  # outside the vocabulary
+        ({"prompt": "", "max_tokens": 3}, None),
         ({"max_tokens": 3}, "prompt"),
     ],
 )

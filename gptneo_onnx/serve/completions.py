@@ -63,31 +63,18 @@ class Completions:
 
     # ---- request -> engine requests -----------------------------------------------------------
     def prompts(self, body: CompletionRequest) -> list[tuple[str, list[int]]]:
-        """(text, token ids) per prompt; token ids are checked against the vocabulary."""
+        """(text, token ids) per prompt. The engine checks the ids (vocabulary, not empty, limits)."""
         prompt = body.prompt
         items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
-        vocab = self.model.manifest.vocab_size
         tokenizer = self.model.tokenizer
-        result = []
-        for index, item in enumerate(items):
-            if isinstance(item, str):
-                if tokenizer is None:
-                    raise APIError(400, "this export has no tokenizer: send token ids", param="prompt")
-                ids = tokenizer.encode(item).ids if item else []
-                text = item
-            else:
-                bad = [token for token in item if not 0 <= token < vocab]
-                if bad:
-                    raise APIError(
-                        400, f"prompt {index}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
-                        param="prompt",
-                    )  # fmt: skip
-                ids = list(item)
-                text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
-            if not ids:
-                raise APIError(400, f"prompt {index} is empty; it needs at least one token", param="prompt")
-            result.append((text, ids))
-        return result
+        if tokenizer is None and any(isinstance(item, str) for item in items):
+            raise APIError(400, "this export has no tokenizer: send token ids", param="prompt")
+        return [
+            (item, tokenizer.encode(item).ids if item else [])
+            if isinstance(item, str)
+            else (tokenizer.decode(item, skip_special_tokens=True) if tokenizer else "", list(item))
+            for item in items
+        ]
 
     def config(self, body: CompletionRequest, prompt_length: int, seed: int | None) -> GenerationConfig:
         """The decoding parameters: OpenAI's defaults (temperature 1, top_p 1, no top_k);
@@ -107,8 +94,7 @@ class Completions:
             seed=seed,
             stop_strings=list(body.stop or []),
             eos_token_id=list(self.model.manifest.eos_token_ids) or None,
-        )
-        config.validate()
+        )  # the engine validates it
         return config
 
     def submit(self, body: CompletionRequest) -> list[Choice]:
@@ -126,8 +112,8 @@ class Completions:
         for prompt_index, (text, ids) in enumerate(prompts):
             for choice in range(body.n):
                 seed = None if body.seed is None else body.seed + choice
-                request = EngineRequest(prompt_ids=ids, config=self.config(body, len(ids), seed))
-                request.logprobs = body.logprobs
+                config = self.config(body, len(ids), seed)
+                request = EngineRequest(prompt_ids=ids, config=config, logprobs=body.logprobs)
                 planned.append((prompt_index * body.n + choice, text, request))
         choices: list[Choice] = []
         try:
