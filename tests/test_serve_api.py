@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from serve_helpers import app_server, export_tiny_lm  # noqa: E402
 
@@ -141,6 +143,40 @@ def test_stop_strings_and_logprobs(server, model):
             np.sort(reference[step])[::-1][:2], abs=1e-4
         )
     assert choice.logprobs.text_offset == sorted(choice.logprobs.text_offset)
+
+
+def test_n_choices_are_seeded_requests(server):
+    """n=2 with a seed: choice i is the same request alone with seed + i; usage sums both."""
+    request = dict(
+        model=NAME, prompt=PROMPTS[6], max_tokens=12, temperature=0.9, extra_body={"min_tokens": 12}
+    )
+    both = client(server).completions.create(n=2, seed=5, **request)
+    alone = [client(server).completions.create(seed=seed, **request).choices[0].text for seed in (5, 6)]
+    assert [choice.text for choice in sorted(both.choices, key=lambda c: c.index)] == alone
+    assert both.usage.completion_tokens == 24
+
+
+def test_health_and_requests_are_503_while_loading(export):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(timeout=30)
+        return CausalLM.load(export, intra_op_threads=1)
+
+    state = ServerState(slow_load, NAME)
+    from gptneo_onnx.serve.api import create_app
+
+    with TestClient(create_app(state)) as test_client:
+        loading = test_client.get("/health")
+        assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        refused = test_client.post("/v1/completions", json={"prompt": "hi"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "loading"
+        release.set()
+        for _ in range(300):  # bounded: up to 30 s
+            if test_client.get("/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        assert test_client.get("/health").json()["status"] == "ready"
 
 
 def metric_samples(url: str) -> dict[tuple[str, tuple], float]:

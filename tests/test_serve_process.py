@@ -28,8 +28,8 @@ def test_sigterm_finishes_the_stream_refuses_new_requests_and_exits(export):
     ):
         body = {
             "prompt": "Once upon a time",
-            "max_tokens": 1500,
-            "min_tokens": 1500,
+            "max_tokens": 800,
+            "min_tokens": 800,
             "temperature": 0,
             "stream": True,
         }
