@@ -201,9 +201,10 @@ class KVCache:
     def capacity(self) -> int | None:
         return None
 
-    def select(self, rows: list[int] | np.ndarray, drop: int = 0) -> KVCache:
+    def select(self, rows: list[int] | np.ndarray, drop: int = 0, capacity: int | None = None) -> KVCache:
         """Keep these batch rows, in this order; `drop` leading columns (left padding of every kept
-        row) go too, so the caller drops them from its attention mask."""
+        row) go too, so the caller drops them from its attention mask. `capacity`: the new shared
+        buffers' rows (default: as now); size it to what the rows still need."""
         if not 0 <= drop <= self.length:
             raise InputError(f"drop must be in [0, {self.length}], got {drop}")
         rows = np.asarray(rows, dtype=np.int64)
@@ -213,15 +214,16 @@ class KVCache:
         for name, array in self.host_arrays().items():
             kept = local_rows if self.spec.is_local(name) else length
             arrays[name] = np.ascontiguousarray(array[rows][:, :, array.shape[2] - kept :])
-        return self.from_host(self.spec, arrays, length, local_rows, self.capacity())
+        return self.from_host(self.spec, arrays, length, local_rows, capacity or self.capacity())
 
     def reorder(self, indices: list[int] | np.ndarray) -> KVCache:
         """Beam search: row i of the new cache is row `indices[i]` of this one."""
         return self.select(indices)
 
-    def extend(self, *others: KVCache) -> KVCache:
+    def extend(self, *others: KVCache, capacity: int | None = None) -> KVCache:
         """These rows, then the others' rows: one batch `max(length)` columns long. A shorter cache's
-        rows are left-padded with zeros; left-pad its attention mask by `length - its length`."""
+        rows are left-padded with zeros; left-pad its attention mask by `length - its length`.
+        `capacity`: the shared buffers' rows (default: the largest of the caches')."""
         caches = [self, *others]
         if any(type(cache) is not type(self) or cache.spec != self.spec for cache in caches):
             raise InputError("extend joins caches of one model and one cache mode")
@@ -234,8 +236,8 @@ class KVCache:
         for name, _ in self.spec.names:
             rows = local_rows if self.spec.is_local(name) else length
             arrays[name] = np.concatenate([_left_aligned(host[name], rows) for host in hosts], axis=0)
-        capacities = [cache.capacity() or 0 for cache in caches]
-        return self.from_host(self.spec, arrays, length, local_rows, max(capacities) or None)
+        capacity = capacity or max(cache.capacity() or 0 for cache in caches) or None
+        return self.from_host(self.spec, arrays, length, local_rows, capacity)
 
 
 def _left_aligned(array: np.ndarray, rows: int) -> np.ndarray:
