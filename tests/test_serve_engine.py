@@ -199,3 +199,26 @@ def test_a_request_past_its_timeout_ends_and_async_iteration_works(model):
     # greedy: the chosen token is the most likely one
     assert all(max(e.top_logprobs.values()) == e.logprob for e in events[:-1])
     assert isinstance(request.config, GenerationConfig)
+
+
+def test_a_failing_step_ends_its_rows_with_an_error_and_the_engine_goes_on(folders):
+    model = CausalLM.load(folders["portable"], intra_op_threads=1)
+    forward, calls = model.forward, []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the device fell over")
+        return forward(*args, **kwargs)
+
+    model.forward = broken
+    config = model.generation_config(max_new_tokens=8, eos_token_id=NO_EOS)
+    engine = Engine(model, EngineLimits(max_concurrent=2))
+    failed = [engine.submit(EngineRequest([5 + i, 6], config)) for i in range(2)]
+    engine.start()
+    finishes = [list(handle)[-1] for handle in failed]
+    assert [f.finish_reason for f in finishes] == ["error", "error"]
+    assert "the device fell over" in finishes[0].error and engine.stats.running == 0
+    again = list(engine.submit(EngineRequest([5, 6], config)))
+    engine.stop()
+    assert [e.token_id for e in again[:-1]] == model.generate([5, 6], config).sequences[0]

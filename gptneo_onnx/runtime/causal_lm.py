@@ -27,25 +27,10 @@ from gptneo_onnx.runtime.encoding import (
 )
 from gptneo_onnx.runtime.errors import GenerationConfigError, InputError
 from gptneo_onnx.runtime.generation import GenerationConfig, GenerationResult, StopCheck, TokenStep, decode
-from gptneo_onnx.runtime.kv_cache import CacheSpec, KVCache, cache_class, host_cache_limit
+from gptneo_onnx.runtime.kv_cache import CacheSpec, KVCache, cache_class, check_cache_size, host_cache_limit
 from gptneo_onnx.runtime.model import Model
-from gptneo_onnx.runtime.streaming import first_stop_index, stream_text
-
-
-def gpu_attention_advice(manifest: dict, provider: str) -> str | None:
-    """A warning for fp32 fused attention on a GPU: onnxruntime's GroupQueryAttention has CUDA
-    kernels for fp16/bf16 only, so it runs fp32 GQA on the CPU (measured on an H200: 0.13x the
-    portable graph's decode rate after 1,500 tokens)."""
-    attention = (manifest.get("optimization") or {}).get("attention")
-    if provider not in ("cuda", "tensorrt") or attention != "GroupQueryAttention":
-        return None
-    if manifest.get("precision") != "float32":
-        return None
-    return (
-        "this optimized float32 export runs GroupQueryAttention on the CPU under CUDA (onnxruntime "
-        "has GPU kernels for float16 only); for GPUs export with --optimize --precision float16, "
-        "or use the portable flavor for float32"
-    )
+from gptneo_onnx.runtime.providers import gpu_attention_advice
+from gptneo_onnx.runtime.streaming import final_text, stop_checker, stream_text
 
 
 class CausalLM(Model):
@@ -188,7 +173,9 @@ class CausalLM(Model):
         config = self.generation_config(config, **options)
         config.check_token_ids(self.manifest.vocab_size)
         input_ids, attention_mask = self._prepare(as_batch(prompts), config)
-        self._check_cache_size(input_ids.shape[0], input_ids.shape[1] + config.max_new_tokens, config)
+        sequences = max(config.num_beams, config.num_return_sequences)
+        tokens = input_ids.shape[1] + config.max_new_tokens
+        check_cache_size(self.cache_spec, input_ids.shape[0], sequences, tokens, self.max_cache_bytes)
         stop_check = self.stop_check(config.stop_strings)
         return self._steps(input_ids, attention_mask, config, stop_check)
 
@@ -213,7 +200,7 @@ class CausalLM(Model):
             steps = decode(step, input_ids, attention_mask, config, eos, pad, stop_check)
         for event in steps:
             if isinstance(event, GenerationResult) and self.tokenizer is not None:
-                event.texts = [self._final_text(tokens, config.stop_strings) for tokens in event.sequences]
+                event.texts = [final_text(self.tokenizer, t, config.stop_strings) for t in event.sequences]
             yield event
 
     def generate(
@@ -257,36 +244,8 @@ class CausalLM(Model):
         pad = config.pad_token_id if config.pad_token_id is not None else self.pad_token_id
         return left_pad(rows, pad)
 
-    def _check_cache_size(self, prompts: int, tokens: int, config: GenerationConfig) -> None:
-        """Refuse a generation whose KV cache would pass `max_cache_bytes` (every row of every
-        layer holds keys and values for up to `tokens` tokens)."""
-        rows = prompts * max(config.num_beams, config.num_return_sequences)
-        needed = rows * tokens * self.cache_spec.bytes_per_token
-        if self.max_cache_bytes is not None and needed > self.max_cache_bytes:
-            raise GenerationConfigError(
-                f"this generation needs a {needed / 2**30:.1f} GiB KV cache ({prompts} prompt(s) x "
-                f"{rows // prompts} sequence(s) each x {tokens} tokens), over the limit of "
-                f"{self.max_cache_bytes / 2**30:.1f} GiB; lower the batch, num_beams, "
-                "num_return_sequences or max_new_tokens (or load with a larger max_cache_bytes)"
-            )
-
     def stop_check(self, stop_strings: list[str]) -> StopCheck | None:
         """tokens -> whether their text holds a stop string (None without stop strings)."""
-        if not stop_strings:
-            return None
-        if self.tokenizer is None:
+        if stop_strings and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer; this export has none")
-        tokenizer = self.tokenizer
-        # A token decodes to at least one byte, so the last 4 * len + 2 tokens cover any stop string.
-        window = 4 * max(len(stop) for stop in stop_strings) + 2
-
-        def check(tokens: list[int]) -> bool:
-            tail = tokenizer.decode(tokens[-window:], skip_special_tokens=True)
-            return first_stop_index(tail, stop_strings) is not None
-
-        return check
-
-    def _final_text(self, tokens: list[int], stop_strings: list[str]) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = first_stop_index(text, stop_strings)
-        return text if cut is None else text[:cut]
+        return stop_checker(self.tokenizer, stop_strings) if stop_strings else None

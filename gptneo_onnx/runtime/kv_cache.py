@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnxruntime as ort
 
-from gptneo_onnx.runtime.errors import InputError
+from gptneo_onnx.runtime.errors import GenerationConfigError, InputError
 from gptneo_onnx.runtime.local_window import LocalWindow
 from gptneo_onnx.runtime.manifest import Manifest
 
@@ -90,6 +90,19 @@ def host_cache_limit() -> int | None:
         return None
 
 
+def check_cache_size(spec: CacheSpec, prompts: int, sequences: int, tokens: int, limit: int | None) -> None:
+    """Refuse a generation whose cache would pass `limit` bytes: `prompts` x `sequences` rows, each
+    holding keys and values of every layer for up to `tokens` tokens."""
+    needed = prompts * sequences * tokens * spec.bytes_per_token
+    if limit is not None and needed > limit:
+        raise GenerationConfigError(
+            f"this generation needs a {needed / 2**30:.1f} GiB KV cache ({prompts} prompt(s) x "
+            f"{sequences} sequence(s) each x {tokens} tokens), over the limit of "
+            f"{limit / 2**30:.1f} GiB; lower the batch, num_beams, "
+            "num_return_sequences or max_new_tokens (or load with a larger max_cache_bytes)"
+        )
+
+
 class KVCache:
     """One batch's past keys and values; `values` are keyed by the graph's past input names.
 
@@ -99,21 +112,23 @@ class KVCache:
 
     mode: ClassVar[str]
 
+    in_place: ClassVar[bool] = False  # trims in place (shared buffers) or replaces the arrays
+
     def __init__(
-        self, spec: CacheSpec, values: dict[str, Any], length: int = 0, local_length: int | None = None
+        self, spec: CacheSpec, values: dict[str, Any], length: int = 0, local_rows: int | None = None
     ):
         self.spec = spec
         self.values = values
         self.length = length  # past_sequence_length: mask columns cached
-        # rows the local layers hold (windowed local cache), else None
-        self.local_length = local_length if local_length is not None or spec.local is None else length
+        # rows the local layers of a windowed cache hold: the newest `local_rows` columns
+        self.local_rows = length if local_rows is None else local_rows
 
     @classmethod
     def empty(cls, spec: CacheSpec, batch: int, capacity: int | None = None) -> KVCache:
         arrays = {
             past: np.zeros((batch, spec.num_heads, 0, spec.head_dim), spec.dtype) for past, _ in spec.names
         }
-        return cls.from_host(spec, arrays, 0, None, capacity)
+        return cls.from_host(spec, arrays, 0, 0, capacity)
 
     @classmethod
     def from_host(
@@ -121,7 +136,7 @@ class KVCache:
         spec: CacheSpec,
         arrays: dict[str, np.ndarray],
         length: int,
-        local_length: int | None,
+        local_rows: int,
         capacity: int | None = None,
     ) -> KVCache:
         """A cache of this mode holding `arrays` (each (B, H, rows, D), the filled rows only)."""
@@ -136,10 +151,6 @@ class KVCache:
     def batch(self) -> int:
         value = next(iter(self.values.values()))
         return int(value.shape()[0] if isinstance(value, ort.OrtValue) else value.shape[0])
-
-    @property
-    def local_rows(self) -> int:
-        return self.length if self.local_length is None else self.local_length
 
     def rows(self, name: str) -> int:
         """Rows held by the value `name` (local layers of a windowed cache hold fewer)."""
@@ -171,8 +182,7 @@ class KVCache:
         """Take the presents as the next pasts (a shared buffer already holds them)."""
         self.values.update(outputs)
         self.length += new
-        if self.local_length is not None:
-            self.local_length += new
+        self.local_rows += new
 
     def trim(self) -> None:
         """Windowed local cache on the host: past `min_rows + slack`, keep the newest `min_rows`."""
@@ -180,7 +190,7 @@ class KVCache:
         if local is None or not self.spec.on_host or local.rows_to_keep(self.local_rows) == self.local_rows:
             return
         arrays = {name: value for name, value in self.host_arrays().items() if self.spec.is_local(name)}
-        self.local_length = local.trim(arrays, self.local_rows, in_place=self.mode == "shared-buffer")
+        self.local_rows = local.trim(arrays, self.local_rows, self.in_place)
         self.store_local(arrays)
 
     def store_local(self, arrays: dict[str, np.ndarray]) -> None:
@@ -191,51 +201,48 @@ class KVCache:
     def capacity(self) -> int | None:
         return None
 
-    def select(self, rows: list[int] | np.ndarray, drop: int = 0) -> KVCache:
+    def select(self, rows: list[int] | np.ndarray, drop: int = 0, capacity: int | None = None) -> KVCache:
         """Keep these batch rows, in this order; `drop` leading columns (left padding of every kept
-        row) go too, so the caller drops them from its attention mask."""
+        row) go too, so the caller drops them from its attention mask. `capacity`: the new shared
+        buffers' rows (default: as now); size it to what the rows still need."""
         if not 0 <= drop <= self.length:
             raise InputError(f"drop must be in [0, {self.length}], got {drop}")
         rows = np.asarray(rows, dtype=np.int64)
         length = self.length - drop
-        local_length = None if self.local_length is None else min(self.local_length, length)
-        arrays = {
-            name: np.ascontiguousarray(
-                array[rows][:, :, array.shape[2] - (local_length if self.spec.is_local(name) else length) :]
-            )
-            for name, array in self.host_arrays().items()
-        }
-        return self.from_host(self.spec, arrays, length, local_length, self.capacity())
+        local_rows = min(self.local_rows, length)
+        arrays = {}
+        for name, array in self.host_arrays().items():
+            kept = local_rows if self.spec.is_local(name) else length
+            arrays[name] = np.ascontiguousarray(array[rows][:, :, array.shape[2] - kept :])
+        return self.from_host(self.spec, arrays, length, local_rows, capacity or self.capacity())
 
     def reorder(self, indices: list[int] | np.ndarray) -> KVCache:
         """Beam search: row i of the new cache is row `indices[i]` of this one."""
         return self.select(indices)
 
-    def extend(self, *others: KVCache) -> KVCache:
+    def extend(self, *others: KVCache, capacity: int | None = None) -> KVCache:
         """These rows, then the others' rows: one batch `max(length)` columns long. A shorter cache's
-        rows are left-padded with zeros; left-pad its attention mask by `length - its length`."""
+        rows are left-padded with zeros; left-pad its attention mask by `length - its length`.
+        `capacity`: the shared buffers' rows (default: the largest of the caches')."""
         caches = [self, *others]
         if any(type(cache) is not type(self) or cache.spec != self.spec for cache in caches):
             raise InputError("extend joins caches of one model and one cache mode")
         length = max(cache.length for cache in caches)
-        local_length = None
-        if self.spec.local is not None:
-            local_length = self.spec.local.common_rows([(c.local_rows, c.length) for c in caches])
+        # Local layers: the most rows any cache holds. Zero rows in front of an untrimmed cache
+        # fall on its left padding; in front of a trimmed one (>= min_rows rows), outside the window.
+        local_rows = max(cache.local_rows for cache in caches)
         hosts = [cache.host_arrays() for cache in caches]
         arrays = {}
         for name, _ in self.spec.names:
-            rows = local_length if self.spec.is_local(name) else length
+            rows = local_rows if self.spec.is_local(name) else length
             arrays[name] = np.concatenate([_left_aligned(host[name], rows) for host in hosts], axis=0)
-        capacities = [cache.capacity() or 0 for cache in caches]
-        return self.from_host(self.spec, arrays, length, local_length, max(capacities) or None)
+        capacity = capacity or max(cache.capacity() or 0 for cache in caches) or None
+        return self.from_host(self.spec, arrays, length, local_rows, capacity)
 
 
 def _left_aligned(array: np.ndarray, rows: int) -> np.ndarray:
-    """The newest `rows` rows of a (B, H, T, D) array, zero rows in front where it holds fewer."""
-    held = array.shape[2]
-    if held >= rows:
-        return array[:, :, held - rows :]
-    return np.pad(array, ((0, 0), (0, 0), (rows - held, 0), (0, 0)))
+    """A (B, H, T, D) array with zero rows in front, to `rows` rows."""
+    return np.pad(array, ((0, 0), (0, 0), (rows - array.shape[2], 0), (0, 0)))
 
 
 class ConcatCache(KVCache):
@@ -244,8 +251,8 @@ class ConcatCache(KVCache):
     mode = "concat"
 
     @classmethod
-    def from_host(cls, spec, arrays, length, local_length, capacity=None):  # noqa: D102
-        return cls(spec, dict(arrays), length, local_length)
+    def from_host(cls, spec, arrays, length, local_rows, capacity=None):  # noqa: D102
+        return cls(spec, dict(arrays), length, local_rows)
 
     def host_arrays(self) -> dict[str, np.ndarray]:
         return dict(self.values)
@@ -263,12 +270,18 @@ class BoundConcatCache(KVCache):
     mode = "concat"
 
     @classmethod
-    def from_host(cls, spec, arrays, length, local_length, capacity=None):  # noqa: D102
+    def empty(cls, spec: CacheSpec, batch: int, capacity: int | None = None) -> KVCache:
+        shape = (batch, spec.num_heads, 0, spec.head_dim)
+        make = ort.OrtValue.ortvalue_from_shape_and_type
+        return cls(spec, {past: make(shape, spec.dtype.type, *spec.device) for past, _ in spec.names})
+
+    @classmethod
+    def from_host(cls, spec, arrays, length, local_rows, capacity=None):  # noqa: D102
         values = {
             name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *spec.device)
             for name, array in arrays.items()
         }
-        return cls(spec, values, length, local_length)
+        return cls(spec, values, length, local_rows)
 
     def host_arrays(self) -> dict[str, np.ndarray]:
         return {name: value.numpy() for name, value in self.values.items()}  # a view on the CPU
@@ -297,12 +310,14 @@ class SharedBufferCache(KVCache):
 
     mode = "shared-buffer"
 
-    def __init__(self, spec, values, length=0, local_length=None):  # noqa: D107
-        super().__init__(spec, values, length, local_length)
+    in_place = True
+
+    def __init__(self, spec, values, length=0, local_rows=None):  # noqa: D107
+        super().__init__(spec, values, length, local_rows)
         self._binding: ort.IOBinding | None = None
 
     @classmethod
-    def from_host(cls, spec, arrays, length, local_length, capacity=None):  # noqa: D102
+    def from_host(cls, spec, arrays, length, local_rows, capacity=None):  # noqa: D102
         capacity = capacity or length
         if capacity < length:
             raise InputError(f"capacity {capacity} is below the {length} cached tokens")
@@ -314,7 +329,7 @@ class SharedBufferCache(KVCache):
             buffer = np.zeros((batch, spec.num_heads, capacity, spec.head_dim), spec.dtype)
             buffer[:, :, : array.shape[2]] = array
             values[name] = ort.OrtValue.ortvalue_from_numpy(buffer, *spec.device)
-        return cls(spec, values, length, local_length)
+        return cls(spec, values, length, local_rows)
 
     def capacity(self) -> int:
         return int(next(iter(self.values.values())).shape()[2])

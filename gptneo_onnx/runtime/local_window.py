@@ -49,14 +49,6 @@ class LocalWindow:
         """How many of `rows` cached rows to keep: all, until they pass `min_rows + slack`."""
         return self.min_rows if rows > self.min_rows + self.slack else rows
 
-    def common_rows(self, caches: list[tuple[int, int]]) -> int:
-        """The rows local layers hold when caches of (held rows, length) join one batch. A trimmed
-        cache (held < length) may drop more of its oldest rows, down to `min_rows`, but has none
-        to add; an untrimmed one holds its whole sequence, so zero rows in front of it fall on
-        left padding. So: the fewest rows of a trimmed cache, else the most of any."""
-        trimmed = [held for held, length in caches if held < length]
-        return min(trimmed) if trimmed else max(held for held, _ in caches)
-
     def trim(self, arrays: dict[str, np.ndarray], rows: int, in_place: bool) -> int:
         """After a step that left `rows` rows in the local layers' caches, trim `arrays` (keyed
         by past name; other keys are left alone) as `rows_to_keep` says and return the rows now

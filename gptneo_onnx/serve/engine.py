@@ -74,7 +74,6 @@ class Engine:
         self.model, self.limits, self.policy, self.on_step = model, limits, policy, on_step
         self._eos = model.manifest.eos_token_ids
         self._positions = model.manifest.max_position_embeddings
-        self._capacity = min(self._positions, limits.max_total_tokens or self._positions)
         self._lock = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
         self._active = 0  # admitted requests not yet finished (prefilling or in the batch)
@@ -84,8 +83,7 @@ class Engine:
         # the running batch: rows, their KV cache, attention mask (B, L) and next input token
         self._rows: list[Row] = []
         self._cache: KVCache | None = None
-        self._mask = np.zeros((0, 0), np.int64)
-        self._next = np.zeros(0, np.int64)
+        self._reset_batch()
 
     # ---- the caller's side -----------------------------------------------------------------------
     @property
@@ -178,13 +176,16 @@ class Engine:
                     self._lock.wait(IDLE_WAIT_S)
                 if self._stopping:
                     return
-            self._leave()  # first, so that the slots it frees are taken at once
-            with self._lock:
-                joining = self._admit()
-            for handle in joining:
-                self._join(handle)
-            if self._rows:
-                self._step()
+            try:
+                self._leave()  # first, so that the slots it frees are taken at once
+                with self._lock:
+                    joining = self._admit()
+                for handle in joining:
+                    self._join(handle)
+                if self._rows:
+                    self._step()
+            except Exception as error:  # noqa: BLE001 - the batch fails, the engine goes on
+                self._fail_batch(error)
 
     def _admit(self) -> list[RequestHandle]:
         """Under the lock: take the waiting requests this policy lets in now."""
@@ -228,14 +229,13 @@ class Engine:
         if len(keep) == len(self._rows):
             return
         if not keep:
-            self._rows, self._cache = [], None
-            self._mask, self._next = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
-            return
+            return self._reset_batch()
         mask = self._mask[keep]
         drop = int(np.argmax(mask != 0, axis=1).min())  # left padding no kept row needs
-        self._cache = self._cache.select(keep, drop)
-        self._mask, self._next = mask[:, drop:], self._next[keep]
         self._rows = [self._rows[i] for i in keep]
+        capacity = self._cache.length - drop + self._room(self._rows)
+        self._cache = self._cache.select(keep, drop, capacity)
+        self._mask, self._next = mask[:, drop:], self._next[keep]
 
     def _join(self, handle: RequestHandle) -> None:
         """Prefill one request alone, emit its first token, and extend the batch with its row."""
@@ -246,7 +246,9 @@ class Engine:
             return self._finish(row, "cancelled")
         ids = np.asarray([handle.request.prompt_ids], np.int64)
         try:
-            logits, cache = model.forward(ids, np.ones_like(ids), capacity=self._capacity)
+            logits, cache = model.forward(
+                ids, np.ones_like(ids), capacity=ids.shape[1] + config.max_new_tokens
+            )
             event, reason = row.advance(logits[0, -1])
         except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
             return self._finish(row, "error", f"{type(error).__name__}: {error}")
@@ -257,7 +259,7 @@ class Engine:
             self._cache, self._mask = cache, np.ones_like(ids)
         else:
             length = max(self._cache.length, cache.length)
-            self._cache = self._cache.extend(cache)
+            self._cache = self._cache.extend(cache, capacity=length + self._room([*self._rows, row]))
             self._mask = np.concatenate([_left_pad(self._mask, length), _left_pad(np.ones_like(ids), length)])
         self._next = np.append(self._next, event.token_id)
         self._rows.append(row)
@@ -265,15 +267,7 @@ class Engine:
     def _step(self) -> None:
         """One decode step for the whole batch; each live row takes its next token."""
         self._mask = np.concatenate([self._mask, np.ones((len(self._rows), 1), np.int64)], axis=1)
-        try:
-            logits, self._cache = self.model.forward(self._next[:, None], self._mask, past=self._cache)
-        except Exception as error:  # noqa: BLE001 - every row of this batch fails, the engine goes on
-            for row in self._rows:
-                if not row.done:
-                    self._finish(row, "error", f"{type(error).__name__}: {error}")
-            self._rows, self._cache = [], None
-            self._mask, self._next = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
-            return
+        logits, self._cache = self.model.forward(self._next[:, None], self._mask, past=self._cache)
         if self.on_step is not None:
             self.on_step(len(self._rows))
         for index, row in enumerate(self._rows):
@@ -289,12 +283,29 @@ class Engine:
             if reason is not None:
                 self._finish(row, reason)
 
+    @staticmethod
+    def _room(rows: list[Row]) -> int:
+        """Cache rows the batch still needs past its length: the most steps a row has left. A
+        shared-buffer cache is sized to that when rows join or leave (never to the whole context:
+        copying a batch into buffers mostly unused costs more than the steps between)."""
+        return max(row.config.max_new_tokens - len(row.generated) for row in rows)
+
+    def _fail_batch(self, error: Exception) -> None:
+        for row in self._rows:
+            if not row.done:
+                self._finish(row, "error", f"{type(error).__name__}: {error}")
+        self._reset_batch()
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache = [], None
+        self._mask, self._next = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
+
     def _end_everything(self) -> None:
         """After the thread stopped: every request still admitted or waiting ends as cancelled."""
         for row in self._rows:
             if not row.done:
                 self._finish(row, "cancelled", "the engine stopped before the request finished")
-        self._rows, self._cache = [], None
+        self._reset_batch()
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
         for handle in waiting:

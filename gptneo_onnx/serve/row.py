@@ -75,8 +75,9 @@ class Row:
         if self.logprobs is not None:
             logprobs = log_softmax(logits.astype(np.float64))
             event.logprob = float(logprobs[token])
-            top = np.argsort(-logprobs, kind="stable")[: self.logprobs]
-            event.top_logprobs = {int(t): float(logprobs[t]) for t in top}
+            k = min(self.logprobs, logprobs.size)
+            top = np.argpartition(-logprobs, k - 1)[:k] if k else []
+            event.top_logprobs = {int(t): float(logprobs[t]) for t in sorted(top, key=lambda t: -logprobs[t])}
         return event, reason
 
     def finish(self, reason: str, error: str | None = None) -> None:
