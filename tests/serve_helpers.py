@@ -94,8 +94,12 @@ def cli_server(*arguments: str, timeout: float = 60) -> Iterator[tuple[subproces
         wait_healthy(url, timeout=max(1.0, deadline - time.monotonic()), process=process)
         yield process, url
     finally:
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None:  # SIGTERM first: a Ray driver shuts its cluster down on it
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
         process.wait(timeout=30)
 
 
