@@ -64,8 +64,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
+    try:  # FastAPI and uvicorn (the serve extra) come in with these
         from gptneo_onnx.serve.engine import EngineLimits
+        from gptneo_onnx.serve.server import serve_forever
     except ImportError as error:
         raise ServeSetupError(
             f"serving needs the serve extra: pip install 'gptneo-onnx[serve]' ({error})"
@@ -91,7 +92,12 @@ def _serve(args: argparse.Namespace) -> int:
     )
     load_options = {"provider": args.provider, "intra_op_threads": args.threads}
     if args.replicas is not None or args.ray_address is not None:
-        from gptneo_onnx.serve.ray_app import run_on_ray
+        try:
+            from gptneo_onnx.serve.ray_app import run_on_ray
+        except ImportError as error:
+            raise ServeSetupError(
+                f"--replicas and --ray-address need the ray extra: pip install 'gptneo-onnx[ray]' ({error})"
+            ) from None
 
         return run_on_ray(
             args.export_dir, model_name, limits, args.policy, load_options,
@@ -100,7 +106,6 @@ def _serve(args: argparse.Namespace) -> int:
         )  # fmt: skip
     from gptneo_onnx.runtime import Model
     from gptneo_onnx.serve.api import ServerState
-    from gptneo_onnx.serve.server import serve_forever
 
     folder = args.export_dir
     state = ServerState(lambda: Model.load(folder, **load_options), model_name, limits, args.policy)
