@@ -235,14 +235,16 @@ class KVCache:
         arrays = {}
         for name, _ in self.spec.names:
             rows = local_rows if self.spec.is_local(name) else length
-            arrays[name] = np.concatenate([_left_aligned(host[name], rows) for host in hosts], axis=0)
+            parts = [host[name] for host in hosts]
+            batch = sum(part.shape[0] for part in parts)
+            joined = np.zeros((batch, self.spec.num_heads, rows, self.spec.head_dim), self.spec.dtype)
+            start = 0
+            for part in parts:  # right-aligned: zero rows in front of the shorter ones
+                joined[start : start + part.shape[0], :, rows - part.shape[2] :] = part
+                start += part.shape[0]
+            arrays[name] = joined
         capacity = capacity or max(cache.capacity() or 0 for cache in caches) or None
         return self.from_host(self.spec, arrays, length, local_rows, capacity)
-
-
-def _left_aligned(array: np.ndarray, rows: int) -> np.ndarray:
-    """A (B, H, T, D) array with zero rows in front, to `rows` rows."""
-    return np.pad(array, ((0, 0), (0, 0), (rows - array.shape[2], 0), (0, 0)))
 
 
 class ConcatCache(KVCache):
