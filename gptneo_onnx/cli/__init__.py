@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "gptneo_onnx.cli.info_command",
     "gptneo_onnx.cli.export_commands",
     "gptneo_onnx.cli.bench_commands",
+    "gptneo_onnx.cli.serve_commands",
 )
 DEBUG_VARIABLE = "GPTNEO_ONNX_DEBUG"  # set it to see the traceback of an unexpected error
 USER_ERROR_EXIT = 2

@@ -231,9 +231,10 @@ class KVCache:
     def capacity(self) -> int | None:
         return None
 
-    def select(self, rows: list[int] | np.ndarray, drop: int = 0) -> KVCache:
+    def select(self, rows: list[int] | np.ndarray, drop: int = 0, capacity: int | None = None) -> KVCache:
         """Keep these batch rows, in this order; `drop` leading columns (left padding of every kept
-        row) go too, so the caller drops them from its attention mask."""
+        row) go too, so the caller drops them from its attention mask. `capacity`: the new shared
+        buffers' rows (default: as now); size it to what the rows still need."""
         if not 0 <= drop <= self.length:
             raise InputError(f"drop must be in [0, {self.length}], got {drop}")
         rows = np.asarray(rows, dtype=np.int64)
@@ -243,15 +244,16 @@ class KVCache:
         for name, array in self.host_arrays().items():
             kept = local_rows if self.spec.is_local(name) else length
             arrays[name] = np.ascontiguousarray(array[rows][:, :, array.shape[2] - kept :])
-        return self.from_host(self.spec, arrays, length, local_rows, self.capacity())
+        return self.from_host(self.spec, arrays, length, local_rows, capacity or self.capacity())
 
     def reorder(self, indices: list[int] | np.ndarray) -> KVCache:
         """Beam search: row i of the new cache is row `indices[i]` of this one."""
         return self.select(indices)
 
-    def extend(self, *others: KVCache) -> KVCache:
+    def extend(self, *others: KVCache, capacity: int | None = None) -> KVCache:
         """These rows, then the others' rows: one batch `max(length)` columns long. A shorter cache's
-        rows are left-padded with zeros; left-pad its attention mask by `length - its length`."""
+        rows are left-padded with zeros; left-pad its attention mask by `length - its length`.
+        `capacity`: the shared buffers' rows (default: the largest of the caches')."""
         caches = [self, *others]
         if any(type(cache) is not type(self) or cache.spec != self.spec for cache in caches):
             raise InputError("extend joins caches of one model and one cache mode")
@@ -263,14 +265,16 @@ class KVCache:
         arrays = {}
         for name, _ in self.spec.names:
             rows = local_rows if self.spec.is_local(name) else length
-            arrays[name] = np.concatenate([_left_aligned(host[name], rows) for host in hosts], axis=0)
-        capacities = [cache.capacity() or 0 for cache in caches]
-        return self.from_host(self.spec, arrays, length, local_rows, max(capacities) or None)
-
-
-def _left_aligned(array: np.ndarray, rows: int) -> np.ndarray:
-    """A (B, H, T, D) array with zero rows in front, to `rows` rows."""
-    return np.pad(array, ((0, 0), (0, 0), (rows - array.shape[2], 0), (0, 0)))
+            parts = [host[name] for host in hosts]
+            batch = sum(part.shape[0] for part in parts)
+            joined = np.zeros((batch, self.spec.num_heads, rows, self.spec.head_dim), self.spec.dtype)
+            start = 0
+            for part in parts:  # right-aligned: zero rows in front of the shorter ones
+                joined[start : start + part.shape[0], :, rows - part.shape[2] :] = part
+                start += part.shape[0]
+            arrays[name] = joined
+        capacity = capacity or max(cache.capacity() or 0 for cache in caches) or None
+        return self.from_host(self.spec, arrays, length, local_rows, capacity)
 
 
 class ConcatCache(KVCache):

@@ -74,7 +74,6 @@ class Engine:
         self.model, self.limits, self.policy, self.on_step = model, limits, policy, on_step
         self._eos = model.manifest.eos_token_ids
         self._positions = model.manifest.max_position_embeddings
-        self._capacity = min(self._positions, limits.max_total_tokens or self._positions)
         self._lock = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
         self._active = 0  # admitted requests not yet finished (prefilling or in the batch)
@@ -233,9 +232,10 @@ class Engine:
             return self._reset_batch()
         mask = self._mask[keep]
         drop = int(np.argmax(mask != 0, axis=1).min())  # left padding no kept row needs
-        self._cache = self._cache.select(keep, drop)
-        self._mask, self._next = mask[:, drop:], self._next[keep]
         self._rows = [self._rows[i] for i in keep]
+        capacity = self._cache.length - drop + self._room(self._rows)
+        self._cache = self._cache.select(keep, drop, capacity)
+        self._mask, self._next = mask[:, drop:], self._next[keep]
 
     def _join(self, handle: RequestHandle) -> None:
         """Prefill one request alone, emit its first token, and extend the batch with its row."""
@@ -246,7 +246,9 @@ class Engine:
             return self._finish(row, "cancelled")
         ids = np.asarray([handle.request.prompt_ids], np.int64)
         try:
-            logits, cache = model.forward(ids, np.ones_like(ids), capacity=self._capacity)
+            logits, cache = model.forward(
+                ids, np.ones_like(ids), capacity=ids.shape[1] + config.max_new_tokens
+            )
             event, reason = row.advance(logits[0, -1])
         except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
             return self._finish(row, "error", f"{type(error).__name__}: {error}")
@@ -257,7 +259,7 @@ class Engine:
             self._cache, self._mask = cache, np.ones_like(ids)
         else:
             length = max(self._cache.length, cache.length)
-            self._cache = self._cache.extend(cache)
+            self._cache = self._cache.extend(cache, capacity=length + self._room([*self._rows, row]))
             self._mask = np.concatenate([_left_pad(self._mask, length), _left_pad(np.ones_like(ids), length)])
         self._next = np.append(self._next, event.token_id)
         self._rows.append(row)
@@ -280,6 +282,13 @@ class Engine:
             self._next[index] = event.token_id
             if reason is not None:
                 self._finish(row, reason)
+
+    @staticmethod
+    def _room(rows: list[Row]) -> int:
+        """Cache rows the batch still needs past its length: the most steps a row has left. A
+        shared-buffer cache is sized to that when rows join or leave (never to the whole context:
+        copying a batch into buffers mostly unused costs more than the steps between)."""
+        return max(row.config.max_new_tokens - len(row.generated) for row in rows)
 
     def _fail_batch(self, error: Exception) -> None:
         for row in self._rows:
