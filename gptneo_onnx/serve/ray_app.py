@@ -113,7 +113,9 @@ def run_on_ray(
         try:
             serve.run(application, name=APP_NAME, route_prefix="/")
         except Exception as error:  # a replica that failed to start, a taken port: one line
-            print(f"error: Ray Serve could not start the application: {error}", file=sys.stderr)
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            print(f"error: Ray Serve could not start the application: {first} (Ray's logs: "
+                  "/tmp/ray/session_latest/logs)", file=sys.stderr)  # fmt: skip
             return 1
         print(
             f"serving {model_name!r} on http://{host}:{port} with {replicas} replica(s) on Ray",
