@@ -82,12 +82,14 @@ def cli_server(*arguments: str, timeout: float = 60) -> Iterator[tuple[subproces
     command = [*cli_command(), "serve", *arguments]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        url = None
+        url, said = None, []
         deadline = time.monotonic() + timeout
         while url is None and time.monotonic() < deadline:
             line = process.stderr.readline()
+            said.append(line)
             if not line and process.poll() is not None:
-                raise AssertionError(f"the server exited with {process.returncode} before serving")
+                tail = "".join(said)[-3000:]
+                raise AssertionError(f"the server exited with {process.returncode} before serving:\n{tail}")
             found = re.search(r"on (http://\S+)", line)
             url = found.group(1) if found else None
         assert url is not None, "the server never said where it listens"

@@ -110,7 +110,13 @@ def run_on_ray(
         application = deployment_app(
             export_dir.resolve(), model_name, limits, policy, load_options, replicas, shutdown_timeout
         )
-        serve.run(application, name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(application, name=APP_NAME, route_prefix="/")
+        except Exception as error:  # a replica that failed to start, a taken port: one line
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            print(f"error: Ray Serve could not start the application: {first} (Ray's logs: "
+                  "/tmp/ray/session_latest/logs)", file=sys.stderr)  # fmt: skip
+            return 1
         print(
             f"serving {model_name!r} on http://{host}:{port} with {replicas} replica(s) on Ray",
             file=sys.stderr, flush=True,
