@@ -4,28 +4,45 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from gptneo_onnx.cli.parsing import add_command, bounded_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "serve",
-        help="serve an export over HTTP: OpenAI /v1/completions with continuous batching, metrics",
-        description="Serve an export over HTTP (OpenAI-compatible). One replica in this process, or "
-        "N replicas on Ray Serve with --replicas / --ray-address.",
+        "serve an export over HTTP: OpenAI /v1/completions with continuous batching, metrics",
+        "Serve an export over HTTP (OpenAI-compatible). One replica in this process, or N replicas on "
+        "Ray Serve with --replicas / --ray-address. Binds 127.0.0.1 unless --host says otherwise.",
+        [
+            "gptneo-onnx serve                                  # the bundled model on 127.0.0.1:8000",
+            "gptneo-onnx serve exports/neo --max-concurrent 8 --threads 2",
+            "gptneo-onnx serve exports/neo --replicas 2 --threads 1    # Ray Serve (the ray extra)",
+        ],
     )
     parser.add_argument(
         "export_dir", nargs="?", type=Path, help="the export folder (default: the bundled model's export)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
-    parser.add_argument("--max-concurrent", type=int, default=8, help="requests decoded at once (slots)")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
-    parser.add_argument("--max-input-tokens", type=int, help="longest prompt accepted (default: the context)")
     parser.add_argument(
-        "--max-total-tokens", type=int, help="prompt + max_tokens limit (default: the context)"
+        "--port", type=bounded_int(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)"
+    )
+    parser.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
+    parser.add_argument(
+        "--max-concurrent", type=bounded_int(1, 1024), default=8, help="requests decoded at once (slots)"
+    )
+    parser.add_argument(
+        "--max-queue", type=bounded_int(0), default=64, help="requests waiting for a slot; more get 429"
+    )
+    parser.add_argument(
+        "--max-input-tokens", type=bounded_int(1), help="longest prompt accepted (default: the context)"
+    )
+    parser.add_argument(
+        "--max-total-tokens", type=bounded_int(1), help="prompt + max_tokens limit (default: the context)"
     )
     parser.add_argument("--request-timeout", type=float, help="seconds a request may take (default: none)")
     parser.add_argument(
@@ -35,9 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--policy", choices=("continuous", "static", "sequential"), default="continuous",
         help="batching: continuous (default), static batches, or one request at a time",
     )  # fmt: skip
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads per replica")
+    parser.add_argument(
+        "--threads",
+        type=bounded_int(1, 4 * (os.cpu_count() or 1)),
+        help="onnxruntime intra-op threads per replica",
+    )
     parser.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
-    parser.add_argument("--replicas", type=int, help="run N replicas on Ray Serve (the ray extra)")
+    parser.add_argument(
+        "--replicas", type=bounded_int(1, 64), help="run N replicas on Ray Serve (the ray extra)"
+    )
     parser.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://head:10001)")
     parser.set_defaults(handler=run_serve)
 
