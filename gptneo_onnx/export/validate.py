@@ -20,7 +20,12 @@ import torch
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.errors import ParityError
 from gptneo_onnx.export.output_folder import write_json
-from gptneo_onnx.export.reference_runs import computing_in, reference_causal_lm, reference_single_pass
+from gptneo_onnx.export.reference_runs import (
+    computing_in,
+    positions,
+    reference_causal_lm,
+    reference_single_pass,
+)
 
 __all__ = ["ParityError", "Tolerance", "parity_verdict", "validate_export", "validation_batch"]
 REPORT_FILE = "parity_report.json"
@@ -88,10 +93,6 @@ def validation_batch(config: GPTNeoConfig, seed: int = 0) -> tuple[np.ndarray, n
     if config.pad_token_id is not None:
         ids[1, :padding] = config.pad_token_id
     return ids, mask
-
-
-def positions(mask: np.ndarray, query_length: int) -> np.ndarray:
-    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -query_length:]
 
 
 def causal_lm_steps(length: int) -> tuple[int, ...]:
