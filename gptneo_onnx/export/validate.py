@@ -202,9 +202,13 @@ def _judge(
         runner_up = np.partition(expected, -2, axis=-1)[..., -2] if expected.shape[-1] > 1 else -np.inf
         margin = np.take_along_axis(expected, top[..., None], -1)[..., 0] - runner_up
         decided = margin > np.take_along_axis(allowed, top[..., None], -1)[..., 0]
-        flipped = decided & (actual.argmax(-1) != top)
+        same = actual.argmax(-1) == top
+        flipped = decided & ~same
         check.update(
-            top1_positions=int(top.size), top1_decided=int(decided.sum()), top1_flipped=int(flipped.sum())
+            top1_positions=int(top.size),
+            top1_same=int(same.sum()),
+            top1_decided=int(decided.sum()),
+            top1_flipped=int(flipped.sum()),
         )
         check["passed"] = check["passed"] and not flipped.any()
     if not check["passed"]:
@@ -222,7 +226,8 @@ def parity_verdict(model: torch.nn.Module, session, manifest: dict, tolerance: T
     errors: list[str] = []
     actual: dict[str, np.ndarray] = {}
     if session is not None:
-        missing = [spec["name"] for spec in manifest["outputs"] if spec["name"] not in session_names(session)]
+        produced = {output.name for output in session.get_outputs()}
+        missing = [spec["name"] for spec in manifest["outputs"] if spec["name"] not in produced]
         if missing:
             errors.append(f"the graph lacks the output(s) {', '.join(missing)}")
         else:
@@ -246,6 +251,8 @@ def parity_verdict(model: torch.nn.Module, session, manifest: dict, tolerance: T
         _judge(name, out, rounding[out.group], actual.get(name), tolerance, floor_atol)
         for name, out in truth.items()
     ]
+    positions = sum(check.get("top1_positions", 0) for check in checks)
+    same = sum(check.get("top1_same", 0) for check in checks)
     decided = sum(check.get("top1_decided", 0) for check in checks)
     flipped = sum(check.get("top1_flipped", 0) for check in checks)
     failed = [check["output"] for check in checks if not check["passed"]]
@@ -261,6 +268,7 @@ def parity_verdict(model: torch.nn.Module, session, manifest: dict, tolerance: T
         "top1_agreement": (decided - flipped) / decided if decided else 1.0,
         "top1_agreement_required": 1.0,
         "top1_decided_positions": decided,
+        "top1_agreement_all_positions": same / positions if positions else 1.0,  # near-ties included
         **tolerance.describe(),
         "inputs": {
             "batch": int(ids.shape[0]),
@@ -269,10 +277,6 @@ def parity_verdict(model: torch.nn.Module, session, manifest: dict, tolerance: T
         },
         "checks": checks,
     }
-
-
-def session_names(session) -> set[str]:
-    return {output.name for output in session.get_outputs()}
 
 
 def validate_export(model: torch.nn.Module, export_dir: Path, manifest: dict, tolerance: Tolerance) -> dict:
