@@ -53,7 +53,13 @@ class Tolerance:
         if quantization:  # quality is judged by perplexity (quality_report.json)
             return cls(floor_atol=float("inf"), rounding_precision=None)
         if precision == "float16":
-            return cls(floor_atol=0.05, floor_relative_to_logit_range=True, rounding_precision="float16")
+            # fp16 keeps ~3 decimal digits: at trained scale its own reference is often >10% off
+            return cls(
+                floor_atol=0.05,
+                floor_relative_to_logit_range=True,
+                rounding_precision="float16",
+                rounding_cap=0.25,
+            )
         return cls(floor_atol=1e-4, floor_rtol=1e-4)
 
     def describe(self) -> dict:
