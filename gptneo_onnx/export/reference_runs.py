@@ -58,6 +58,11 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
             leaf.to(original[id(leaf)])
 
 
+def positions(mask: np.ndarray, query_length: int) -> np.ndarray:
+    """Position ids that skip left padding (cumsum of the mask minus one, at least 0). (B, S)"""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -query_length:]
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to(torch.float64).numpy()
 
@@ -78,7 +83,7 @@ def reference_causal_lm(
     local_rows, start, outputs = 0, 0, {}
     for step, size in enumerate(steps):
         chunk, step_mask = ids[:, start : start + size], mask[:, : start + size]
-        pos = np.maximum(np.cumsum(step_mask, axis=1) - 1, 0)[:, -size:]
+        pos = positions(step_mask, size)
         logits, past = model(
             torch.from_numpy(chunk), torch.from_numpy(step_mask), torch.from_numpy(pos), past
         )
