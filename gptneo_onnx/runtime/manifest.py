@@ -192,6 +192,7 @@ def load_manifest(export_dir: str | Path, task: str | None = None, verify_hashes
         )
     check_validation(manifest)
     check_files(manifest, verify_hashes)
+    warn_if_unvalidated(manifest)  # last: a folder refused for another reason says only that
     return manifest
 
 
@@ -248,7 +249,7 @@ _warned_unvalidated: set[Path] = set()
 
 
 def check_validation(manifest: Manifest) -> None:
-    """Refuse a failed or unfinished validation; warn once per folder about a skipped one."""
+    """Refuse a failed or unfinished validation."""
     folder, raw = manifest.folder, manifest.raw
     status = validation_status(raw)
     report = (raw.get("validation") or {}).get("report") or "parity_report.json"
@@ -262,7 +263,12 @@ def check_validation(manifest: Manifest) -> None:
             f"{folder} was never validated to the end (validation.status is 'pending': the export was "
             "interrupted); re-export it"
         )
-    if status == "skipped" and folder not in _warned_unvalidated:
+
+
+def warn_if_unvalidated(manifest: Manifest) -> None:
+    """Warn once per folder about an export made without validation."""
+    folder = manifest.folder
+    if validation_status(manifest.raw) == "skipped" and folder not in _warned_unvalidated:
         _warned_unvalidated.add(folder)
         warnings.warn(
             f"{folder} was exported without validation (--no-validate): nothing compared it with "

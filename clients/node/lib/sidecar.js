@@ -83,6 +83,7 @@ export function loadSidecar(folder, { verify = true } = {}) {
     return file;
   });
   checkGraphReferences(root, raw, files[0]);
+  warnIfUnvalidated(root, raw);
   return {
     folder: root,
     raw,
@@ -124,7 +125,11 @@ function checkValidation(root, raw) {
   if (!VALIDATION_STATUSES.includes(status)) {
     throw new ExportFolderError(`${root}: validation.status is ${JSON.stringify(status)}, expected one of ${VALIDATION_STATUSES.join(", ")}`);
   }
-  if (status === "skipped" && !warnedUnvalidated.has(root)) {
+}
+
+/** Once per folder, after every other check passed: an export made without validation. */
+function warnIfUnvalidated(root, raw) {
+  if (validationStatus(raw) === "skipped" && !warnedUnvalidated.has(root)) {
     warnedUnvalidated.add(root);
     process.stderr.write(
       `warning: ${root} was exported without validation (--no-validate): nothing compared it with PyTorch; ` +
