@@ -119,6 +119,8 @@ async function main(argv) {
     );
   }
   const model = await CausalLM.load(exportDir, { verify: !values["no-verify"], cacheMode: values["cache-mode"], threads });
+  const { warnIfUnvalidated } = await import("./lib/sidecar.js");
+  warnIfUnvalidated(model.sidecar); // after every check passed: a refused folder gets only its error
   const config = model.generationConfig(overrides);
   const promptIds = model.checkPrompt(
     values["token-ids"] ? parseTokenIds(prompt) : model.encode(prompt),

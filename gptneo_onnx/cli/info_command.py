@@ -31,7 +31,8 @@ def describe(export_dir: Path, verify: bool = False) -> dict[str, Any]:
     """The facts `info` prints, as a dict."""
     from gptneo_onnx.runtime.errors import ExportFolderError
     from gptneo_onnx.runtime.export_files import listed_files
-    from gptneo_onnx.runtime.manifest import load_manifest, read_manifest, validation_status
+    from gptneo_onnx.runtime.export_state import validation_status
+    from gptneo_onnx.runtime.manifest import load_manifest, read_manifest
 
     manifest = read_manifest(export_dir)
     raw = manifest.raw

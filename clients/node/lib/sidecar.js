@@ -83,7 +83,6 @@ export function loadSidecar(folder, { verify = true } = {}) {
     return file;
   });
   checkGraphReferences(root, raw, files[0]);
-  warnIfUnvalidated(root, raw);
   return {
     folder: root,
     raw,
@@ -127,8 +126,8 @@ function checkValidation(root, raw) {
   }
 }
 
-/** Once per folder, after every other check passed: an export made without validation. */
-function warnIfUnvalidated(root, raw) {
+/** Once per folder, for the caller to run after every check passed: an export made without validation. */
+export function warnIfUnvalidated({ folder: root, raw }) {
   if (validationStatus(raw) === "skipped" && !warnedUnvalidated.has(root)) {
     warnedUnvalidated.add(root);
     process.stderr.write(
