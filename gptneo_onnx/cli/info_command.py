@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,7 @@ def describe(export_dir: Path, verify: bool = False) -> dict[str, Any]:
     manifest = read_manifest(export_dir)
     raw = manifest.raw
     try:
-        with warnings.catch_warnings():  # an unvalidated export: said in `validation` below
-            warnings.simplefilter("ignore")
-            load_manifest(export_dir, verify_hashes=verify)
+        load_manifest(export_dir, verify_hashes=verify, warn_unvalidated=False)  # `validation` says it
         loads, reason = True, None
     except ExportFolderError as error:
         loads, reason = False, str(error)
