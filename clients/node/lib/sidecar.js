@@ -218,9 +218,10 @@ function checkGraphReferences(root, raw, graphPath) {
     throw new ExportFolderError(`${name} is not a valid ONNX file (${error.message}); re-export`);
   }
   const listed = new Set(raw.graph.external_data.map((entry) => entry.file));
+  const graphFolder = path.posix.dirname(raw.graph.file); // ONNX resolves locations from there
   for (const location of [...facts.externalLocations].sort()) {
-    insideFolder(root, location, `${name}'s external data`);
-    if (!listed.has(location)) {
+    insideFolder(path.join(root, graphFolder), location, `${name}'s external data`);
+    if (!listed.has(path.posix.join(graphFolder, location))) {
       throw new ExportFolderError(
         `${name} reads external data from ${JSON.stringify(location)}, which ${SIDECAR_NAME} does not list ` +
           "under graph.external_data; the graph or sidecar was changed. Re-export",
