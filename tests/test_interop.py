@@ -4,6 +4,8 @@ exports with onnxruntime's outputs; transformers.js loads a fresh export as it i
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from runtime_helpers import export_tiny
 
+from gptneo_onnx.cli.defaults import BUNDLED_MODEL_DIR
 from gptneo_onnx.reference import TASKS
 
 IDS = np.array([[0, 0, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18]], np.int64)  # row 0 left-padded
@@ -140,3 +143,82 @@ def test_openvino_runs_the_portable_causal_lm_with_onnxruntimes_greedy_ids(causa
     expected = greedy(ours, feed, 24)
     np.testing.assert_array_equal(greedy(theirs, feed, 24), expected)
     np.testing.assert_allclose(theirs(feed)["logits"], ours(feed)["logits"], atol=1e-4)
+
+
+def test_openvino_runs_the_optimized_causal_lm_at_batch_1(tmp_path):
+    """Batch 1 only: at batch 2, OpenVINO 2026.4's own GroupQueryAttention fails in a Reshape (or,
+    with one thread, returns empty outputs); docs/interop.md."""
+    options = {"validate": False, "optimize": True}
+    hf_model, folder = export_tiny("causal-lm", tmp_path, export_options=options)
+    path = graph_path(folder)
+    ours, theirs = ort_runner(path), openvino_runner(path)
+    feed = prefill_feed(hf_model.config, IDS[1:])
+
+    def full_local_mask(run):  # local layers get the whole mask: nothing trimmed
+        return lambda feed: run({**feed, "local_attention_mask": feed["attention_mask"]})
+
+    expected = greedy(full_local_mask(ours), feed, 12)
+    np.testing.assert_array_equal(greedy(full_local_mask(theirs), feed, 12), expected)
+
+
+NODE = shutil.which("node")
+INTEROP = Path(__file__).resolve().parent.parent / "clients" / "interop"
+INSTALL = "cd clients/interop && ONNXRUNTIME_NODE_INSTALL_CUDA=skip npm ci"
+# One prompt longer than the bundled model's window (128 tokens), one short: a left-padded batch.
+PROMPTS = [(BUNDLED_MODEL_DIR.parent / "runtime" / "generation.py").read_text()[:700], "class Stack:"]
+NEW_TOKENS = 20
+
+
+def transformers_js(folder: Path) -> dict:
+    if NODE is None:
+        pytest.skip("node is not installed: the transformers.js tests need Node.js >= 20 on PATH")
+    if not (INTEROP / "node_modules" / "@huggingface" / "transformers" / "package.json").is_file():
+        pytest.fail(f"node is installed but transformers.js is not: run `{INSTALL}`")
+    script = INTEROP / "transformers-js-greedy.js"
+    command = [NODE, str(script), str(folder), str(NEW_TOKENS), *PROMPTS]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def transformers_greedy():
+    """transformers' own generate on the bundled checkpoint: the left-padded batch and its tokens,
+    with the checkpoint's generation_config.json (greedy, repetition penalty), as transformers.js reads it."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(BUNDLED_MODEL_DIR / "tokenizer.json"))
+    rows = [encoding.ids for encoding in tokenizer.encode_batch(PROMPTS)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])  # pad id 0, on the left
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    model = transformers.GPTNeoForCausalLM.from_pretrained(BUNDLED_MODEL_DIR).eval()
+    with torch.no_grad():
+        sequences = model.generate(
+            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS
+        )
+    return ids.tolist(), sequences.tolist()
+
+
+def test_transformers_js_loads_a_fresh_export_as_is_with_transformers_greedy_tokens(
+    bundled_export, transformers_greedy
+):
+    """from_pretrained(folder) on an untouched export: tokenizer_config.json (GPT-2 class, pad, left
+    padding), onnx/model.onnx and config.json's transformers.js_config are all it needs."""
+    ids, sequences = transformers_greedy
+    assert len(ids[0]) > 128 and ids[1][0] == 0  # past the window, and padded on the left
+    output = transformers_js(bundled_export)
+    assert output["input_ids"] == ids
+    assert output["sequences"] == sequences
+
+
+def test_transformers_js_runs_the_optimized_flavor_without_the_windowed_local_cache(
+    tmp_path, transformers_greedy
+):
+    """transformers.js feeds Optimum's inputs only: `--optimize --no-windowed-local-cache` keeps them."""
+    from gptneo_onnx.cli.defaults import export_bundled_model
+
+    export_bundled_model(tmp_path, progress=False, optimize=True, windowed_local_cache=False, validate=False)
+    assert transformers_js(tmp_path)["sequences"] == transformers_greedy[1]
