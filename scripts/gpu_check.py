@@ -75,7 +75,7 @@ def check_parity(reference, work: Path, report: dict) -> None:
             folder = work / f"{flavor}-{precision}"
             result = export(reference, folder, progress=False, validate=False, precision=precision,
                             optimize=flavor == "optimized")  # fmt: skip
-            session = cuda_session(folder / "model.onnx", [DEVICE["provider"]])
+            session = cuda_session(folder / result.manifest["graph"]["file"], [DEVICE["provider"]])
             ids, mask = validation_batch(reference.config)
             comparison = _Comparison()
             _compare_causal_lm(reference, session, result.manifest, ids, mask, comparison)

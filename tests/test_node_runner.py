@@ -246,7 +246,7 @@ def _absolute_location(folder, tmp_path):
 
 
 def _unlisted_location(folder, tmp_path):
-    shutil.copyfile(folder / "onnx" / "model.onnx.data", folder / "other.data")
+    shutil.copyfile(folder / "onnx" / "model.onnx.data", folder / "onnx" / "other.data")
     rewrite_graph(folder, set_locations("other.data"))
 
 

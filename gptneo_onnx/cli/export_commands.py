@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--overwrite", action="store_true", help="replace an existing export in --output (refused otherwise)"
     )
-    export.add_argument("--external-data", action="store_true", help="force weights into model.onnx.data")
+    export.add_argument("--external-data", action="store_true", help="force weights into onnx/model.onnx.data")
     export.add_argument(
         "--optimize", action="store_true", help="ONNX Runtime fused ops (GroupQueryAttention with the window)"
     )
