@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument(
         "--external-data",
         action="store_true",
-        help="weights in model.onnx.data at any size (default: by size)",
+        help="weights in onnx/model.onnx.data at any size (default: by size)",
     )
     args = parser.parse_args()
 

@@ -73,7 +73,7 @@ def check_parity(reference, work: Path, report: dict) -> None:
             folder = work / f"{flavor}-{precision}"
             result = export(reference, folder, progress=False, validate=False, precision=precision,
                             optimize=flavor == "optimized")  # fmt: skip
-            session = cuda_session(folder / "model.onnx", [DEVICE["provider"]])
+            session = cuda_session(folder / result.manifest["graph"]["file"], [DEVICE["provider"]])
             verdict = parity_verdict(reference, session, result.manifest, Tolerance.for_precision(precision))
             verdict.pop("checks")
             report[f"parity_cuda_{flavor}_{precision}"] = verdict

@@ -20,7 +20,8 @@ from gptneo_onnx.runtime import ExportFolderError, Model
 
 
 def session(folder):
-    return ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    graph = json.loads((folder / "gptneo_onnx.json").read_text())["graph"]["file"]
+    return ort.InferenceSession(str(folder / graph), providers=["CPUExecutionProvider"])
 
 
 def empty_past(config, batch, dtype=np.float32):
@@ -125,7 +126,7 @@ def test_portable_graph_uses_standard_ops_and_runs_in_reference_evaluator(tmp_pa
 
     hf_model = tiny_hf_model("causal-lm", hidden_size=16, num_heads=2)
     export(from_transformers(hf_model), tmp_path, progress=False)
-    model = onnx.load(tmp_path / "model.onnx")
+    model = onnx.load(tmp_path / "onnx" / "model.onnx")
     onnx.checker.check_model(model, full_check=True)
     assert {node.domain for node in model.graph.node} == {""}
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
@@ -153,11 +154,11 @@ def test_portable_graph_uses_standard_ops_and_runs_in_reference_evaluator(tmp_pa
 def test_tied_embedding_is_stored_once(tmp_path):
     hf_model = tiny_hf_model("causal-lm", vocab_size=1000, hidden_size=64)
     export(from_transformers(hf_model), tmp_path, progress=False)
-    model = onnx.load(tmp_path / "model.onnx")
+    model = onnx.load(tmp_path / "onnx" / "model.onnx")
     tables = [t.name for t in model.graph.initializer if sorted(t.dims) == [64, 1000]]
     assert tables == ["transformer.wte.weight"]
     weights = sum(p.numel() for p in hf_model.parameters()) * 4  # parameters() yields the tied table once
-    assert (tmp_path / "model.onnx").stat().st_size < weights * 1.05
+    assert (tmp_path / "onnx" / "model.onnx").stat().st_size < weights * 1.05
 
 
 @pytest.mark.parametrize("optimize", [False, True])
@@ -174,12 +175,14 @@ def test_external_data_lm_head_reads_the_table_through_aliased_row_slices(tmp_pa
         from_transformers(hf_model), tmp_path, external_data=True, optimize=optimize, progress=False
     )
     assert result.report["passed"]  # parity through the slices
-    model = onnx.load(tmp_path / "model.onnx", load_external_data=False)
+    model = onnx.load(tmp_path / "onnx" / "model.onnx", load_external_data=False)
     slices = [t for t in model.graph.initializer if t.name.startswith("transformer.wte.weight.rows_")]
     assert len(slices) == 10 and [t.dims[0] for t in slices] == [32] * 9 + [12]
     stored = sum(p.numel() for p in hf_model.parameters()) * 4
-    assert (tmp_path / "model.onnx.data").stat().st_size < stored + 4096 * len(model.graph.initializer)
-    load_external_data_for_model(model, str(tmp_path))
+    assert (tmp_path / "onnx" / "model.onnx.data").stat().st_size < stored + 4096 * len(
+        model.graph.initializer
+    )
+    load_external_data_for_model(model, str(tmp_path / "onnx"))
     arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     table = hf_model.transformer.wte.weight.detach().numpy()
     np.testing.assert_array_equal(np.concatenate([arrays[t.name] for t in slices]), table)
@@ -188,16 +191,16 @@ def test_external_data_lm_head_reads_the_table_through_aliased_row_slices(tmp_pa
 
 def test_lm_head_is_one_gemm_without_external_data(tmp_path):
     export(from_transformers(tiny_hf_model("causal-lm")), tmp_path, validate=False, progress=False)
-    gemms = [n for n in onnx.load(tmp_path / "model.onnx").graph.node if n.op_type == "Gemm"]
+    gemms = [n for n in onnx.load(tmp_path / "onnx" / "model.onnx").graph.node if n.op_type == "Gemm"]
     assert [n.input[1] for n in gemms] == ["transformer.wte.weight"]
 
 
 def test_external_data_export_loads_after_move_and_chdir(tmp_path, monkeypatch):
     hf_model = tiny_hf_model("causal-lm")
     result = export(from_transformers(hf_model), tmp_path / "first", external_data=True, progress=False)
-    assert result.manifest["graph"]["external_data"][0]["file"] == "model.onnx.data"
-    assert (tmp_path / "first" / "model.onnx.data").stat().st_size > (
-        tmp_path / "first" / "model.onnx"
+    assert result.manifest["graph"]["external_data"][0]["file"] == "onnx/model.onnx.data"
+    assert (tmp_path / "first" / "onnx" / "model.onnx.data").stat().st_size > (
+        tmp_path / "first" / "onnx" / "model.onnx"
     ).stat().st_size
     moved = tmp_path / "elsewhere" / "moved"
     shutil.move(tmp_path / "first", moved)
@@ -219,7 +222,7 @@ def test_float16_keeps_attention_in_float32_and_stays_finite_at_long_lengths(tmp
             block.attn.attention.k_proj.weight.mul_(40)
     result = export(from_transformers(hf_model), tmp_path, precision="float16", progress=False)
     assert result.report["passed"] and result.report["top1_agreement"] >= 0.98
-    model = onnx.load(tmp_path / "model.onnx")
+    model = onnx.load(tmp_path / "onnx" / "model_fp16.onnx")  # transformers.js's name (export/layout.py)
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output[:1])
     ids = torch.randint(3, 97, (1, 512), generator=torch.Generator().manual_seed(0))
     logits, _ = ort_step(
@@ -253,7 +256,7 @@ def test_sidecar_describes_the_graph(tmp_path):
     result = export(from_transformers(hf_model), tmp_path, progress=False)
     manifest = json.loads((tmp_path / "gptneo_onnx.json").read_text())
     assert manifest == result.manifest
-    graph = onnx.load(tmp_path / "model.onnx")
+    graph = onnx.load(tmp_path / "onnx" / "model.onnx")
     assert [i["name"] for i in manifest["inputs"]] == [i.name for i in graph.graph.input]
     assert [o["name"] for o in manifest["outputs"]] == [o.name for o in graph.graph.output]
     assert [layer["window"] for layer in manifest["cache"]["layers"]] == [None, 4, 4]
@@ -270,7 +273,7 @@ def test_sidecar_describes_the_graph(tmp_path):
     )  # fmt: skip
     from gptneo_onnx.export.graph_builder import sha256_of
 
-    assert manifest["graph"]["sha256"] == sha256_of(tmp_path / "model.onnx")
+    assert manifest["graph"]["sha256"] == sha256_of(tmp_path / "onnx" / "model.onnx")
 
 
 def test_export_loads_in_optimum_and_generates_the_same_tokens(tmp_path):
@@ -314,7 +317,7 @@ def test_portable_windowed_local_cache_validates_and_runs_in_reference_evaluator
         "window": 4,
         "min_rows": 3,
     }
-    model = onnx.load(tmp_path / "model.onnx")
+    model = onnx.load(tmp_path / "onnx" / "model.onnx")
     assert {node.domain for node in model.graph.node} == {""}
     ids = np.array([[0, 0, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18]], np.int64)
     mask = (ids != 0).astype(np.int64)

@@ -26,7 +26,10 @@ def tiny_export(folder, seed=0, **options):
 
 
 def fingerprint(folder):
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in files
+    }
 
 
 def leftovers(parent, name):
@@ -55,7 +58,7 @@ def test_a_non_empty_output_folder_is_refused_unless_overwrite(tmp_path, capsys)
 def test_overwrite_never_deletes_files_an_export_does_not_write(tmp_path):
     output = tmp_path / "precious"
     output.mkdir()
-    (output / "model.onnx").write_text("an export file name")
+    (output / "config.json").write_text("an export file name")
     (output / "notes.txt").write_text("keep me")
     with pytest.raises(ExportOutputError, match="holds notes.txt, which an export does not write"):
         tiny_export(output, overwrite=True, validate=False)
@@ -69,8 +72,8 @@ def test_links_in_the_output_are_replaced_never_written_through(tmp_path):
     output = tmp_path / "export"
     tiny_export(output, validate=False)
     victims = {}
-    for name in ("model.onnx", "gptneo_onnx.json", "config.json", "parity_report.json"):
-        victims[name] = tmp_path / f"victim-{name}"
+    for name in ("onnx/model.onnx", "gptneo_onnx.json", "config.json", "parity_report.json"):
+        victims[name] = tmp_path / f"victim-{name.replace('/', '-')}"
         victims[name].write_text("untouched")
         (output / name).unlink(missing_ok=True)
         (output / name).symlink_to(victims[name])
@@ -151,7 +154,7 @@ def test_a_killed_export_leaves_the_previous_export_intact_and_a_re_export_recov
     assert fingerprint(output) == before  # the previous export, whole
     Model.load(output)
     (partial,) = leftovers(tmp_path, "export")  # what the killed export left beside it
-    assert (tmp_path / partial / "model.onnx.data").is_file()
+    assert (tmp_path / partial / "onnx" / "model.onnx.data").is_file()
     with pytest.raises(ExportFolderError, match="staging folder of an export that did not finish"):
         Model.load(tmp_path / partial)
 

@@ -56,13 +56,14 @@ EXPORTS = {
 @pytest.mark.parametrize("name", EXPORTS)
 def test_the_scanner_reads_exports_as_onnx_does(tmp_path, name):
     model = from_transformers(tiny_hf_model("causal-lm"))
-    export(model, tmp_path, progress=False, validate=False, **EXPORTS[name])
-    facts = scan_graph(tmp_path / "model.onnx")
-    opsets, operators, locations = onnx_facts(
-        onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    graph = (
+        tmp_path
+        / export(model, tmp_path, progress=False, validate=False, **EXPORTS[name]).manifest["graph"]["file"]
     )
+    facts = scan_graph(graph)
+    opsets, operators, locations = onnx_facts(onnx.load(str(graph), load_external_data=False))
     assert (facts.opset_domains, facts.operators, facts.external_locations) == (opsets, operators, locations)
-    assert ("external" in name) == (locations == {"model.onnx.data"})
+    assert ("external" in name) == (locations == {f"{graph.name}.data"})
 
 
 def external(name: str, location: str, values=(1.0, 2.0)) -> TensorProto:

@@ -17,7 +17,9 @@ def test_external_data_export_generates_the_same_after_move_and_chdir(tmp_path, 
         "causal-lm", tmp_path / "first", tokenizer_file=tokenizer, export_options={"external_data": True},
         vocab_size=320, initializer_range=0.5,
     )  # fmt: skip
-    assert (first / "model.onnx.data").stat().st_size > (first / "model.onnx").stat().st_size
+    assert (first / "onnx" / "model.onnx.data").stat().st_size > (
+        first / "onnx" / "model.onnx"
+    ).stat().st_size
     before = CausalLM.load(first).generate(["Zoë went", [5, 6, 7]], max_new_tokens=8)
 
     moved = tmp_path / "elsewhere" / "moved"

@@ -313,12 +313,14 @@ def edit_sidecar(folder: Path, change) -> None:
     path.write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("name", ["model.onnx", "tokenizer.json"])
+@pytest.mark.parametrize("name", ["onnx/model.onnx", "tokenizer.json"])
 def test_node_refuses_tampered_files(runner, copy, name):
     data = bytearray((copy / name).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / name).write_bytes(bytes(data))
-    expect_error(runner, copy, "x", match=f"{name} does not match the sha256 recorded in gptneo_onnx.json")
+    expect_error(
+        runner, copy, "x", match=f"{Path(name).name} does not match the sha256 recorded in gptneo_onnx.json"
+    )
     unchecked = run_node(runner, copy, "x", "--no-verify", "--max-new-tokens", 1, check=False)
     assert "sha256" not in unchecked.stderr
 
@@ -367,22 +369,22 @@ def test_node_runs_an_external_data_export_as_python_does(runner, external_expor
 
 
 def _truncate_data(folder, tmp_path):
-    data = (folder / "model.onnx.data").read_bytes()
-    (folder / "model.onnx.data").write_bytes(data[: len(data) // 2])
+    data = (folder / "onnx" / "model.onnx.data").read_bytes()
+    (folder / "onnx" / "model.onnx.data").write_bytes(data[: len(data) // 2])
 
 
 def _outside_location(folder, tmp_path):
-    shutil.copyfile(folder / "model.onnx.data", tmp_path / "model.onnx.data")
+    shutil.copyfile(folder / "onnx" / "model.onnx.data", tmp_path / "model.onnx.data")
     rewrite_graph(folder, set_locations("../model.onnx.data"))
 
 
 def _absolute_location(folder, tmp_path):
-    shutil.copyfile(folder / "model.onnx.data", tmp_path / "model.onnx.data")
+    shutil.copyfile(folder / "onnx" / "model.onnx.data", tmp_path / "model.onnx.data")
     rewrite_graph(folder, set_locations(str(tmp_path / "model.onnx.data")))
 
 
 def _unlisted_location(folder, tmp_path):
-    shutil.copyfile(folder / "model.onnx.data", folder / "other.data")
+    shutil.copyfile(folder / "onnx" / "model.onnx.data", folder / "onnx" / "other.data")
     rewrite_graph(folder, set_locations("other.data"))
 
 
@@ -397,7 +399,7 @@ def _ep_context(folder, tmp_path):
 
 
 def _not_onnx(folder, tmp_path):
-    (folder / "model.onnx").write_bytes(b"\x0a\xff\xff\xff\xff\x0f not protobuf")
+    (folder / "onnx" / "model.onnx").write_bytes(b"\x0a\xff\xff\xff\xff\x0f not protobuf")
     reseal(folder)
 
 

@@ -99,7 +99,7 @@ def test_gqa_local_window_matches_gpt_neo_mask(window):
 def _ops(folder) -> set[str]:
     import onnx
 
-    return {node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node}
+    return {node.op_type for node in onnx.load(str(folder / "onnx" / "model.onnx")).graph.node}
 
 
 @pytest.mark.parametrize("task", ["causal-lm", "sequence-classification", "question-answering"])

@@ -74,7 +74,7 @@ def test_quantized_export_validates_and_writes_quality_report(tmp_path, referenc
     assert record["lm_head"] == "untied MatMul" and record["embedding"].startswith("GatherBlockQuantized")
     if method == "int4":
         assert record["block_size"] == 16 and record["accuracy_level"] == 4
-    graph = onnx.load(str(tmp_path / "model.onnx"))
+    graph = onnx.load(str(tmp_path / result.manifest["graph"]["file"]))
     ops = [n.op_type for n in graph.graph.node]
     assert node in ops and "GatherBlockQuantized" in ops and "Gemm" not in ops
     assert all("transformer.wte.weight" not in n.input for n in graph.graph.node)

@@ -63,8 +63,8 @@ def test_missing_folder_and_manifest(tmp_path):
 
 
 def test_missing_graph_file(copy):
-    (copy / "model.onnx").unlink()
-    with pytest.raises(ExportFolderError, match="missing model.onnx"):
+    (copy / "onnx" / "model.onnx").unlink()
+    with pytest.raises(ExportFolderError, match="missing onnx/model.onnx"):
         Model.load(copy)
 
 
@@ -75,14 +75,16 @@ def flip_byte(path, position):
 
 
 def test_tampered_graph_fails_the_hash(copy):
-    flip_byte(copy / "model.onnx", (copy / "model.onnx").stat().st_size // 2)  # inside the weights
+    flip_byte(
+        copy / "onnx" / "model.onnx", (copy / "onnx" / "model.onnx").stat().st_size // 2
+    )  # inside the weights
     with pytest.raises(ExportFolderError, match="model.onnx does not match the sha256"):
         Model.load(copy)
 
 
 @pytest.mark.parametrize("verify_hashes", [True, False])
 def test_a_truncated_or_grown_graph_is_refused_even_without_hashes(copy, verify_hashes):
-    graph = copy / "model.onnx"
+    graph = copy / "onnx" / "model.onnx"
     size = graph.stat().st_size
     with graph.open("ab") as handle:
         handle.write(b"\0")
@@ -140,8 +142,8 @@ def test_file_names_that_escape_the_folder(copy, name):
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks here")
 def test_linked_files_are_refused(copy, tmp_path):
     outside = tmp_path / "outside.onnx"
-    (copy / "model.onnx").rename(outside)
-    (copy / "model.onnx").symlink_to(outside)
+    (copy / "onnx" / "model.onnx").rename(outside)
+    (copy / "onnx" / "model.onnx").symlink_to(outside)
     with pytest.raises(ExportFolderError, match="is a link"):
         Model.load(copy)
 

@@ -59,7 +59,7 @@ def reseal(folder):
 
 
 def rewrite_graph(folder, change):
-    graph_path = folder / "model.onnx"
+    graph_path = folder / "onnx" / "model.onnx"
     model = onnx.load(str(graph_path), load_external_data=False)
     change(model)
     graph_path.write_bytes(model.SerializeToString())
@@ -85,7 +85,9 @@ def test_the_untouched_export_loads(copy):
 def test_external_data_locations_that_leave_the_folder(copy, tmp_path, no_session, kind, verify_hashes):
     outside = tmp_path / "outside"
     outside.mkdir()
-    shutil.copyfile(copy / "model.onnx.data", outside / "model.onnx.data")  # what the graph would read
+    shutil.copyfile(
+        copy / "onnx" / "model.onnx.data", outside / "model.onnx.data"
+    )  # what the graph would read
     location = {
         "absolute": str(outside / "model.onnx.data"),
         "dot-dot": "../outside/model.onnx.data",
@@ -99,27 +101,27 @@ def test_external_data_locations_that_leave_the_folder(copy, tmp_path, no_sessio
 
 def test_external_data_read_through_a_link_leaving_the_folder(copy, tmp_path, no_session):
     outside = tmp_path / "elsewhere.data"
-    shutil.move(copy / "model.onnx.data", outside)
-    (copy / "model.onnx.data").symlink_to(outside)  # same bytes: size and sha256 still match
+    shutil.move(copy / "onnx" / "model.onnx.data", outside)
+    (copy / "onnx" / "model.onnx.data").symlink_to(outside)  # same bytes: size and sha256 still match
     with pytest.raises(ExportFolderError, match="model.onnx.data in .* is a link"):
         Model.load(copy)
-    (copy / "model.onnx.data").unlink()
-    shutil.copyfile(outside, copy / "model.onnx.data")
-    (copy / "linked.data").symlink_to(outside)  # a second, unlisted location that is a link
+    (copy / "onnx" / "model.onnx.data").unlink()
+    shutil.copyfile(outside, copy / "onnx" / "model.onnx.data")
+    (copy / "onnx" / "linked.data").symlink_to(outside)  # a second, unlisted location that is a link
     rewrite_graph(copy, set_locations("linked.data"))
     with pytest.raises(ExportFolderError, match="linked.data in .* is a link"):
         Model.load(copy, verify_hashes=False)
 
 
 def test_external_data_file_the_sidecar_does_not_list(copy, no_session):
-    shutil.copyfile(copy / "model.onnx.data", copy / "other.data")  # inside, a regular file
+    shutil.copyfile(copy / "onnx" / "model.onnx.data", copy / "onnx" / "other.data")  # inside, a regular file
     rewrite_graph(copy, set_locations("other.data"))
     with pytest.raises(ExportFolderError, match="reads external data from 'other.data', which the manifest"):
         Model.load(copy)
 
 
 def test_sidecar_listing_a_file_outside_the_folder(copy, tmp_path, no_session):
-    shutil.copyfile(copy / "model.onnx.data", tmp_path / "model.onnx.data")
+    shutil.copyfile(copy / "onnx" / "model.onnx.data", tmp_path / "model.onnx.data")
     edit_manifest(copy, lambda m: m["graph"]["external_data"][0].update(file="../model.onnx.data"))
     with pytest.raises(
         ExportFolderError, match="the manifest names '../model.onnx.data', which points outside"
@@ -128,16 +130,16 @@ def test_sidecar_listing_a_file_outside_the_folder(copy, tmp_path, no_session):
 
 
 def test_tampered_external_data(copy):
-    data = bytearray((copy / "model.onnx.data").read_bytes())
+    data = bytearray((copy / "onnx" / "model.onnx.data").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (copy / "model.onnx.data").write_bytes(bytes(data))
+    (copy / "onnx" / "model.onnx.data").write_bytes(bytes(data))
     with pytest.raises(ExportFolderError, match="model.onnx.data does not match the sha256"):
         Model.load(copy)
 
 
 def test_truncated_external_data_is_refused_without_hashes(copy, no_session):
-    data = (copy / "model.onnx.data").read_bytes()
-    (copy / "model.onnx.data").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    data = (copy / "onnx" / "model.onnx.data").read_bytes()
+    (copy / "onnx" / "model.onnx.data").write_bytes(data[: len(data) // 2])  # an interrupted copy
     with pytest.raises(ExportFolderError, match="model.onnx.data in .* has .* bytes, the manifest records"):
         Model.load(copy, verify_hashes=False)
 
@@ -180,7 +182,7 @@ def test_nodes_that_load_files_named_in_the_graph_are_refused(copy, no_session):
 
 
 def test_a_graph_that_is_not_an_onnx_file(copy, no_session):
-    (copy / "model.onnx").write_bytes(b"\x0a\xff\xff\xff\xff\x0f not protobuf")
+    (copy / "onnx" / "model.onnx").write_bytes(b"\x0a\xff\xff\xff\xff\x0f not protobuf")
     reseal(copy)
     with pytest.raises(ExportFolderError, match="model.onnx is not a valid ONNX file"):
         Model.load(copy)

@@ -14,15 +14,14 @@ from tqdm.auto import tqdm
 
 from gptneo_onnx.errors import CheckpointError
 from gptneo_onnx.export.graphs import PRECISIONS, build_graph
+from gptneo_onnx.export.layout import external_data_file, graph_file, transformers_js_dtype
 from gptneo_onnx.export.optimized import optimization_summary
 from gptneo_onnx.export.output_folder import OWNER_FILE, staged_output, write_json
 from gptneo_onnx.export.quantize import quality_report, quantize_graph
-from gptneo_onnx.export.sidecar import build_manifest, validation_entry, write_manifest
+from gptneo_onnx.export.sidecar import build_manifest, tokenizer_config, validation_entry, write_manifest
 from gptneo_onnx.export.validate import ParityError, Tolerance, validate_export
 
-GRAPH_FILE = "model.onnx"
 QUALITY_REPORT = "quality_report.json"
-EXTERNAL_DATA_FILE = "model.onnx.data"
 # Protobuf cannot hold more than 2 GiB; stay clear of it, since the graph itself adds bytes.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -147,8 +146,8 @@ def export(
                 }
                 write_manifest(folder, manifest)
             files = {
-                path.name: path.stat().st_size
-                for path in folder.iterdir()
+                path.relative_to(folder).as_posix(): path.stat().st_size
+                for path in folder.rglob("*")
                 if path.is_file() and path.name != OWNER_FILE
             }
     finally:
@@ -187,21 +186,25 @@ def _write_files(
     steps.update()
 
     steps.set_postfix_str("writing files")
-    data_path = folder / EXTERNAL_DATA_FILE
-    onnx.save_model(graph.to_model(data_path if use_external else None), folder / GRAPH_FILE)
+    graph_name = graph_file(precision, quantize)
+    data_name = external_data_file(graph_name)
+    (folder / graph_name).parent.mkdir()
+    onnx.save_model(graph.to_model(folder / data_name if use_external else None), folder / graph_name)
     del graph
     quantization = None
     if quantize is not None:
         steps.set_postfix_str(f"quantizing ({quantize})")
         quantization = quantize_graph(
-            folder / GRAPH_FILE,
+            folder / graph_name,
             quantize,
             block_size=block_size,
             accuracy_level=accuracy_level,
-            external_data_file=EXTERNAL_DATA_FILE if use_external else None,
+            external_data_file=Path(data_name).name if use_external else None,
         )
     tokenizer_name = _copy_tokenizer(tokenizer_file, folder, model.config.vocab_size)
-    _write_hf_files(model, folder, generation_config)
+    _write_hf_files(model, folder, generation_config, transformers_js_dtype(precision, quantize))
+    if tokenizer_name:
+        write_json(folder, "tokenizer_config.json", tokenizer_config(model.config, folder / tokenizer_name))
     steps.update()
 
     manifest = build_manifest(
@@ -210,8 +213,8 @@ def _write_files(
         task,
         inputs,
         outputs,
-        graph_file=GRAPH_FILE,
-        external_data=[EXTERNAL_DATA_FILE] if use_external else [],
+        graph_file=graph_name,
+        external_data=[data_name] if use_external else [],
         precision=precision,
         flavor=flavor,
         quantization=quantization,
@@ -249,9 +252,13 @@ def _copy_tokenizer(tokenizer_file: str | Path | None, folder: Path, vocab_size:
     return "tokenizer.json"
 
 
-def _write_hf_files(model: torch.nn.Module, output_dir: Path, generation_config: dict | None) -> None:
-    """config.json (and generation_config.json) so Optimum's ORTModel classes load the folder too."""
+def _write_hf_files(
+    model: torch.nn.Module, output_dir: Path, generation_config: dict | None, js_dtype: str
+) -> None:
+    """config.json (and generation_config.json) so Optimum's ORTModel classes and transformers.js
+    load the folder too; `transformers.js_config.dtype` names the graph file's dtype (export/layout.py)."""
     config = model.config.to_dict()
+    config["transformers.js_config"] = {"dtype": js_dtype}
     architecture = {
         "causal-lm": "GPTNeoForCausalLM",
         "base": "GPTNeoModel",

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17  # LayerNormalization; loadable by onnxruntime >= 1.12, onnxruntime-web, TensorRT 8.6+
 MS_DOMAIN = "com.microsoft"
+INT64_MAX = int(np.iinfo(np.int64).max)  # ONNX's "to the end" for Slice ends
 PAGE = 4096  # external-data alignment of large weights, so that onnxruntime can map them
 NUMPY_TO_ONNX = {
     np.dtype("float32"): TensorProto.FLOAT,
@@ -51,7 +52,9 @@ class GraphBuilder:
     def weight(self, name: str, array: np.ndarray) -> str:
         if name in self.weights:
             raise ValueError(f"weight {name} added twice")
-        self.weights[name] = np.ascontiguousarray(array)
+        # np.asarray keeps 0-d arrays rank 0 (np.ascontiguousarray would make them shape [1]): the
+        # spec wants true scalars for Range's inputs, CumSum's axis and others (tract checks).
+        self.weights[name] = np.asarray(array, order="C")
         return name
 
     def row_views(self, name: str, max_bytes: int) -> list[str]:
@@ -72,7 +75,7 @@ class GraphBuilder:
         return [view for view, (base, _, _) in self.views.items() if base == name]
 
     def const(self, value, dtype: np.dtype | type = np.int64) -> str:
-        """A small constant (scalar or 1-D list) as an initializer."""
+        """A small constant as an initializer: a Python scalar gives a rank-0 tensor, a list 1-D."""
         return self.weight(self.unique("const"), np.array(value, dtype=dtype))
 
     def op(self, op_type: str, inputs: list[str], outputs: list[str] | int = 1, domain: str = "", **attrs):

@@ -210,7 +210,9 @@ def head_outputs(
         index = g.op("Mul", [index, not_pad])  # (B, S)
     else:
         index = g.op("Expand", [index, g.op("Shape", [input_ids])])
-    last = g.op("ArgMax", [index], axis=1, keepdims=1)  # (B, 1)
+    # The largest non-pad index is its own position (0 for a row of padding only), as transformers'
+    # argmax; ReduceMax, since tract types ArgMax over a symbolic axis as a dimension, not int64.
+    last = g.op("ReduceMax", [index], axes=[1], keepdims=1)  # (B, 1)
     gather_index = g.op(
         "Expand",
         [

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from gptneo_onnx.config import GPTNeoConfig
-from gptneo_onnx.export.graph_builder import GraphBuilder
+from gptneo_onnx.export.graph_builder import INT64_MAX, GraphBuilder
 
 FLOAT32_MIN = float(np.finfo(np.float32).min)
 
@@ -109,7 +109,7 @@ def positions_from_mask(g: GraphBuilder, attention_mask: str, query_length: str)
     """cumsum(mask) - 1 clipped at 0, for the last `query_length` columns. (B, S) int64"""
     cumulative = g.op("CumSum", [attention_mask, g.const(1)])
     positions = g.op("Max", [g.op("Sub", [cumulative, g.const(1)]), g.const(0)])
-    return g.op("Slice", [positions, g.op("Neg", [query_length]), g.const([2**62]), g.const([1])])
+    return g.op("Slice", [positions, g.op("Neg", [query_length]), g.const([INT64_MAX]), g.const([1])])
 
 
 LOCAL_ATTENTION_MASK = "local_attention_mask"

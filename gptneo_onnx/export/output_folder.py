@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gptneo_onnx.errors import ExportOutputError
+from gptneo_onnx.export.layout import GRAPH_FOLDER, GRAPH_FOLDER_FILES
 
 OWNER_FILE = ".owner"
 
@@ -34,9 +35,8 @@ OWNER_FILE = ".owner"
 EXPORT_FILES = frozenset(
     {
         "gptneo_onnx.json",
-        "model.onnx",
-        "model.onnx.data",
         "tokenizer.json",
+        "tokenizer_config.json",
         "config.json",
         "generation_config.json",
         "parity_report.json",
@@ -62,12 +62,18 @@ def check_output_folder(target: Path, overwrite: bool, ignore: str | None = None
             f"{target} is not empty; pass overwrite=True (CLI: --overwrite) to replace the export in it, "
             "or choose an empty or new folder"
         )
-    foreign = [name for name in entries if name not in EXPORT_FILES or (target / name).is_dir()]
+    foreign = [name for name in entries if not _written_by_export(target / name)]
     if foreign:
         raise ExportOutputError(
             f"{target} holds {', '.join(foreign[:5])}, which an export does not write; refusing to delete "
             "it even with overwrite. Empty the folder or choose another"
         )
+
+
+def _written_by_export(path: Path) -> bool:
+    if path.name == GRAPH_FOLDER and path.is_dir() and not path.is_symlink():
+        return all(child.name in GRAPH_FOLDER_FILES and child.is_file() for child in path.iterdir())
+    return path.name in EXPORT_FILES and not path.is_dir()
 
 
 @contextmanager

@@ -122,6 +122,28 @@ def tokenizer_entry(folder: Path, name: str) -> dict:
     return {**file_entry(folder, name), "add_special_tokens": True, "skip_special_tokens": True}
 
 
+def tokenizer_config(config: GPTNeoConfig, tokenizer_path: Path) -> dict:
+    """tokenizer_config.json for transformers(.js): GPT-2's tokenizer class, the checkpoint's special
+    tokens (pad falls back to eos, so a padded batch has one) and left padding, as the graphs expect."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    eos = eos_ids(config)
+    ids = {
+        "bos_token": config.bos_token_id,
+        "eos_token": eos[0] if eos else None,
+        "pad_token": config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None),
+    }
+    tokens = {name: tokenizer.id_to_token(i) for name, i in ids.items() if i is not None}
+    return {
+        "tokenizer_class": "GPT2Tokenizer",
+        **tokens,
+        "padding_side": "left",
+        "model_max_length": config.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
 def build_manifest(
     folder: Path,
     config: GPTNeoConfig,

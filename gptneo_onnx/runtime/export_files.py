@@ -77,9 +77,10 @@ def check_graph_references(folder: Path, raw: dict) -> None:
     except MalformedGraph as error:
         raise ExportFolderError(f"{graph_path.name} is not a valid ONNX file ({error}); re-export") from error
     listed = {entry["file"] for entry in raw["graph"]["external_data"]}
+    graph_folder = PurePosixPath(raw["graph"]["file"]).parent  # ONNX resolves locations from there
     for location in sorted(facts.external_locations):
-        inside_folder(folder, location, f"{graph_path.name}'s external data")
-        if location not in listed:
+        inside_folder(folder / graph_folder, location, f"{graph_path.name}'s external data")
+        if (graph_folder / location).as_posix() not in listed:
             raise ExportFolderError(
                 f"{graph_path.name} reads external data from {location!r}, which the manifest does not "
                 "list under graph.external_data; the graph or manifest was changed. Re-export"

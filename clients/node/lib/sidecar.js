@@ -247,9 +247,12 @@ async function checkGraphReferences(folder, raw, graph) {
     throw new ExportFolderError(`${name} is not a valid ONNX file (${error.message}); re-export`);
   }
   const listed = new Set(raw.graph.external_data.map((entry) => entry.file));
+  // ONNX resolves external-data locations from the graph's own folder.
+  const graphFolder = raw.graph.file.includes("/") ? raw.graph.file.slice(0, raw.graph.file.lastIndexOf("/")) : "";
   for (const location of [...facts.externalLocations].sort()) {
-    await folder.file(checkRelative(location, `${name}'s external data`), `${name}'s external data`);
-    if (!listed.has(location)) {
+    const listedName = graphFolder ? `${graphFolder}/${checkRelative(location, `${name}'s external data`)}` : location;
+    await folder.file(checkRelative(listedName, `${name}'s external data`), `${name}'s external data`);
+    if (!listed.has(listedName)) {
       throw new ExportFolderError(
         `${name} reads external data from ${JSON.stringify(location)}, which ${SIDECAR_NAME} does not list ` +
           "under graph.external_data; the graph or sidecar was changed. Re-export",
