@@ -314,7 +314,8 @@ def test_an_empty_existing_output_is_written_into_and_keeps_its_mode(checkpoint,
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert output.stat().st_ino == inode and output.stat().st_mode & 0o777 == 0o751
-    assert sorted(payload["files"]) == sorted(path.name for path in output.iterdir())  # no .owner
+    written = sorted(path.relative_to(output).as_posix() for path in output.rglob("*") if path.is_file())
+    assert sorted(payload["files"]) == written  # no .owner
     assert sorted(path.name for path in tmp_path.iterdir()) == ["volume"]  # no .old-* or .partial-*
 
 
