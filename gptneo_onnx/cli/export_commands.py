@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from gptneo_onnx.cli.parsing import UsageError, add_command, bounded_int
+from gptneo_onnx.contract import TASK_NAMES
 
-TASK_CHOICES = ("causal-lm", "base", "sequence-classification", "token-classification", "question-answering")
+TASK_CHOICES = TASK_NAMES
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
 DEFAULT_QUALITY_WINDOWS = 32
