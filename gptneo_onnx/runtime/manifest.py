@@ -11,13 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptneo_onnx.contract import DEFAULT_IO, MANIFEST_FORMAT, SUPPORTED_FORMAT_VERSIONS
+from gptneo_onnx.contract import (
+    DEFAULT_IO,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    SUPPORTED_FORMAT_VERSIONS,
+    VALIDATION_STATUSES,
+)
 from gptneo_onnx.contract import TASK_NAMES as TASKS
 from gptneo_onnx.runtime.errors import ExportFolderError
 from gptneo_onnx.runtime.export_files import check_graph_references, check_listed_file, listed_files
 from gptneo_onnx.runtime.export_state import (
-    MANIFEST_NAME,
-    VALIDATION_STATUSES,
     check_validation,
     folder_kind,
     is_staging_folder,
