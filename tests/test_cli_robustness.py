@@ -269,7 +269,7 @@ def test_verify_on_damaged_exports(exports, checkpoint, tmp_path, run):
     bad_json = copy_export(exports["lm"], tmp_path / "bad-json")
     (bad_json / "gptneo_onnx.json").write_text("{not json")
     truncated = copy_export(exports["lm"], tmp_path / "truncated")
-    graph = truncated / "model.onnx"
+    graph = truncated / json.loads((truncated / "gptneo_onnx.json").read_text())["graph"]["file"]
     graph.write_bytes(graph.read_bytes()[:1000])
     for folder, says in ((no_task, "`task`"), (bad_json, "not valid JSON"), (truncated, "bytes")):
         assert_one_error(run("verify", str(folder), "--reference", str(checkpoint)), 2, says)
@@ -437,7 +437,7 @@ def test_info_describes_an_export_and_why_it_would_not_load(exports, tmp_path, r
     sidecar = json.loads((exports["lm"] / "gptneo_onnx.json").read_text())
     assert facts["task"] == "causal-lm" and facts["validation"]["status"] == "passed" and facts["loads"]
     assert facts["files"] == {
-        "model.onnx": sidecar["graph"]["bytes"],
+        sidecar["graph"]["file"]: sidecar["graph"]["bytes"],
         "tokenizer.json": sidecar["tokenizer"]["bytes"],
     }
     assert [item["window"] for item in facts["cache_layers"]] == [None, 4]

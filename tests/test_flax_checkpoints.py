@@ -65,7 +65,7 @@ def test_flax_export_has_the_initializers_of_the_pytorch_export(checkpoints, tmp
         output = tmp_path / source
         assert main(["export", "--model", str(root / source), "--output", str(output), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["report"]["passed"]
-        graph = onnx.load(output / "model.onnx").graph
+        graph = onnx.load(output / "onnx" / "model.onnx").graph
         graphs[source] = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
     assert graphs["pytorch"].keys() == graphs["causal-lm"].keys()
     for name, values in graphs["pytorch"].items():
