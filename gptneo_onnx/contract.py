@@ -24,6 +24,13 @@ SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION, WINDOWED_LOCAL_CACHE_VERSION)
 # Minor versions only add fields: a reader of 1.0 runs a 1.1 export unchanged.
 FORMAT_MINOR_VERSION = 1
 
+# ---- export folders ------------------------------------------------------------------------
+# An export is written into a staging folder `.NAME.partial-XXXX` holding OWNER_FILE, then renamed.
+STAGING_INFIX = ".partial-"
+OWNER_FILE = ".owner"
+# `validation.status`: only "passed" and "skipped" exports load.
+VALIDATION_STATUSES = ("passed", "failed", "pending", "skipped")
+
 # ---- operator domains ---------------------------------------------------------------------
 DEFAULT_DOMAIN = "ai.onnx"  # ONNX spells the default operator domain "" or "ai.onnx"
 RUNTIME_DOMAINS = (DEFAULT_DOMAIN, "com.microsoft")

@@ -94,7 +94,7 @@ class DeviceDecoder:
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:
         """Greedy tokens (1, new) and decode tok/s after the first token."""
-        from gptneo_onnx.runtime.encoding import position_ids_from_mask
+        from gptneo_onnx.contract import position_ids_from_mask
 
         io, batch = self.manifest.io, ids.shape[0]
         cache = self.cache_class.empty(self.spec, batch, ids.shape[1] + new_tokens)

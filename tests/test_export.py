@@ -271,7 +271,7 @@ def test_sidecar_describes_the_graph(tmp_path):
     assert (io["padding_side"], io["attention_mask_columns"], io["position_ids_rule"]) == (
         "left", "past_and_new", "cumsum_minus_one",
     )  # fmt: skip
-    from gptneo_onnx.export.graph_builder import sha256_of
+    from gptneo_onnx.contract import sha256_of
 
     assert manifest["graph"]["sha256"] == sha256_of(tmp_path / "onnx" / "model.onnx")
 

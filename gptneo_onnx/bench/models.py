@@ -8,6 +8,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptneo_onnx.contract import MANIFEST_NAME
+
 # transformers' GPTNeoConfig for EleutherAI/gpt-neo-125m; "tiny" is for --quick smoke runs.
 SHAPES = {
     "125m": dict(
@@ -73,7 +75,7 @@ def exporter_stamp() -> str:
 
 def export_ours(checkpoint: Path, folder: Path, options: dict, block_size: int) -> Path:
     stamp = folder.with_name(folder.name + ".stamp")
-    if (folder / "gptneo_onnx.json").is_file() and stamp.is_file() and stamp.read_text() == exporter_stamp():
+    if (folder / MANIFEST_NAME).is_file() and stamp.is_file() and stamp.read_text() == exporter_stamp():
         return folder
     from gptneo_onnx.export import export
     from gptneo_onnx.reference import from_pretrained

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from gptneo_onnx.runtime.encoding import position_ids_from_mask
+from gptneo_onnx.contract import MANIFEST_NAME, position_ids_from_mask
 from gptneo_onnx.runtime.kv_cache import CacheSpec, cache_class
-from gptneo_onnx.runtime.manifest import MANIFEST_NAME, load_manifest
+from gptneo_onnx.runtime.manifest import load_manifest
 
 
 def session_options(threads: int | None = None, low_memory: bool = False) -> ort.SessionOptions:

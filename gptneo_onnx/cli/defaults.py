@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gptneo_onnx.contract import MANIFEST_NAME
 from gptneo_onnx.errors import MissingExtraError
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
@@ -77,7 +78,7 @@ def _loadable(folder: Path) -> bool:
     from gptneo_onnx.runtime.errors import ExportFolderError
     from gptneo_onnx.runtime.manifest import load_manifest
 
-    if not (folder / "gptneo_onnx.json").is_file():
+    if not (folder / MANIFEST_NAME).is_file():
         return False
     try:
         load_manifest(folder)

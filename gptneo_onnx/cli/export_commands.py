@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from gptneo_onnx.cli.parsing import UsageError, add_command, bounded_int
+from gptneo_onnx.contract import TASK_NAMES
 
-TASK_CHOICES = ("causal-lm", "base", "sequence-classification", "token-classification", "question-answering")
+TASK_CHOICES = TASK_NAMES
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
 DEFAULT_QUALITY_WINDOWS = 32
@@ -244,17 +245,26 @@ def _record_validation(folder: Path, manifest: dict, report: dict, quantized: bo
     write_manifest(folder, manifest)
 
 
+def _diff(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2e}"
+
+
 def _print_verify_report(report: dict, quality: dict | None, quantized: bool) -> None:
     verdict = "passed" if report["passed"] else "FAILED"
     allowed, required = report["max_abs_diff_allowed"], report["top1_agreement_required"]
+    worst = _diff(report.get("max_abs_diff"))
     if quantized:
         print(f"checked {verdict}: the quantized graph runs, with the reference's shapes and finite outputs")
-        print(f"  (not compared for closeness: max |diff| {report['max_abs_diff']:.2e}, top-1 agreement "
+        print(f"  (not compared for closeness: max |diff| {worst}, top-1 agreement "
               f"{report['top1_agreement']:.2%}; quality_report.json judges quantized exports)")  # fmt: skip
     else:
-        print(f"parity {verdict}: max |diff| {report['max_abs_diff']:.2e} (allowed {allowed:.2e})")
+        print(f"parity {verdict}: max |diff| {worst} (allowed {allowed:.2e})")
         print(f"top-1 agreement {report['top1_agreement']:.2%} (required {required:.0%})")
     for check in report["checks"]:
-        print(f"  {check['output']:<36} max |diff| {check['max_abs_diff']:.2e}")
+        # A check that could not be measured (missing output, wrong shape, NaN) says why instead.
+        if "max_abs_diff" in check:
+            print(f"  {check['output']:<36} max |diff| {_diff(check['max_abs_diff'])}")
+        else:
+            print(f"  {check['output']:<36} {check.get('reason', 'not measured')}")
     if quality:
         print("quality: " + json.dumps(quality))

@@ -12,11 +12,12 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
+from gptneo_onnx.contract import OWNER_FILE
 from gptneo_onnx.errors import CheckpointError
 from gptneo_onnx.export.graphs import PRECISIONS, build_graph
 from gptneo_onnx.export.layout import external_data_file, graph_file, transformers_js_dtype
 from gptneo_onnx.export.optimized import optimization_summary
-from gptneo_onnx.export.output_folder import OWNER_FILE, staged_output, write_json
+from gptneo_onnx.export.output_folder import staged_output, write_json
 from gptneo_onnx.export.quantize import quality_report, quantize_graph
 from gptneo_onnx.export.sidecar import build_manifest, tokenizer_config, validation_entry, write_manifest
 from gptneo_onnx.export.validate import ParityError, Tolerance, validate_export

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -147,11 +146,3 @@ def _row_view(name: str, base: TensorProto, start: int, end: int) -> TensorProto
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
     return tensor
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from gptneo_onnx.config import GPTNeoConfig
+from gptneo_onnx.contract import LOCAL_ATTENTION_MASK, cache_names
 from gptneo_onnx.export import layers
 from gptneo_onnx.export.graph_builder import GraphBuilder
-from gptneo_onnx.export.layers import LOCAL_ATTENTION_MASK, local_cache_window
+from gptneo_onnx.export.layers import local_cache_window
 from gptneo_onnx.export.optimized import fused_body
 
 BATCH, SEQUENCE, PAST, TOTAL = (
@@ -35,15 +36,6 @@ class IOSpec:
     name: str
     dtype: str
     shape: list
-
-
-def cache_names(layer: int) -> dict[str, str]:
-    return {
-        "past_key": f"past_key_values.{layer}.key",
-        "past_value": f"past_key_values.{layer}.value",
-        "present_key": f"present.{layer}.key",
-        "present_value": f"present.{layer}.value",
-    }
 
 
 def numpy_weights(model: torch.nn.Module, dtype) -> dict[str, np.ndarray]:

@@ -112,9 +112,6 @@ def positions_from_mask(g: GraphBuilder, attention_mask: str, query_length: str)
     return g.op("Slice", [positions, g.op("Neg", [query_length]), g.const([INT64_MAX]), g.const([1])])
 
 
-LOCAL_ATTENTION_MASK = "local_attention_mask"
-
-
 def local_cache_window(config: GPTNeoConfig, task: str = "causal-lm") -> int | None:
     """The local layers' window when a causal-lm graph gives them their own mask input (the
     windowed local cache, docs/sidecar.md), else None.

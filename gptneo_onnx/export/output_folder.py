@@ -26,15 +26,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gptneo_onnx.contract import MANIFEST_NAME, OWNER_FILE
 from gptneo_onnx.errors import ExportOutputError
 from gptneo_onnx.export.layout import GRAPH_FOLDER, GRAPH_FOLDER_FILES
-
-OWNER_FILE = ".owner"
 
 # Every name an export folder may hold; `overwrite=True` deletes nothing else.
 EXPORT_FILES = frozenset(
     {
-        "gptneo_onnx.json",
+        MANIFEST_NAME,
         "tokenizer.json",
         "tokenizer_config.json",
         "config.json",
@@ -143,7 +142,7 @@ def _move_files_into(staging: Path, target: Path, overwrite: bool) -> None:
     export's files go first (its sidecar first of all), the new sidecar comes last, so no moment
     shows a sidecar over files that are not its own."""
     check_output_folder(target, overwrite, ignore=staging.name)  # it may have changed while the export ran
-    sidecar = "gptneo_onnx.json"
+    sidecar = MANIFEST_NAME
     old = [name for name in _entries(target) if name in EXPORT_FILES]
     for name in sorted(old, key=lambda name: name != sidecar):
         (target / name).unlink()

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from gptneo_onnx.contract import MANIFEST_NAME
 from gptneo_onnx.errors import QuantizationError
 
 METHODS = {"int8": "int8-dynamic", "int4": "int4-weight-only"}
@@ -237,7 +238,7 @@ def _open_export(folder: Path):
 
     import onnxruntime as ort
 
-    manifest = json.loads((folder / "gptneo_onnx.json").read_text())
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gptneo_onnx.contract import position_ids_from_mask
+
 
 @dataclass(frozen=True)
 class Output:
@@ -60,7 +62,7 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
 def positions(mask: np.ndarray, query_length: int) -> np.ndarray:
     """Position ids that skip left padding (cumsum of the mask minus one, at least 0). (B, S)"""
-    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -query_length:]
+    return position_ids_from_mask(mask, query_length)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

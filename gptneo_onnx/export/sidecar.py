@@ -9,19 +9,21 @@ from pathlib import Path
 import onnx
 
 from gptneo_onnx.config import GPTNeoConfig
-from gptneo_onnx.export.graph_builder import OPSET, sha256_of
-from gptneo_onnx.export.graphs import IOSpec, cache_names
-from gptneo_onnx.export.layers import LOCAL_ATTENTION_MASK, local_cache_window
+from gptneo_onnx.contract import (
+    DEFAULT_DOMAIN,
+    FORMAT_MINOR_VERSION,
+    FORMAT_VERSION,
+    LOCAL_ATTENTION_MASK,
+    MANIFEST_NAME,
+    WINDOWED_LOCAL_CACHE_VERSION,
+    cache_names,
+    sha256_of,
+)
+from gptneo_onnx.export.graph_builder import OPSET
+from gptneo_onnx.export.graphs import IOSpec
+from gptneo_onnx.export.layers import local_cache_window
 from gptneo_onnx.export.output_folder import write_json
 
-MANIFEST_NAME = "gptneo_onnx.json"
-# The major version is the lowest one a reader needs: 1, or 2 for graphs with a windowed local
-# cache (an extra required input, `local_attention_mask`, that a 1.x reader would not feed).
-FORMAT_VERSION = 1
-WINDOWED_LOCAL_CACHE_VERSION = 2
-DEFAULT_DOMAIN = "ai.onnx"  # ONNX spells the default operator domain "" or "ai.onnx"
-# Minor versions only add fields: a reader of 1.0 runs a 1.1 export unchanged (docs/sidecar.md).
-FORMAT_MINOR_VERSION = 1
 GENERATION_DEFAULTS = {
     "max_new_tokens": 64,
     "do_sample": False,

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from gptneo_onnx.config import GPTNeoConfig
+from gptneo_onnx.contract import TASK_NAMES
 from gptneo_onnx.reference.model import GPTNeoModel, KVCache
 
 
@@ -114,4 +115,4 @@ TASK_CLASSES: dict[str, type[nn.Module]] = {
         GPTNeoForQuestionAnswering,
     )
 }
-TASKS = tuple(TASK_CLASSES)
+TASKS = TASK_NAMES  # the task table is gptneo_onnx.contract's

@@ -20,19 +20,13 @@ import torch
 from torch import nn
 
 from gptneo_onnx.config import GPTNeoConfig
+from gptneo_onnx.contract import HF_CLASS_TASKS
 from gptneo_onnx.errors import CheckpointError
 from gptneo_onnx.reference.heads import TASK_CLASSES, TASKS
 
 # Buffers that old transformers versions saved; they are derived from the config, not weights.
 DERIVED_BUFFERS = re.compile(r"\.attn\.attention\.(bias|masked_bias)$")
 HEAD_PREFIXES = ("transformer.", "lm_head.", "score.", "classifier.", "qa_outputs.")
-HF_CLASS_TASKS = {
-    "GPTNeoModel": "base",
-    "GPTNeoForCausalLM": "causal-lm",
-    "GPTNeoForSequenceClassification": "sequence-classification",
-    "GPTNeoForTokenClassification": "token-classification",
-    "GPTNeoForQuestionAnswering": "question-answering",
-}
 # What a hub download fetches: never code (*.py); pickles (*.bin) only when there are no safetensors,
 # Flax msgpack only when there is neither.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt"]

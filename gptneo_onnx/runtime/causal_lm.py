@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from gptneo_onnx.contract import position_ids_from_mask
 from gptneo_onnx.runtime.beam_search import BeamStep, beam_search
 from gptneo_onnx.runtime.encoding import (
     Prompt,
@@ -22,7 +23,6 @@ from gptneo_onnx.runtime.encoding import (
     check_token_ids,
     encode_prompts,
     left_pad,
-    position_ids_from_mask,
     step_inputs,
 )
 from gptneo_onnx.runtime.errors import GenerationConfigError, InputError

@@ -264,9 +264,3 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarr
             input_ids[index, longest - len(row) :] = row
             attention_mask[index, longest - len(row) :] = 1
     return input_ids, attention_mask
-
-
-def position_ids_from_mask(attention_mask: np.ndarray, length: int) -> np.ndarray:
-    """Positions of the last `length` tokens: cumsum(mask) - 1, clipped at 0 (sidecar rule)."""
-    positions = np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None)
-    return positions[:, -length:].astype(np.int64)

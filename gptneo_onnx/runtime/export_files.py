@@ -9,15 +9,12 @@ The path rules hold even when the sha256 checks are skipped, and even for a rewr
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path, PurePosixPath
 
+from gptneo_onnx.contract import DEFAULT_DOMAIN, MANIFEST_NAME, RUNTIME_DOMAINS, sha256_of
 from gptneo_onnx.runtime.errors import ExportFolderError
 from gptneo_onnx.runtime.graph_scan import MalformedGraph, scan_graph
 
-DEFAULT_DOMAIN = "ai.onnx"  # ONNX spells the default domain "" or "ai.onnx"
-# The operator domains this runtime runs: ONNX's own, and ONNX Runtime's contrib ops.
-RUNTIME_DOMAINS = (DEFAULT_DOMAIN, "com.microsoft")
 # Operators that read files named inside the graph (EPContext: a compiled engine), never allowed.
 FILE_READING_OPERATORS = (("com.microsoft", "EPContext"),)
 _HASH_CHUNK = 1 << 20
@@ -107,14 +104,11 @@ def check_graph_references(folder: Path, raw: dict) -> None:
 
 
 def check_sha256(path: Path, expected: str) -> None:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    if digest.hexdigest() != str(expected).lower():
+    actual = sha256_of(path)
+    if actual != str(expected).lower():
         raise ExportFolderError(
-            f"{path.name} does not match the sha256 recorded in gptneo_onnx.json "
-            f"(expected {expected}, got {digest.hexdigest()}); the file was changed or corrupted, re-export"
+            f"{path.name} does not match the sha256 recorded in {MANIFEST_NAME} "
+            f"(expected {expected}, got {actual}); the file was changed or corrupted, re-export"
         )
 
 

@@ -11,14 +11,12 @@ import re
 import warnings
 from pathlib import Path
 
+from gptneo_onnx.contract import MANIFEST_NAME, OWNER_FILE
 from gptneo_onnx.runtime.errors import ExportFolderError, UnvalidatedExportWarning
 
-MANIFEST_NAME = "gptneo_onnx.json"
-# `validation.status` (docs/sidecar.md): only "passed" and "skipped" exports load.
-VALIDATION_STATUSES = ("passed", "failed", "pending", "skipped")
 # An export is written into `.NAME.partial-XXXX` holding `.owner`, then renamed (export/output_folder.py).
 STAGING_NAME = re.compile(r"^\..+\.partial-[0-9a-f]+$")
-STAGING_OWNER_FILE = ".owner"
+STAGING_OWNER_FILE = OWNER_FILE
 CHECKPOINT_WEIGHTS = (
     "model.safetensors",
     "pytorch_model.bin",

@@ -11,22 +11,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptneo_onnx.contract import (
+    DEFAULT_IO,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    SUPPORTED_FORMAT_VERSIONS,
+    VALIDATION_STATUSES,
+)
+from gptneo_onnx.contract import TASK_NAMES as TASKS
 from gptneo_onnx.runtime.errors import ExportFolderError
 from gptneo_onnx.runtime.export_files import check_graph_references, check_listed_file, listed_files
 from gptneo_onnx.runtime.export_state import (
-    MANIFEST_NAME,
-    VALIDATION_STATUSES,
     check_validation,
     folder_kind,
     is_staging_folder,
     warn_if_unvalidated,
 )
 
-MANIFEST_FORMAT = "gptneo-onnx"
-# Major versions; fields added within a major are ignored by older runtimes. 2 adds the windowed
-# local cache (`cache.local_window` and its mask input, see runtime/local_window.py).
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
-TASKS = ("causal-lm", "base", "sequence-classification", "token-classification", "question-answering")
 # The fields this runtime needs, per object, with their JSON types (docs/sidecar.md).
 TOP_FIELDS = {
     "format": str,
@@ -53,13 +54,6 @@ MODEL_FIELDS = {
 CACHE_FIELDS = {"mode": str, "layers": list}
 LAYER_FIELDS = {"layer": int, "past_key": str, "past_value": str, "present_key": str, "present_value": str}
 LOCAL_WINDOW_FIELDS = {"input": str, "window": int, "min_rows": int}
-# The `io` roles of a manifest written before `io` existed (format 1.0).
-DEFAULT_IO = {
-    "input_ids": "input_ids",
-    "attention_mask": "attention_mask",
-    "position_ids": "position_ids",
-    "logits": "logits",
-}
 
 
 @dataclass(frozen=True)
