@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from gptneo_onnx.runtime.causal_lm import bind_host_inputs
 from gptneo_onnx.runtime.local_window import LocalWindow
 
 PAIRS = (("past_key", "present_key"), ("past_value", "present_value"))
@@ -61,6 +62,9 @@ class ExportDecoder:
         self.layers = self.manifest["cache"]["layers"]
         self.dtype = np.dtype(self.manifest["cache"]["dtype"])
         self.local = LocalWindow.from_cache(self.manifest["cache"])
+        # format x.2 exports compute the lm_head for the last position only when asked
+        keep = (self.manifest.get("io") or {}).get("num_logits_to_keep")
+        self.keep_last = {keep: np.array(1, np.int64)} if keep else {}
         model = self.manifest["model"]
         self.num_heads, self.head_dim = model["num_heads"], model["head_dim"]
 
@@ -105,6 +109,7 @@ class ExportDecoder:
         while True:
             ids, mask, positions = yield last
             feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
+            feed.update(self.keep_last)
             if self.local:
                 feed[self.local.input] = self.local.mask(mask, held, ids.shape[1])
             named = dict(zip(self.output_names, self.session.run(None, feed), strict=True))
@@ -121,17 +126,17 @@ class ExportDecoder:
         while True:
             ids, mask, positions = yield last
             binding = self.session.io_binding()
-            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **self.keep_last}
             if self.local:
                 feed[self.local.input] = self.local.mask(mask, held, ids.shape[1])
-            for name, value in feed.items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            bound = bind_host_inputs(binding, feed)
             binding.bind_output("logits")  # the first bound output: get_outputs()[0]
             for layer in self.layers:
                 for p, q in PAIRS:
                     binding.bind_ortvalue_input(layer[p], buffers[layer[p]])
                     binding.bind_ortvalue_output(layer[q], buffers[layer[p]])
             self.session.run_with_iobinding(binding)
+            del bound
             last = binding.get_outputs()[0].numpy()[:, -1]
             if self.local:
                 held = self.local.trim(arrays, held + ids.shape[1], in_place=True)

@@ -36,6 +36,7 @@ from gptneo_onnx.runtime.errors import GenerationConfigError, InputError
 from gptneo_onnx.runtime.generation import GenerationConfig, GenerationResult, StopCheck, TokenStep, decode
 from gptneo_onnx.runtime.local_window import LocalWindow
 from gptneo_onnx.runtime.model import Model
+from gptneo_onnx.runtime.prompt_lookup import prompt_lookup_decode
 from gptneo_onnx.runtime.streaming import first_stop_index, stream_text
 
 
@@ -62,6 +63,15 @@ def host_cache_limit() -> int | None:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4
     except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
         return None
+
+
+def bind_host_inputs(binding: ort.IOBinding, feeds: dict[str, np.ndarray]) -> list[ort.OrtValue]:
+    """Bind host arrays as inputs. Through OrtValues: `bind_cpu_input` can't find inputs that
+    have a default (`num_logits_to_keep`). Keep the returned values until the run is done."""
+    values = [ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C")) for array in feeds.values()]
+    for name, value in zip(feeds, values):
+        binding.bind_ortvalue_input(name, value)
+    return values
 
 
 @dataclass
@@ -139,8 +149,11 @@ class CausalLM(Model):
         position_ids: np.ndarray | None = None,
         past: KVCache | None = None,
         capacity: int | None = None,
+        num_logits_to_keep: int = 0,
     ) -> tuple[np.ndarray, KVCache]:
-        """Run the graph on new tokens; returns logits (B, S, V) float32 and the grown cache.
+        """Run the graph on new tokens; returns logits (B, S, V) float32 and the grown cache
+        (`num_logits_to_keep` K > 0: logits of the last K positions only, (B, min(K, S), V); on a
+        past, a windowed local cache then keeps K - 1 rows beyond `min_rows`, see drop_newest_rows).
 
         `attention_mask` covers past + new tokens. `position_ids` default to the sidecar rule
         (cumsum(mask) - 1, clipped at 0, for the new tokens). `capacity` sizes the buffers of a
@@ -167,13 +180,17 @@ class CausalLM(Model):
             position_ids = check_position_ids(
                 position_ids, (batch, length), self.manifest.max_position_embeddings
             )
+        if not (isinstance(num_logits_to_keep, (int, np.integer)) and num_logits_to_keep >= 0):
+            raise InputError(f"num_logits_to_keep must be an integer >= 0, got {num_logits_to_keep!r}")
         if past_length and length > 1 and batch > (self._multi_token_step_max_batch or batch):
-            return self._forward_by_rows(input_ids, attention_mask, position_ids, past)
+            return self._forward_by_rows(input_ids, attention_mask, position_ids, past, num_logits_to_keep)
         feeds = {
             self.io["input_ids"]: input_ids,
             self.io["attention_mask"]: attention_mask,
             self.io["position_ids"]: position_ids,
         }
+        if num_logits_to_keep and self.io.get("num_logits_to_keep"):  # format >= x.2 graphs
+            feeds[self.io["num_logits_to_keep"]] = np.array(num_logits_to_keep, np.int64)
         if self._local_window is not None:
             feeds[self._local_window.input] = self._local_window.mask(attention_mask, local_held, length)
         if past is None:
@@ -197,15 +214,20 @@ class CausalLM(Model):
             )
             logits = outputs[self.io["logits"]].astype(np.float32, copy=False)
             cache = self._next_cache(outputs, past.length + length)
-        return logits, self._trim_local(cache, local_held + length)
+        if num_logits_to_keep:
+            logits = logits[:, -num_logits_to_keep:]  # older exports return every position
+        # A step on a past that asks for several positions' logits verifies drafts (prompt lookup):
+        # the rows after the first rejected one are dropped again, so local layers keep them spare.
+        spare = min(num_logits_to_keep, length) - 1 if past_length and num_logits_to_keep else 0
+        return logits, self._trim_local(cache, local_held + length, spare)
 
-    def _trim_local(self, cache: KVCache, rows: int) -> KVCache:
-        """Windowed local cache: the local layers now hold `rows` rows; past `min_rows + slack`,
-        keep only the newest `min_rows` (on the CPU; a device cache keeps every row)."""
+    def _trim_local(self, cache: KVCache, rows: int, spare: int = 0) -> KVCache:
+        """Windowed local cache: the local layers now hold `rows` rows; past `min_rows + spare +
+        slack`, keep only the newest `min_rows + spare` (on the CPU; a device cache keeps every row)."""
         local = self._local_window
         if local is None:
             return cache
-        if self._device[0] != "cpu" or local.rows_to_keep(rows) == rows:
+        if self._device[0] != "cpu" or local.rows_to_keep(rows, spare) == rows:
             cache.local_length = rows
             return cache
         # numpy() of a CPU OrtValue is a view of it: shared buffers are trimmed in place.
@@ -215,14 +237,19 @@ class CausalLM(Model):
             if name in local.past_names
         }
         in_place = self.cache_mode == "shared-buffer"
-        cache.local_length = local.trim(arrays, rows, in_place)
+        cache.local_length = local.trim(arrays, rows, in_place, spare)
         if not in_place:
             for name, array in arrays.items():
                 cache.values[name] = ort.OrtValue.ortvalue_from_numpy(array) if self.io_binding else array
         return cache
 
     def _forward_by_rows(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: KVCache
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: KVCache,
+        num_logits_to_keep: int = 0,
     ) -> tuple[np.ndarray, KVCache]:
         """A multi-token step on top of a past, one batch row at a time: the graph's fused attention
         takes only batch 1 there (the sidecar's `multi_token_step_max_batch`)."""
@@ -245,7 +272,7 @@ class CausalLM(Model):
             )
             rows = slice(row, row + 1)
             row_logits, row_cache = self.forward(
-                input_ids[rows], attention_mask[rows], position_ids[rows], row_past
+                input_ids[rows], attention_mask[rows], position_ids[rows], row_past, None, num_logits_to_keep
             )
             logits.append(row_logits)
             caches.append(row_cache.values)
@@ -312,8 +339,7 @@ class CausalLM(Model):
             return self._forward_in_place(feeds, past)
         device, device_id = self._device
         binding = self.session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        bound = bind_host_inputs(binding, feeds)
         for name, value in past.values.items():
             if isinstance(value, np.ndarray):
                 value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, device_id)
@@ -323,6 +349,7 @@ class CausalLM(Model):
             binding.bind_output(layer.present_key, device, device_id)
             binding.bind_output(layer.present_value, device, device_id)
         self.session.run_with_iobinding(binding)
+        del bound
         outputs = dict(zip(self._output_names(), binding.get_outputs()))
         logits = outputs.pop(self.io["logits"]).numpy().astype(np.float32, copy=False)
         return logits, self._next_cache(outputs, past.length + feeds[self.io["input_ids"]].shape[1])
@@ -348,12 +375,13 @@ class CausalLM(Model):
                     binding.bind_ortvalue_input(past_name, value)
                     binding.bind_ortvalue_output(present_name, value)
                     values[past_name] = value
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        bound = bind_host_inputs(binding, feeds)
         batch, length = feeds[self.io["input_ids"]].shape
-        logits = np.empty((batch, length, self.manifest.vocab_size), np.float32)
+        kept = int(feeds.get(self.io.get("num_logits_to_keep"), 0)) or length
+        logits = np.empty((batch, min(kept, length), self.manifest.vocab_size), np.float32)
         binding.bind_ortvalue_output(self.io["logits"], ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
+        del bound
         return logits, KVCache(values, past.length + length, binding)
 
     def reorder_cache(self, cache: KVCache, rows: np.ndarray) -> KVCache:
@@ -366,6 +394,23 @@ class CausalLM(Model):
             else:
                 reordered[name] = value[rows]
         return KVCache(reordered, cache.length, None, cache.local_length)
+
+    def drop_newest_rows(self, cache: KVCache, rows: int) -> KVCache:
+        """The cache without its newest `rows` rows (rejected prompt-lookup drafts). Shared
+        buffers just lower the length; concat caches are sliced (device values via the host)."""
+        if rows == 0:
+            return cache
+        local = self._local_window.past_names if self._local_window is not None else frozenset()
+        local_length = None if cache.local_length is None else cache.local_length - rows
+        if self.cache_mode == "shared-buffer":
+            return KVCache(cache.values, cache.length - rows, cache.binding, local_length)
+        values = {}
+        for name, value in cache.values.items():
+            array = value.numpy() if isinstance(value, ort.OrtValue) else value
+            keep = local_length if name in local and local_length is not None else cache.length - rows
+            array = np.ascontiguousarray(array[:, :, :keep])
+            values[name] = ort.OrtValue.ortvalue_from_numpy(array, *self._device) if self.io_binding else array
+        return KVCache(values, cache.length - rows, None, local_length)
 
     # ---- generation -------------------------------------------------------------------------
     def generation_config(self, config: GenerationConfig | None = None, **options: Any) -> GenerationConfig:
@@ -400,10 +445,18 @@ class CausalLM(Model):
         capacity = input_ids.shape[1] + config.max_new_tokens
 
         def step(ids: np.ndarray, mask: np.ndarray, cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
-            logits, cache = self.forward(ids, mask, past=cache, capacity=capacity)
+            logits, cache = self.forward(ids, mask, past=cache, capacity=capacity, num_logits_to_keep=1)
             return logits[:, -1], cache
 
-        if config.num_beams > 1:
+        if config.prompt_lookup_num_tokens:
+
+            def verify(ids: np.ndarray, mask: np.ndarray, cache: KVCache | None, keep: int):
+                return self.forward(ids, mask, past=cache, capacity=capacity, num_logits_to_keep=keep)
+
+            steps = prompt_lookup_decode(
+                verify, self.drop_newest_rows, input_ids, attention_mask, config, eos, stop_check
+            )
+        elif config.num_beams > 1:
             steps = beam_search(
                 step, self.reorder_cache, input_ids, attention_mask, config, eos, pad, stop_check
             )

@@ -87,6 +87,9 @@ def provider_list(short_name: str, options: ProviderOptions) -> list[tuple[str, 
 
 def session_options(options: ProviderOptions) -> ort.SessionOptions:
     settings = ort.SessionOptions()
+    # Errors only: onnxruntime warns on every load that `num_logits_to_keep` (an input with a
+    # default, docs/sidecar.md) is not folded as a constant, which is the point of it.
+    settings.log_severity_level = 3
     if options.intra_op_threads is not None:
         if options.intra_op_threads < 0:
             raise ProviderError(

@@ -173,6 +173,10 @@ export class CausalLM {
       const columns = cache.localRows + newIds.length; // the local layers' rows, then the new tokens
       feeds[local.input] = intTensor(spec("attention_mask").dtype, mask.slice(total - columns), [1, columns]);
     }
+    if (this.io.num_logits_to_keep) {
+      // format x.2: the lm_head runs on the last position only (this runner reads no other)
+      feeds[this.io.num_logits_to_keep] = new ort.Tensor("int64", BigInt64Array.from([1n]), []);
+    }
     Object.assign(feeds, cache.pasts);
     let results;
     if (this.cacheMode === "shared-buffer") {
