@@ -81,7 +81,9 @@ def test_the_input_has_a_default_so_other_clients_see_optimums_io(exports):
         {"name": "num_logits_to_keep", "dtype": "int64", "shape": [], "default": 0}
     ]
     assert manifest["format_minor_version"] == 2
-    session = ort.InferenceSession(str(folder / "portable" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(folder / "portable" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     assert "num_logits_to_keep" not in [item.name for item in session.get_inputs()]
     assert [item.name for item in session.get_overridable_initializers()] == ["num_logits_to_keep"]
     ids, mask = batch()
@@ -111,7 +113,9 @@ def test_exports_without_the_input_still_return_the_asked_positions(exports, tmp
     ids, mask = batch()
     old, new = (CausalLM.load(p, provider="cpu") for p in (tmp_path / "old", folder / "portable"))
     np.testing.assert_allclose(
-        old.forward(ids, mask, num_logits_to_keep=2)[0], new.forward(ids, mask, num_logits_to_keep=2)[0], atol=1e-6
+        old.forward(ids, mask, num_logits_to_keep=2)[0],
+        new.forward(ids, mask, num_logits_to_keep=2)[0],
+        atol=1e-6,
     )
     with pytest.raises(Exception, match="num_logits_to_keep must be an integer >= 0"):
         new.forward(ids, mask, num_logits_to_keep=-1)

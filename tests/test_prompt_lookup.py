@@ -27,7 +27,8 @@ PHRASE = [5, 17, 33, 8, 61, 42, 9, 23]
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    hf_model = tiny_hf_model("causal-lm", max_position_embeddings=128)
+    # Larger weights than the default init: varied greedy output, so drafts are both taken and refused.
+    hf_model = tiny_hf_model("causal-lm", max_position_embeddings=128, initializer_range=0.3)
     folder = tmp_path_factory.mktemp("lookup")
     names = {}
     for name, (options, _) in CASES.items():
@@ -53,39 +54,53 @@ def test_drafts_match_transformers_candidate_generator():
 
 def prompts() -> list[list[int]]:
     rng = np.random.default_rng(4)
-    return [PHRASE * 3 + [7, 11], [int(t) for t in rng.integers(3, 97, size=9)] * 2, PHRASE[:5]]
+    return [PHRASE * 3 + [7, 11], [int(t) for t in rng.integers(3, 97, size=9)] * 2]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_greedy_output_is_that_of_plain_greedy_and_of_transformers(exports, case, monkeypatch):
-    from gptneo_onnx.runtime import CausalLM
+NEW_TOKENS = 30
 
-    hf_model, folders = exports
-    model = CausalLM.load(folders[case], provider="cpu", **CASES[case][1])
-    steps = []
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **k: steps.append(a[0].shape[1]) or forward(*a, **k))
-    drafted = 0
-    for prompt in prompts():
-        settings = dict(max_new_tokens=40, min_new_tokens=40)
-        plain = model.generate([prompt], **settings).sequences
-        steps.clear()
-        lookup = model.generate([prompt], prompt_lookup_num_tokens=4, **settings)
-        assert lookup.sequences == plain and lookup.finish_reasons == ["length"]
-        assert len(steps) < 41  # some drafts were accepted: fewer steps than tokens
-        drafted += sum(length - 1 for length in steps[1:])
-        with torch.no_grad():
+
+@pytest.fixture(scope="module")
+def transformers_outputs(exports):
+    """transformers' own prompt-lookup greedy output per prompt (it may run one token over)."""
+    hf_model, _ = exports
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts():
             hf = hf_model.generate(
                 torch.tensor([prompt]),
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                 do_sample=False,
                 prompt_lookup_num_tokens=4,
-                max_new_tokens=40,
-                min_new_tokens=40,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
                 pad_token_id=0,
             )
-        assert hf[0, len(prompt) :].tolist() == plain[0]
-    assert drafted > 0
+            outputs.append(hf[0, len(prompt) : len(prompt) + NEW_TOKENS].tolist())
+    return outputs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_output_is_that_of_plain_greedy_and_of_transformers(
+    exports, transformers_outputs, case, monkeypatch
+):
+    from gptneo_onnx.runtime import CausalLM
+
+    _, folders = exports
+    model = CausalLM.load(folders[case], provider="cpu", **CASES[case][1])
+    steps, dropped = [], []
+    forward, drop = model.forward, model.drop_newest_rows
+    monkeypatch.setattr(model, "forward", lambda *a, **k: steps.append(a[0].shape[1]) or forward(*a, **k))
+    monkeypatch.setattr(model, "drop_newest_rows", lambda c, rows: dropped.append(rows) or drop(c, rows))
+    drafted = 0
+    for prompt, expected in zip(prompts(), transformers_outputs, strict=True):
+        settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        plain = model.generate([prompt], **settings).sequences
+        steps.clear()
+        lookup = model.generate([prompt], prompt_lookup_num_tokens=4, **settings)
+        assert lookup.sequences == plain == [expected] and lookup.finish_reasons == ["length"]
+        drafted += sum(length - 1 for length in steps[1:])
+    assert drafted > sum(dropped) > 0  # drafts were taken and refused (their cache rows dropped)
 
 
 def test_sampling_draws_the_same_tokens_as_plain_sampling(exports):
@@ -113,3 +128,25 @@ def test_one_sequence_only_and_a_clear_error_otherwise(exports):
         model.generate([PHRASE, PHRASE[:4]], prompt_lookup_num_tokens=2)
     with pytest.raises(GenerationConfigError, match="prompt_lookup_num_tokens must be an integer >= 1"):
         model.generate([PHRASE], prompt_lookup_num_tokens=0)
+
+
+def test_bundled_model_on_an_edit_prompt_matches_transformers(bundled_optimized_export):
+    """The trained model, a function then its renamed copy: past the local window (128), so the
+    windowed shared-buffer cache drops refused rows after trimming to min_rows + spare."""
+    from transformers import GPTNeoForCausalLM
+
+    from gptneo_onnx.cli.defaults import BUNDLED_MODEL_DIR
+    from gptneo_onnx.runtime import CausalLM
+
+    function = 'def parse(line, default=None):\n    key, sep, value = line.partition(":")\n'
+    function += "    if not sep:\n        return default\n    return key.strip(), value.strip()\n"
+    prompt = function * 3 + "\n\n" + function.replace("parse", "read")[:40]
+    model = CausalLM.load(bundled_optimized_export, provider="cpu")
+    ids = model.tokenizer.encode(prompt).ids
+    settings = dict(max_new_tokens=60, min_new_tokens=60)
+    plain = model.generate([ids], **settings).sequences[0]
+    assert model.generate([ids], prompt_lookup_num_tokens=5, **settings).sequences[0] == plain
+    hf_model = GPTNeoForCausalLM.from_pretrained(BUNDLED_MODEL_DIR).eval()
+    with torch.no_grad():
+        hf = hf_model.generate(torch.tensor([ids]), do_sample=False, prompt_lookup_num_tokens=5, **settings)
+    assert len(ids) + 60 > 128 + 32 and hf[0, len(ids) : len(ids) + 60].tolist() == plain

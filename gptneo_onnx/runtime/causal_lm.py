@@ -68,7 +68,9 @@ def host_cache_limit() -> int | None:
 def bind_host_inputs(binding: ort.IOBinding, feeds: dict[str, np.ndarray]) -> list[ort.OrtValue]:
     """Bind host arrays as inputs. Through OrtValues: `bind_cpu_input` can't find inputs that
     have a default (`num_logits_to_keep`). Keep the returned values until the run is done."""
-    values = [ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C")) for array in feeds.values()]
+    values = [
+        ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C")) for array in feeds.values()
+    ]
     for name, value in zip(feeds, values):
         binding.bind_ortvalue_input(name, value)
     return values
@@ -409,7 +411,9 @@ class CausalLM(Model):
             array = value.numpy() if isinstance(value, ort.OrtValue) else value
             keep = local_length if name in local and local_length is not None else cache.length - rows
             array = np.ascontiguousarray(array[:, :, :keep])
-            values[name] = ort.OrtValue.ortvalue_from_numpy(array, *self._device) if self.io_binding else array
+            values[name] = (
+                ort.OrtValue.ortvalue_from_numpy(array, *self._device) if self.io_binding else array
+            )
         return KVCache(values, cache.length - rows, None, local_length)
 
     # ---- generation -------------------------------------------------------------------------

@@ -103,7 +103,9 @@ def prompt_lookup_decode(
         room = config.max_new_tokens - (len(tokens) - prompt_length) - 1
         drafts = draft_tokens(tokens, min(config.prompt_lookup_num_tokens, room))
         step_ids = np.concatenate([tokens[-1:], drafts])[None]
-        logits, cache = forward(step_ids, np.ones((1, len(tokens) + len(drafts)), np.int64), cache, len(step_ids[0]))
+        logits, cache = forward(
+            step_ids, np.ones((1, len(tokens) + len(drafts)), np.int64), cache, len(step_ids[0])
+        )
     yield GenerationResult(
         sequences=[tokens[prompt_length:].tolist()], finish_reasons=[reason or "length"], prompt_index=[0]
     )
