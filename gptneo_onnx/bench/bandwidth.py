@@ -72,6 +72,22 @@ def kv_bytes_per_token(manifest: dict, context: int) -> int:
     return total
 
 
+def bytes_per_token(folder: Path, context: int) -> int | None:
+    """What one decode step of the system in `folder` reads: one of our exports (the manifest
+    says the graph and the cache), an Optimum folder (model.onnx; every layer caches every row),
+    or None for PyTorch checkpoints."""
+    import json
+
+    if (folder / "gptneo_onnx.json").is_file():
+        manifest = json.loads((folder / "gptneo_onnx.json").read_text())
+        return weight_bytes_per_token(folder / manifest["graph"]["file"]) + kv_bytes_per_token(manifest, context)
+    if (folder / "model.onnx").is_file():
+        config = json.loads((folder / "config.json").read_text())
+        kv = 2 * context * config["hidden_size"] * 4 * config["num_layers"]
+        return weight_bytes_per_token(folder / "model.onnx") + kv
+    return None
+
+
 def percent_of_limit(bytes_per_token: float, tokens_per_s: float, limit: float) -> tuple[float, float]:
     """(effective GB/s, percentage of `limit` bytes/s)."""
     used = bytes_per_token * tokens_per_s
