@@ -80,7 +80,8 @@ def bytes_per_token(folder: Path, context: int) -> int | None:
 
     if (folder / "gptneo_onnx.json").is_file():
         manifest = json.loads((folder / "gptneo_onnx.json").read_text())
-        return weight_bytes_per_token(folder / manifest["graph"]["file"]) + kv_bytes_per_token(manifest, context)
+        weights = weight_bytes_per_token(folder / manifest["graph"]["file"])
+        return weights + kv_bytes_per_token(manifest, context)
     if (folder / "model.onnx").is_file():
         config = json.loads((folder / "config.json").read_text())
         kv = 2 * context * config["hidden_size"] * 4 * config["num_layers"]

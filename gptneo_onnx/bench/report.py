@@ -65,9 +65,8 @@ def evaluate_targets(medians: dict, plan, bandwidth: dict | None = None) -> list
                 (f"fp32 TTFT (prefill {length}) vs Optimum fp32", fp32, "optimum-fp32", metric, 1.5),
                 (f"int4 TTFT (prefill {length}) vs Optimum int4", int4, "optimum-int4", metric, 1.5),
             ]
-        checks.append(
-            ("int4 short decode, fraction of the read bandwidth", int4, "bandwidth", short, INT4_BANDWIDTH_TARGET)
-        )
+        title = "int4 short decode, fraction of the read bandwidth"
+        checks.append((title, int4, "bandwidth", short, INT4_BANDWIDTH_TARGET))
     targets = []
     for title, variant, peer, metric, required in checks:
         if peer == "bandwidth":
