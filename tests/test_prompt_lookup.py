@@ -150,3 +150,21 @@ def test_bundled_model_on_an_edit_prompt_matches_transformers(bundled_optimized_
     with torch.no_grad():
         hf = hf_model.generate(torch.tensor([ids]), do_sample=False, prompt_lookup_num_tokens=5, **settings)
     assert len(ids) + 60 > 128 + 32 and hf[0, len(ids) : len(ids) + 60].tolist() == plain
+
+
+def test_cli_option_gives_the_plain_greedy_tokens(exports, capsys):
+    import json
+
+    from gptneo_onnx.cli import main
+
+    _, folders = exports
+    argv = ["generate", str(folders["portable"]), ",".join(map(str, PHRASE * 3)), "--token-ids"]
+    argv += ["--max-new-tokens", "20", "--json"]
+    outputs = []
+    for extra in ([], ["--prompt-lookup", "3"]):
+        capsys.readouterr()
+        assert main([*argv, *extra]) == 0
+        outputs.append(json.loads(capsys.readouterr().out)["sequences"])
+    assert outputs[0] == outputs[1]
+    assert main([*argv, "--prompt-lookup", "0"]) == 2
+    assert "prompt_lookup_num_tokens must be an integer >= 1" in capsys.readouterr().err
