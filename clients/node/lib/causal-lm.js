@@ -27,7 +27,9 @@ export class CausalLM {
   /** Load and verify an export folder; `cacheMode` is auto (shared-buffer when offered), concat or shared-buffer. */
   static async load(folder, { verify = true, cacheMode = "auto", threads = null } = {}) {
     const sidecar = loadSidecar(folder, { verify });
-    const options = { executionProviders: ["cpu"], graphOptimizationLevel: "all" };
+    // logSeverityLevel 3 (errors): onnxruntime warns on every load that `num_logits_to_keep`, an
+    // input with a default value (docs/sidecar.md), is not folded as a constant.
+    const options = { executionProviders: ["cpu"], graphOptimizationLevel: "all", logSeverityLevel: 3 };
     if (threads !== null) {
       if (threads < 0) throw new InputError(`--threads must be >= 0 (0 = onnxruntime's default), got ${threads}`);
       options.intraOpNumThreads = threads;
