@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class CheckpointError(ValueError):
     """A checkpoint that can't be loaded safely: corrupt, pickled code, or tensors that don't fit."""
@@ -9,3 +11,28 @@ class CheckpointError(ValueError):
 
 class ExportOutputError(ValueError):
     """An output folder the exporter refuses to write: not empty, a file, or holding foreign files."""
+
+
+class ParityError(ValueError):
+    """An export whose outputs differ from the reference beyond tolerance, or that failed to run
+    in validation. `report` is the parity_report.json that says where and by how much."""
+
+    def __init__(self, summary: str, report: Path):
+        super().__init__(f"{summary}; see {report}")
+        self.summary, self.report = summary, Path(report)
+
+    def moved_to(self, folder: Path) -> ParityError:
+        """The same error, pointing at the report in `folder` (the export once put in place)."""
+        return ParityError(self.summary, Path(folder) / self.report.name)
+
+
+class PromptLooksLikePathError(ValueError):
+    """A `generate` prompt that names a file or folder, or looks like a path: not guessed into a prompt."""
+
+
+class MissingExtraError(RuntimeError):
+    """A command needs an install extra (export, cpu, bench) that is not installed."""
+
+
+class QuantizationError(ValueError):
+    """A quantization request the graph or onnxruntime cannot serve."""

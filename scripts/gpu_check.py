@@ -28,8 +28,6 @@ from gptneo_onnx.bench.models import SHAPES  # noqa: E402  (the benchmark's gpt-
 SMALL = dict(hidden_size=256, num_layers=4, num_heads=4, window_size=32, vocab_size=1024,
              max_position_embeddings=512, attention_types=[[["global", "local"], 2]])  # fmt: skip
 
-
-PAIRS = (("past_key", "present_key"), ("past_value", "present_value"))
 DEVICE = {"name": "cuda", "provider": "CUDAExecutionProvider"}  # --dry-run-cpu swaps in the CPU
 
 
@@ -68,7 +66,7 @@ def cuda_session(path: Path, providers: list):
 def check_parity(reference, work: Path, report: dict) -> None:
     """fp32 and fp16, portable and optimized, on the CUDA provider against the torch reference."""
     from gptneo_onnx.export import export
-    from gptneo_onnx.export.validate import Tolerance, _compare_causal_lm, _Comparison, validation_batch
+    from gptneo_onnx.export.validate import Tolerance, parity_verdict
 
     for flavor in ("portable", "optimized"):
         for precision in ("float32", "float16"):
@@ -76,60 +74,39 @@ def check_parity(reference, work: Path, report: dict) -> None:
             result = export(reference, folder, progress=False, validate=False, precision=precision,
                             optimize=flavor == "optimized")  # fmt: skip
             session = cuda_session(folder / "model.onnx", [DEVICE["provider"]])
-            ids, mask = validation_batch(reference.config)
-            comparison = _Comparison()
-            _compare_causal_lm(reference, session, result.manifest, ids, mask, comparison)
-            verdict = comparison.verdict(Tolerance.for_precision(precision))
+            verdict = parity_verdict(reference, session, result.manifest, Tolerance.for_precision(precision))
             verdict.pop("checks")
             report[f"parity_cuda_{flavor}_{precision}"] = verdict
 
 
 class DeviceDecoder:
-    """Greedy decoding with the KV cache in CUDA memory: IOBinding, shared-buffer mode when listed."""
+    """Greedy decoding with the KV cache in device memory: the runtime's IO-bound cache objects,
+    shared-buffer mode when the export lists it."""
 
     def __init__(self, folder: Path, providers: list):
-        import onnxruntime as ort
+        from gptneo_onnx.runtime import BoundConcatCache, CacheSpec, SharedBufferCache, load_manifest
 
-        self.ort = ort
-        self.manifest = json.loads((folder / "gptneo_onnx.json").read_text())
-        self.session = cuda_session(folder / self.manifest["graph"]["file"], providers)
-        self.shared = "shared-buffer" in self.manifest["cache"].get("modes", [])
-        self.dtype = np.dtype(self.manifest["cache"]["dtype"])
+        self.manifest = load_manifest(folder, task="causal-lm", verify_hashes=False)
+        self.session = cuda_session(self.manifest.graph_path, providers)
+        self.spec = CacheSpec.from_manifest(self.manifest, device=(DEVICE["name"], 0))
+        shared = "shared-buffer" in (self.manifest.raw["cache"].get("modes") or [])
+        self.cache_class = SharedBufferCache if shared else BoundConcatCache
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:
         """Greedy tokens (1, new) and decode tok/s after the first token."""
-        ort, model = self.ort, self.manifest["model"]
-        layers = self.manifest["cache"]["layers"]
-        batch, capacity = ids.shape[0], ids.shape[1] + new_tokens
-        length = capacity if self.shared else 0
-        shape = (batch, model["num_heads"], length, model["head_dim"])
-        past = {layer[k]: ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, DEVICE["name"], 0)
-                for layer in layers for k in ("past_key", "past_value")}  # fmt: skip
+        from gptneo_onnx.runtime.encoding import position_ids_from_mask
+
+        io, batch = self.manifest.io, ids.shape[0]
+        cache = self.cache_class.empty(self.spec, batch, ids.shape[1] + new_tokens)
         mask, chosen, stamps = np.ones_like(ids), [], []
         current = ids
         for _ in range(new_tokens):
-            binding = self.session.io_binding()
-            positions = (np.cumsum(mask, axis=1) - 1)[:, -current.shape[1] :]
-            feeds = {"input_ids": current, "attention_mask": mask, "position_ids": positions}
-            local = self.manifest["cache"].get("local_window")
-            if local:  # the device cache keeps every row, so local layers see the whole mask
-                feeds[local["input"]] = mask
-            for name, value in feeds.items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            binding.bind_output("logits", "cpu")
-            for layer in layers:
-                for p, q in PAIRS:
-                    binding.bind_ortvalue_input(layer[p], past[layer[p]])
-                    if self.shared:
-                        binding.bind_ortvalue_output(layer[q], past[layer[p]])
-                    else:
-                        binding.bind_output(layer[q], DEVICE["name"], 0)
-            self.session.run_with_iobinding(binding)
-            outputs = binding.get_outputs()
-            if not self.shared:
-                names = [layer[q] for layer in layers for q in ("present_key", "present_value")]
-                past = {layer[p]: outputs[1 + names.index(layer[q])] for layer in layers for p, q in PAIRS}
-            current = outputs[0].numpy()[:, -1].argmax(-1)[:, None].astype(np.int64)
+            inputs = {
+                io["input_ids"]: current,
+                io["attention_mask"]: mask,
+                io["position_ids"]: position_ids_from_mask(mask, current.shape[1]),
+            }
+            current = cache.run(self.session, inputs, mask)[:, -1].argmax(-1)[:, None].astype(np.int64)
             chosen.append(current)
             stamps.append(time.perf_counter())
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)

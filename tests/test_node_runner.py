@@ -3,8 +3,10 @@
 Parity in three steps, as minGPT's import test does: the same prompt ids (tokenizers.js against
 Rust `tokenizers`), the same greedy token ids, the same text; on the portable export (concat
 cache) and on the optimized one (GroupQueryAttention, shared-buffer cache). Both sides decode
-with the sidecar's defaults (greedy, repetition penalty 1.3, EOS from special_tokens). Then the
-runner's errors on bad input.
+with the sidecar's defaults (greedy, repetition penalty 1.3, EOS from special_tokens). Then
+left-padded batches, beam search and seeded sampling (one generator, SplitMix64, in both
+languages) token for token, beam sampling included; float16, int8 and int4 exports of a tiny
+model; and the runner's errors on bad input.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from onnx import helper
 from runtime_helpers import train_tokenizer
@@ -21,6 +24,7 @@ from test_safe_exports import add_contrib_node, reseal, rewrite_graph, set_locat
 
 from gptneo_onnx.cli.defaults import BUNDLED_MODEL_DIR
 from gptneo_onnx.runtime import Model
+from gptneo_onnx.runtime.sampling import SplitMix64, sample
 
 NODE = shutil.which("node")
 CLIENT = Path(__file__).resolve().parent.parent / "clients" / "node"
@@ -76,7 +80,7 @@ def test_node_generates_the_same_greedy_tokens_as_python(runner, export_dir, pro
         assert len(expected_ids) > model.manifest.model["window_size"]
     node = node_json(runner, export_dir, prompt)
     assert node["cache_mode"] == model.cache_mode  # concat (portable), shared-buffer (optimized)
-    assert node["prompt_token_ids"] == expected_ids
+    assert node["prompt_token_ids"] == [expected_ids]
     sequence = node["sequences"][0]
     assert sequence["token_ids"] == expected.sequences[0]
     assert len(sequence["token_ids"]) >= 8
@@ -127,6 +131,133 @@ def test_node_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(runner, bund
     assert top1["sequences"] == greedy["sequences"]
 
 
+SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.9}
+
+
+def options(**config) -> list[str]:
+    """Python generate() options as the runner's flags."""
+    flags = []
+    for name, value in config.items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag] if name == "do_sample" else [flag, str(value).lower() if value is True else value]
+    return flags
+
+
+def test_node_left_padded_batch_matches_python(runner, export_dir):
+    prompts = [PROMPTS["short"], PROMPTS["longer-than-window"], PROMPTS["unicode"]]
+    expected = Model.load(export_dir).generate(prompts, max_new_tokens=24)
+    node = node_json(runner, export_dir, *prompts, "--max-new-tokens", 24)
+    assert [s["token_ids"] for s in node["sequences"]] == expected.sequences
+    assert [s["text"] for s in node["sequences"]] == expected.texts
+    assert [s["finish_reason"] for s in node["sequences"]] == expected.finish_reasons
+    assert len({tuple(ids) for ids in expected.sequences}) == 3  # the rows differ: padding is not shared
+
+
+@pytest.mark.parametrize(
+    ("config", "long"),
+    [
+        ({"num_beams": 3, "num_return_sequences": 2}, True),
+        ({"num_beams": 4, "length_penalty": 0.6, "early_stopping": True, "repetition_penalty": 1.0}, False),
+        ({"num_beams": 2, "early_stopping": "never", "min_new_tokens": 4}, False),
+        ({"num_beams": 3, "seed": 5, "do_sample": True, "temperature": 0.9, "top_k": 40}, True),
+    ],
+    ids=["beams-3-return-2", "length-penalty-early", "never-min-new", "beam-sampling"],
+)
+def test_node_beam_search_matches_python(runner, export_dir, config, long):
+    prompts = [PROMPTS["short"], PROMPTS["longer-than-window" if long else "unicode"]]
+    expected = Model.load(export_dir).generate(prompts, max_new_tokens=12, **config)
+    node = node_json(runner, export_dir, *prompts, "--max-new-tokens", 12, *options(**config))
+    assert [s["token_ids"] for s in node["sequences"]] == expected.sequences
+    assert [s["prompt_index"] for s in node["sequences"]] == expected.prompt_index
+    assert [s["score"] for s in node["sequences"]] == pytest.approx(expected.scores, rel=1e-6)
+
+
+@pytest.mark.parametrize(("flavor", "seed"), [("portable", 0), ("portable", 2**40 + 3), ("optimized", 7)])
+def test_node_seeded_sampling_draws_pythons_tokens(runner, request, flavor, seed):
+    export_dir = request.getfixturevalue(
+        "bundled_export" if flavor == "portable" else "bundled_optimized_export"
+    )
+    prompts = [PROMPTS["short"], PROMPTS["longer-than-window"]]
+    expected = Model.load(export_dir).generate(prompts, max_new_tokens=32, seed=seed, **SAMPLING)
+    node = node_json(
+        runner, export_dir, *prompts, "--max-new-tokens", 32, "--seed", seed, *options(**SAMPLING)
+    )
+    assert [s["token_ids"] for s in node["sequences"]] == expected.sequences
+    assert [s["text"] for s in node["sequences"]] == expected.texts
+
+
+def test_splitmix64_and_the_draw_rule_agree_across_languages(tmp_path):
+    """2,000 uniforms for three seeds, then 3,000 draws from filtered score rows, in both languages."""
+    rng = np.random.default_rng(5)
+    scores = rng.normal(0, 3, (3000, 97)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.3] = -np.inf  # filtered tokens, as top-k / top-p leave them
+    scores[:, 0] = 0.0  # every row keeps a token
+    seeds = [0, 1, 2**64 - 1]
+    rows = [[v if np.isfinite(v) else None for v in row.tolist()] for row in scores]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    script = f"""
+        import {{ SplitMix64, sample }} from "{(CLIENT / "lib" / "sampling.js").as_uri()}";
+        import fs from "node:fs";
+        const rows = JSON.parse(fs.readFileSync("{tmp_path / "rows.json"}", "utf8"));
+        const uniforms = {json.dumps([str(seed) for seed in seeds])}.map((seed) => {{
+          const g = new SplitMix64(BigInt(seed));
+          return Array.from({{ length: 2000 }}, () => g.random());
+        }});
+        const g = new SplitMix64(11n);
+        const draw = (row) => sample(Float32Array.from(row, (v) => v ?? -Infinity), () => g.random());
+        const draws = rows.map(draw);
+        process.stdout.write(JSON.stringify({{ uniforms, draws }}));
+    """
+    result = subprocess.run(
+        [NODE, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60, cwd=CLIENT
+    )
+    assert result.returncode == 0, result.stderr
+    node = json.loads(result.stdout)
+    for seed, uniforms in zip(seeds, node["uniforms"]):
+        assert uniforms == SplitMix64(seed).random(2000).tolist()  # exact doubles
+    assert node["draws"] == sample(scores, SplitMix64(11)).tolist()
+    assert len(set(node["draws"])) > 40
+
+
+@pytest.fixture(scope="module", params=["float16", "int8", "int4"])
+def precision_export(request, tmp_path_factory):
+    """A tiny model (window 4) exported in float16, int8 (dynamic) or int4 (optimized, MatMulNBits)."""
+    from runtime_helpers import export_tiny
+
+    choice = {"float16": {"precision": "float16"}, "int8": {"quantize": "int8"}}
+    export_options = {"validate": False, **choice.get(request.param, {"optimize": True, "quantize": "int4"})}
+    return export_tiny(
+        "causal-lm", tmp_path_factory.mktemp(request.param) / "export", export_options=export_options
+    )[1]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"repetition_penalty": 2.0},
+        {"seed": 3, "do_sample": True, "temperature": 1.0, "top_k": 0},
+        {"num_beams": 3, "repetition_penalty": 1.5},
+    ],
+    ids=["greedy", "sampling", "beams"],
+)
+def test_node_matches_python_on_quantized_and_float16_exports(runner, precision_export, config):
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4]]  # past the window of 4, and left-padded
+    expected = Model.load(precision_export).generate(prompts, max_new_tokens=20, eos_token_id=[], **config)
+    args = [",".join(map(str, p)) for p in prompts]
+    node = node_json(
+        runner,
+        precision_export,
+        *args,
+        "--token-ids",
+        "--max-new-tokens",
+        20,
+        "--ignore-eos",
+        *options(**config),
+    )
+    assert [s["token_ids"] for s in node["sequences"]] == expected.sequences
+    assert len(set(expected.sequences[0])) > 3  # the tokens vary, so the comparison can fail
+
+
 # ---- bad input: exit code 2 and one clear line on stderr, before onnxruntime runs ----------------
 
 
@@ -149,7 +280,14 @@ def expect_error(runner, *args, match: str) -> None:
         (("x", "--max-new-tokens", 0), "max_new_tokens must be an integer >= 1"),
         (("x", "--repetition-penalty", 0), "repetition_penalty must be > 0"),
         (("x", "--temperature", "hot"), '--temperature must be a number, got "hot"'),
-        (("x", "--num-beams", 4), "beam search (num_beams=4) is Python-only"),
+        (
+            ("x", "--early-stopping", "sometimes"),
+            '--early-stopping must be true, false or never, got "sometimes"',
+        ),
+        (
+            ("x", "--num-beams", 2, "--num-return-sequences", 3),
+            "num_return_sequences (3) must be <= num_beams (2)",
+        ),
         (("x", "--cache-mode", "paged"), 'unknown cache mode "paged"'),
         (("x", "--bogus"), "Unknown option '--bogus'"),
     ],

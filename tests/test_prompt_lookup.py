@@ -84,14 +84,14 @@ def transformers_outputs(exports):
 def test_greedy_output_is_that_of_plain_greedy_and_of_transformers(
     exports, transformers_outputs, case, monkeypatch
 ):
-    from gptneo_onnx.runtime import CausalLM
+    from gptneo_onnx.runtime import CausalLM, KVCache
 
     _, folders = exports
     model = CausalLM.load(folders[case], provider="cpu", **CASES[case][1])
     steps, dropped = [], []
-    forward, drop = model.forward, model.drop_newest_rows
+    forward, drop = model.forward, KVCache.drop_newest
     monkeypatch.setattr(model, "forward", lambda *a, **k: steps.append(a[0].shape[1]) or forward(*a, **k))
-    monkeypatch.setattr(model, "drop_newest_rows", lambda c, rows: dropped.append(rows) or drop(c, rows))
+    monkeypatch.setattr(KVCache, "drop_newest", lambda cache, rows: dropped.append(rows) or drop(cache, rows))
     drafted = 0
     for prompt, expected in zip(prompts(), transformers_outputs, strict=True):
         settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)

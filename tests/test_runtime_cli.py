@@ -41,11 +41,13 @@ def test_generate_streams_and_matches_the_api(exports, capsys):
     folder = str(exports["causal-lm"])
     expected = Model.load(folder).generate("Zoë went", max_new_tokens=12, repetition_penalty=1.2)
     assert (
-        main(["generate", folder, "Zoë went", "--max-new-tokens", "12", "--repetition-penalty", "1.2"]) == 0
+        main(["generate", "-m", folder, "Zoë went", "--max-new-tokens", "12", "--repetition-penalty", "1.2"])
+        == 0
     )
     assert capsys.readouterr().out == "Zoë went" + expected.texts[0] + "\n"  # prompt echoed, then the stream
     payload = run_json(
-        capsys, ["generate", folder, "Zoë went", "--max-new-tokens", "12", "--repetition-penalty", "1.2"]
+        capsys,
+        ["generate", "-m", folder, "Zoë went", "--max-new-tokens", "12", "--repetition-penalty", "1.2"],
     )
     assert payload["provider"] == "cpu"
     assert payload["sequences"][0]["token_ids"] == expected.sequences[0]
@@ -53,12 +55,23 @@ def test_generate_streams_and_matches_the_api(exports, capsys):
 
 def test_generate_batch_beams_sampling_and_token_ids(exports, capsys):
     folder = str(exports["causal-lm"])
-    beams_argv = ["generate", folder, "Zoë", "東京 and", "--num-beams", "3", "--num-return-sequences", "2"]
+    beams_argv = [
+        "generate",
+        "-m",
+        folder,
+        "Zoë",
+        "東京 and",
+        "--num-beams",
+        "3",
+        "--num-return-sequences",
+        "2",
+    ]
     beams = run_json(capsys, [*beams_argv, "--max-new-tokens", "6", "--early-stopping", "true"])
     assert [s["prompt_index"] for s in beams["sequences"]] == [0, 0, 1, 1]
     assert all(s["score"] is not None for s in beams["sequences"])
     sampled = [
         "generate",
+        "-m",
         folder,
         "Zoë",
         "--do-sample",
@@ -71,9 +84,9 @@ def test_generate_batch_beams_sampling_and_token_ids(exports, capsys):
     ]
     sampled += ["--max-new-tokens", "8"]
     assert run_json(capsys, sampled) == run_json(capsys, sampled)
-    ids = run_json(capsys, ["generate", folder, "5, 6, 7", "--token-ids", "--max-new-tokens", "3"])
+    ids = run_json(capsys, ["generate", "-m", folder, "5, 6, 7", "--token-ids", "--max-new-tokens", "3"])
     assert len(ids["sequences"][0]["token_ids"]) <= 3
-    assert main(["generate", folder, "Zoë", "東京", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", "-m", folder, "Zoë", "東京", "--max-new-tokens", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("[0] ") and lines[1].startswith("[1] ")
 
@@ -81,14 +94,14 @@ def test_generate_batch_beams_sampling_and_token_ids(exports, capsys):
 def test_generate_bad_input_is_one_error_line(exports, capsys):
     folder = str(exports["causal-lm"])
     capsys.readouterr()
-    assert main(["generate", folder, "5,400", "--token-ids"]) == 2
+    assert main(["generate", "-m", folder, "5,400", "--token-ids"]) == 2
     assert "outside the vocabulary [0, 320)" in capsys.readouterr().err
-    assert main(["generate", folder, "hi", "--top-p", "2"]) == 2
+    assert main(["generate", "-m", folder, "hi", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
-    assert main(["generate", folder, "a\udcffb"]) == 2  # argv bytes that are not UTF-8
+    assert main(["generate", "-m", folder, "a\udcffb"]) == 2  # argv bytes that are not UTF-8
     out, err = capsys.readouterr()
     assert "not valid Unicode" in err and out == ""  # refused before the prompt is echoed
-    assert main(["generate", folder, "hi", "--provider", "npu"]) == 2
+    assert main(["generate", "-m", folder, "hi", "--provider", "npu"]) == 2
     assert "unknown provider 'npu'" in capsys.readouterr().err
     assert main(["classify", folder, "hi"]) == 2
     assert "'causal-lm' export" in capsys.readouterr().err
@@ -97,7 +110,7 @@ def test_generate_bad_input_is_one_error_line(exports, capsys):
 def test_generate_without_a_folder_uses_the_default_export(exports, capsys, monkeypatch):
     from gptneo_onnx.cli import defaults
 
-    monkeypatch.setattr(defaults, "default_export_dir", lambda: exports["causal-lm"])
+    monkeypatch.setattr(defaults, "default_export_dir", lambda **_: exports["causal-lm"])
     payload = run_json(capsys, ["generate", "Zoë", "--max-new-tokens", "4"])
     expected = Model.load(exports["causal-lm"]).generate("Zoë", max_new_tokens=4)
     assert payload["sequences"][0]["token_ids"] == expected.sequences[0]

@@ -120,7 +120,7 @@ def test_missing_required_field(copy):
 
 
 def test_task_mismatch(export_dir):
-    with pytest.raises(ExportFolderError, match="'causal-lm' export but a 'sequence-classification'"):
+    with pytest.raises(ExportFolderError, match="'causal-lm' export, not a 'sequence-classification' one"):
         SequenceClassifier.load(export_dir)
 
 

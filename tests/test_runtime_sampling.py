@@ -10,11 +10,13 @@ from transformers.generation import logits_process as hf
 from gptneo_onnx.runtime import GenerationConfig, GenerationConfigError
 from gptneo_onnx.runtime.sampling import (
     LogitsProcessor,
+    SplitMix64,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
     apply_top_p,
     sample,
+    sample_without_replacement,
 )
 
 VOCAB = 97
@@ -94,19 +96,69 @@ def test_processor_chain_matches_transformers_order():
     np.testing.assert_array_equal(ours(input_ids, scores, 8), hf_apply(chain, scores, input_ids))
 
 
+def test_splitmix64_gives_the_reference_outputs():
+    """The published splitmix64 values (Vigna's splitmix64.c) and the uniform's definition."""
+    generator = SplitMix64(0)
+    assert [generator.next_uint64(), generator.next_uint64()] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+    assert SplitMix64(1234567).next_uint64() == 6457827717110365317
+    assert SplitMix64(2**64 + 5).random(3).tolist() == SplitMix64(5).random(3).tolist()  # seed mod 2^64
+    assert SplitMix64(9).random() == (SplitMix64(9).next_uint64() >> 11) / 2**53
+    assert SplitMix64().random(4).tolist() != SplitMix64().random(4).tolist()  # no seed: the OS's entropy
+
+
+def test_splitmix64_uniforms_are_uniform():
+    draws = SplitMix64(3).random(20_000)
+    assert ((draws >= 0) & (draws < 1)).all()
+    counts = np.bincount((draws * 10).astype(int), minlength=10)
+    chi_square = ((counts - 2000) ** 2 / 2000).sum()
+    assert chi_square < 27.9  # the 0.999 quantile for 9 degrees of freedom
+
+
 def test_sampler_is_seeded_and_respects_filters():
     scores = apply_top_k(random_scores(7, batch=64), 3)
-    first = sample(scores, np.random.default_rng(11))
-    np.testing.assert_array_equal(first, sample(scores, np.random.default_rng(11)))
+    first = sample(scores, SplitMix64(11))
+    np.testing.assert_array_equal(first, sample(scores, SplitMix64(11)))
+    assert (first != sample(scores, SplitMix64(12))).any()
     allowed = np.isfinite(scores)
     assert allowed[np.arange(64), first].all()
 
 
 def test_sampler_follows_the_distribution():
     scores = np.log(np.array([[0.7, 0.2, 0.1, 0.0]], dtype=np.float32) + 1e-30)
-    draws = [int(sample(scores, rng)[0]) for rng in [np.random.default_rng(0)] for _ in range(4000)]
+    scores[0, 3] = -np.inf
+    rng = SplitMix64(0)
+    draws = [int(sample(scores, rng)[0]) for _ in range(4000)]
     frequencies = np.bincount(draws, minlength=4) / len(draws)
     np.testing.assert_allclose(frequencies, [0.7, 0.2, 0.1, 0.0], atol=0.03)
+
+
+def test_sampler_draws_by_inverse_cdf_in_token_order():
+    """Hand-computed: weights 1, 2, 1 give cumulative 1, 3, 4; a uniform u picks the first above 4u."""
+
+    class Fixed:
+        def __init__(self, values):
+            self.values = values
+
+        def random(self, size):
+            return np.asarray(self.values[:size], dtype=np.float64)
+
+    scores = np.log(np.array([[1.0, 2.0, 1.0]] * 4, dtype=np.float32))
+    np.testing.assert_array_equal(sample(scores, Fixed([0.0, 0.2499, 0.25, 0.9999])), [0, 0, 1, 2])
+
+
+def test_sampling_without_replacement_gives_distinct_draws_in_distribution():
+    scores = np.log(np.array([[0.5, 0.3, 0.2, 0.0]], dtype=np.float32) + 1e-30)
+    scores[0, 3] = -np.inf
+    rng = SplitMix64(1)
+    pairs = [tuple(sample_without_replacement(scores, 2, rng)[0]) for _ in range(3000)]
+    assert all(a != b and 3 not in (a, b) for a, b in pairs)
+    first = np.bincount([a for a, _ in pairs], minlength=4) / len(pairs)
+    np.testing.assert_allclose(first, [0.5, 0.3, 0.2, 0.0], atol=0.03)
+    # the second draw, given the first was token 0: 0.3 / 0.5 and 0.2 / 0.5
+    after_zero = [b for a, b in pairs if a == 0]
+    np.testing.assert_allclose(np.bincount(after_zero, minlength=4)[1] / len(after_zero), 0.6, atol=0.04)
+    with pytest.raises(GenerationConfigError, match="needs 4 candidates but only 3"):
+        sample_without_replacement(scores, 4, rng)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from runtime_helpers import export_tiny
 
 from gptneo_onnx.bench.sustained import check_concurrent, make_requests, measure_rss, run_request
 from gptneo_onnx.cli.defaults import BUNDLED_MODEL_DIR
-from gptneo_onnx.runtime import CausalLM
+from gptneo_onnx.runtime import CausalLM, SharedBufferCache
 
 MODEL = dict(
     vocab_size=4096, max_position_embeddings=64, initializer_range=0.5,
@@ -69,14 +69,14 @@ def test_eight_threads_match_sequential_runs(folders, flavor):
 def test_the_check_catches_requests_sharing_a_cache_buffer(folders):
     """The bug the runtime avoids: one shared-buffer KV cache per model rather than per request."""
     model = interleaved(CausalLM.load(folders["optimized"]))
-    fresh_cache, shared = model._empty_cache, {}
+    fresh_cache, shared = model.new_cache, {}
 
     def one_cache_per_model(batch, capacity=None):
         if batch not in shared:
             shared[batch] = fresh_cache(batch, None)  # full capacity, reused by every request
-        return shared[batch]
+        return SharedBufferCache(shared[batch].spec, shared[batch].values)  # same buffers, from row 0
 
-    model._empty_cache = one_cache_per_model
+    model.new_cache = one_cache_per_model
     report = check_concurrent(
         model, make_requests(seed=1, max_new_tokens=NEW_TOKENS), threads=8, duration_s=120,
         max_requests=REQUESTS, progress=False,

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gptneo_onnx.errors import MissingExtraError
+
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 DEFAULT_PROMPT = "def fibonacci(n):"
 
@@ -51,12 +53,16 @@ def default_export_dir(progress: bool = True) -> Path:
     if _loadable(target):
         return target
     try:
-        from gptneo_onnx.errors import ExportOutputError
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
     except ImportError as error:
-        raise RuntimeError(
-            "the first run exports the bundled model to ONNX, which needs the export extra: "
-            "pip install 'gptneo-onnx[export,cpu]' (or pass an export folder)"
+        raise MissingExtraError(
+            f"without -m/--model, generate exports the bundled model to ONNX once, which needs the "
+            f"`export` extra (module {error.name!r} is not installed): pip install 'gptneo-onnx[export]', "
+            "or pass an export folder with -m EXPORT"
         ) from error
+    from gptneo_onnx.errors import ExportOutputError
+
     print(f"exporting the bundled model to {target} (once)", file=sys.stderr)
     try:  # written beside the target and renamed into place: a half-written export is never seen
         export_bundled_model(target, progress=progress, overwrite=True)

@@ -6,19 +6,33 @@ import argparse
 import json
 from pathlib import Path
 
+from gptneo_onnx.cli.parsing import UsageError, add_command, bounded_int
+
 TASK_CHOICES = ("causal-lm", "base", "sequence-classification", "token-classification", "question-answering")
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_ACCURACY_LEVEL = 4
+DEFAULT_QUALITY_WINDOWS = 32
+QUALITY_WINDOW_TOKENS = 512
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    export = subparsers.add_parser(
+    export = add_command(
+        subparsers,
         "export",
-        help="export a GPT-Neo checkpoint (folder or hub id) to a validated ONNX folder",
-        description="Export a GPT-Neo checkpoint to ONNX, then validate it against PyTorch.",
+        "export a GPT-Neo checkpoint (folder or hub id) to a validated ONNX folder",
+        "Export a GPT-Neo checkpoint to an ONNX folder with its sidecar (gptneo_onnx.json), then "
+        "validate it against PyTorch. The folder is written beside --output and renamed into place "
+        "when complete; an empty existing folder (a mount point) is written into.",
+        [
+            "gptneo-onnx export --model EleutherAI/gpt-neo-125m --output exports/neo-125m",
+            "gptneo-onnx export --model ./my-checkpoint --task sequence-classification --output exports/cls",
+            "gptneo-onnx export --model ./ckpt --output exports/int4 --optimize --quantize int4 --quality",
+        ],
     )
     export.add_argument("--model", required=True, help="checkpoint folder or Hugging Face hub id")
-    export.add_argument("--task", default="causal-lm", choices=TASK_CHOICES)
+    export.add_argument("--task", default="causal-lm", choices=TASK_CHOICES, help="the head to export")
     export.add_argument("--output", required=True, type=Path, help="folder to write the export to")
-    export.add_argument("--precision", default="float32", choices=("float32", "float16"))
+    export.add_argument("--precision", default="float32", choices=("float32", "float16"), help="weights")
     export.add_argument("--revision", help="hub revision to pin (a commit sha is safest; or a branch or tag)")
     export.add_argument(
         "--overwrite", action="store_true", help="replace an existing export in --output (refused otherwise)"
@@ -30,16 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--quantize", choices=("int8", "int4"), help="int8 dynamic or int4 weight-only (MatMulNBits)"
     )
-    export.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
     export.add_argument(
-        "--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (default 4)"
-    )
+        "--block-size", type=int, default=None,
+        help=f"with --quantize: weights per quantization block, a power of two from 16 to 256 "
+        f"(default {DEFAULT_BLOCK_SIZE})",
+    )  # fmt: skip
     export.add_argument(
-        "--quality",
-        action="store_true",
-        help="write quality_report.json: perplexity and top-1 agreement vs fp32 on held-out stdlib code",
-    )
-    export.add_argument("--quality-windows", type=int, default=32, help="512-token windows for --quality")
+        "--accuracy-level", type=int, default=None,
+        help=f"with --quantize int4: MatMulNBits accuracy_level, 0 to 4 (default {DEFAULT_ACCURACY_LEVEL})",
+    )  # fmt: skip
+    _add_quality_arguments(export, "write quality_report.json")
     export.add_argument(
         "--windowed-local-cache",
         action=argparse.BooleanOptionalAction,
@@ -51,44 +65,103 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--json", action="store_true", help="print the result as JSON")
     export.set_defaults(handler=run_export)
 
-    verify = subparsers.add_parser(
+    verify = add_command(
+        subparsers,
         "verify",
-        help="re-run the parity validation of an export against its PyTorch checkpoint",
+        "re-run the parity validation of an export against its PyTorch checkpoint",
+        "Re-run the parity validation of EXPORT against the checkpoint it came from; rewrites "
+        "parity_report.json and the sidecar's validation record (so a failed export stops loading). "
+        "Exit 0 when it passes, 1 when it does not.",
+        ["gptneo-onnx verify exports/neo-125m --reference EleutherAI/gpt-neo-125m"],
     )
-    verify.add_argument("export_dir", type=Path)
+    verify.add_argument("export_dir", type=Path, metavar="EXPORT", help="the export folder to check")
     verify.add_argument("--reference", required=True, help="checkpoint folder or hub id the export came from")
     verify.add_argument("--revision", help="hub revision of --reference to pin")
-    verify.add_argument(
-        "--quality",
-        action="store_true",
-        help="(re)compute quality_report.json: perplexity and top-1 agreement vs fp32 on held-out code",
-    )
-    verify.add_argument("--quality-windows", type=int, default=32, help="512-token windows for --quality")
+    _add_quality_arguments(verify, "(re)compute quality_report.json")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(handler=run_verify)
+
+
+def _add_quality_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--quality",
+        action="store_true",
+        help=f"causal-lm: {what}: perplexity and top-1 agreement vs fp32 on held-out stdlib code",
+    )
+    parser.add_argument(
+        "--quality-windows", type=bounded_int(1), default=None,
+        help=f"with --quality: {QUALITY_WINDOW_TOKENS}-token windows to score "
+        f"(default {DEFAULT_QUALITY_WINDOWS})",
+    )  # fmt: skip
+
+
+def check_export_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse options that conflict or would be ignored, before anything is loaded."""
+
+    def refuse(message: str) -> None:
+        raise UsageError(parser, message)
+
+    if args.quantize and args.precision != "float32":
+        refuse("--quantize starts from float32 weights; drop --precision float16 (or --quantize)")
+    if args.block_size is not None:
+        if not args.quantize:
+            refuse("--block-size applies to --quantize int8/int4 only")
+        if not 16 <= args.block_size <= 256 or args.block_size & (args.block_size - 1):
+            refuse(f"--block-size must be a power of two from 16 to 256, got {args.block_size}")
+    if args.accuracy_level is not None:
+        if args.quantize != "int4":
+            refuse("--accuracy-level applies to --quantize int4 only")
+        if not 0 <= args.accuracy_level <= 4:
+            refuse(f"--accuracy-level must be 0 to 4 (MatMulNBits), got {args.accuracy_level}")
+    _check_quality_options(args, args.task, refuse)
+    if args.revision and Path(args.model).is_dir():
+        refuse(f"--revision pins a hub checkpoint, but {args.model} is a local folder; drop --revision")
+    if args.windowed_local_cache and args.task != "causal-lm":
+        refuse("--windowed-local-cache applies to causal-lm exports only (they alone keep a KV cache)")
+
+
+def _check_quality_options(args: argparse.Namespace, task: str, refuse) -> None:
+    if args.quality_windows is not None and not args.quality:
+        refuse("--quality-windows applies to --quality only")
+    if args.quality and task != "causal-lm":
+        refuse(f"--quality scores next-token predictions: causal-lm exports only, not {task}")
 
 
 def _optional_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _quality_windows(folder: Path, model, count: int):
+def _quality_windows(folder: Path, model, count: int | None, parser: argparse.ArgumentParser):
     """Held-out stdlib code as (count, 512) token windows, in the checkpoint's own tokenizer."""
     from gptneo_onnx.stdlib_corpus import validation_windows
 
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"--quality tokenizes held-out code and needs {folder / 'tokenizer.json'}")
-    return validation_windows(folder, min(512, model.config.max_position_embeddings), count)
+    count = DEFAULT_QUALITY_WINDOWS if count is None else count
+    windows = validation_windows(folder, min(QUALITY_WINDOW_TOKENS, model.config.max_position_embeddings))
+    if count > len(windows):
+        raise UsageError(
+            parser,
+            f"--quality-windows {count}: the held-out code gives {len(windows)} windows in this tokenizer; "
+            f"ask for at most {len(windows)}",
+        )
+    return windows[:count]
 
 
 def run_export(args: argparse.Namespace) -> int:
+    check_export_options(args, args.parser)
+    from gptneo_onnx.export.output_folder import check_output_target
+
+    check_output_target(args.output, args.overwrite)  # before the checkpoint is loaded
     from gptneo_onnx.export import export
     from gptneo_onnx.reference.loading import from_pretrained, resolve_checkpoint
 
     folder = resolve_checkpoint(args.model, args.revision)
     model = from_pretrained(folder, task=args.task)
     tokenizer = folder / "tokenizer.json"
-    quality_windows = _quality_windows(folder, model, args.quality_windows) if args.quality else None
+    quality_windows = (
+        _quality_windows(folder, model, args.quality_windows, args.parser) if args.quality else None
+    )
     result = export(
         model,
         args.output,
@@ -101,8 +174,8 @@ def run_export(args: argparse.Namespace) -> int:
         optimize=args.optimize,
         windowed_local_cache=args.windowed_local_cache,
         quantize=args.quantize,
-        block_size=args.block_size,
-        accuracy_level=args.accuracy_level,
+        block_size=DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size,
+        accuracy_level=DEFAULT_ACCURACY_LEVEL if args.accuracy_level is None else args.accuracy_level,
         quality_windows=quality_windows,
         overwrite=args.overwrite,
     )
@@ -118,11 +191,13 @@ def run_export(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from gptneo_onnx.export.validate import ParityError, Tolerance, validate_export
     from gptneo_onnx.reference.loading import from_pretrained, resolve_checkpoint
+    from gptneo_onnx.runtime.manifest import check_files, read_manifest
 
-    manifest_path = args.export_dir / "gptneo_onnx.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{args.export_dir} is not a gptneo-onnx export (no gptneo_onnx.json)")
-    manifest = json.loads(manifest_path.read_text())
+    checked = read_manifest(args.export_dir)  # a damaged sidecar is one error line
+    check_files(checked)  # and so is a damaged or missing file
+    manifest = checked.raw
+    _check_quality_options(args, manifest["task"], lambda message: _refuse(args, message))
+    _check_writable(args.export_dir)
     folder = resolve_checkpoint(args.reference, args.revision)
     model = from_pretrained(folder, task=manifest["task"])
     quantization = (manifest.get("quantization") or {}).get("method")
@@ -132,22 +207,54 @@ def run_verify(args: argparse.Namespace) -> int:
     except ParityError as error:
         report = json.loads((args.export_dir / "parity_report.json").read_text())
         report["error"] = str(error)
-    if args.quality and manifest["task"] == "causal-lm":
+    _record_validation(args.export_dir, manifest, report, quantized=quantization is not None)
+    if args.quality:
         from gptneo_onnx.export.output_folder import write_json
         from gptneo_onnx.export.quantize import quality_report
 
-        windows = _quality_windows(folder, model, args.quality_windows)
+        windows = _quality_windows(folder, model, args.quality_windows, args.parser)
         write_json(args.export_dir, "quality_report.json", quality_report(args.export_dir, windows, model))
     quality = _optional_json(args.export_dir / "quality_report.json")
     if args.json:
         print(json.dumps({"parity": report, "quality": quality}))
     else:
-        verdict = "passed" if report["passed"] else "FAILED"
-        allowed, required = report["max_abs_diff_allowed"], report["top1_agreement_required"]
+        _print_verify_report(report, quality, quantized=quantization is not None)
+    return 0 if report["passed"] else 1
+
+
+def _refuse(args: argparse.Namespace, message: str) -> None:
+    raise UsageError(args.parser, message)
+
+
+def _check_writable(folder: Path) -> None:
+    import os
+
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(
+            13, "verify rewrites parity_report.json and the sidecar there, and the folder is not "
+            "writable; copy the export somewhere writable", str(folder)
+        )  # fmt: skip
+
+
+def _record_validation(folder: Path, manifest: dict, report: dict, quantized: bool) -> None:
+    """The sidecar says what parity_report.json says: passed or failed (a failed export stops loading)."""
+    from gptneo_onnx.export.sidecar import validation_entry, write_manifest
+
+    manifest["validation"] = validation_entry(report, "passed" if report["passed"] else "failed", quantized)
+    write_manifest(folder, manifest)
+
+
+def _print_verify_report(report: dict, quality: dict | None, quantized: bool) -> None:
+    verdict = "passed" if report["passed"] else "FAILED"
+    allowed, required = report["max_abs_diff_allowed"], report["top1_agreement_required"]
+    if quantized:
+        print(f"checked {verdict}: the quantized graph runs, with the reference's shapes and finite outputs")
+        print(f"  (not compared for closeness: max |diff| {report['max_abs_diff']:.2e}, top-1 agreement "
+              f"{report['top1_agreement']:.2%}; quality_report.json judges quantized exports)")  # fmt: skip
+    else:
         print(f"parity {verdict}: max |diff| {report['max_abs_diff']:.2e} (allowed {allowed:.2e})")
         print(f"top-1 agreement {report['top1_agreement']:.2%} (required {required:.0%})")
-        for check in report["checks"]:
-            print(f"  {check['output']:<36} max |diff| {check['max_abs_diff']:.2e}")
-        if quality:
-            print("quality: " + json.dumps(quality))
-    return 0 if report["passed"] else 1
+    for check in report["checks"]:
+        print(f"  {check['output']:<36} max |diff| {check['max_abs_diff']:.2e}")
+    if quality:
+        print("quality: " + json.dumps(quality))

@@ -8,20 +8,36 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gptneo_onnx.cli.defaults import DEFAULT_PROMPT
+from gptneo_onnx.cli.parsing import add_command, bounded_int, unescape
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    generate = subparsers.add_parser(
+    generate = add_command(
+        subparsers,
         "generate",
-        help="generate text with a causal-lm export (streams by default)",
-        description='gptneo-onnx generate [EXPORT_DIR] "prompt" ["prompt" ...]. With one argument, '
-        "the bundled default model answers it. Several prompts form a left-padded batch.",
+        "generate text with a causal-lm export (streams by default)",
+        "Generate text. The export folder is -m/--model (default: the bundled model, exported once to "
+        "the cache); every positional is a prompt, and several prompts form a left-padded batch. An "
+        "argument that names an existing file or folder, or looks like a path, is refused as a prompt "
+        "(pass such text with --prompt). Decoding defaults come from the export's sidecar.",
+        [
+            "gptneo-onnx generate                                   # the bundled model, a Python prompt",
+            'gptneo-onnx generate "import os"                       # the bundled model, your prompt',
+            'gptneo-onnx generate -m exports/neo "def add(a, b):" --max-new-tokens 50',
+            'gptneo-onnx generate -m exports/neo "50256,464" --token-ids --stop "\\n"',
+        ],
     )
     generate.add_argument(
-        "inputs",
-        nargs="*",
-        metavar="[EXPORT_DIR] PROMPT",
-        help="export folder, then prompts (default: the bundled model and a Python prompt)",
+        "-m", "--model", metavar="EXPORT", help="export folder (default: the bundled model's cached export)"
     )
+    generate.add_argument(
+        "prompts", nargs="*", metavar="PROMPT", help=f"prompt text (default: {DEFAULT_PROMPT!r})"
+    )
+    generate.add_argument(
+        "-p", "--prompt", action="append", default=[], metavar="TEXT", dest="literal_prompts",
+        help="a prompt taken as is, even when it looks like a path (repeatable; after the positionals)",
+    )  # fmt: skip
     _add_decoding_arguments(generate)
     generate.add_argument("--token-ids", action="store_true", help='prompts are token ids: "12,5,99"')
     generate.add_argument("--no-stream", action="store_true", help="print when done instead of streaming")
@@ -35,31 +51,57 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_common_arguments(generate)
     generate.set_defaults(handler=run_generate)
 
-    classify = subparsers.add_parser("classify", help="sequence classification: labels with scores")
-    classify.add_argument("export_dir", type=Path)
-    classify.add_argument("texts", nargs="+")
-    classify.add_argument("--top-k", type=int, default=None, help="show the k best labels (default all)")
+    classify = add_command(
+        subparsers,
+        "classify",
+        "sequence classification: labels with scores",
+        "Classify texts with a sequence-classification export: each text's labels, best first.",
+        ['gptneo-onnx classify exports/sentiment "great movie" "awful movie" --top-k 1'],
+    )
+    classify.add_argument("export_dir", type=Path, metavar="EXPORT", help="a sequence-classification export")
+    classify.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify (a batch)")
+    classify.add_argument(
+        "--top-k", type=bounded_int(1), default=None, help="show the k best labels (default: all)"
+    )
     _add_common_arguments(classify)
     classify.set_defaults(handler=run_classify)
 
-    tag = subparsers.add_parser("tag", help="token classification: per-token labels and entity spans")
-    tag.add_argument("export_dir", type=Path)
-    tag.add_argument("texts", nargs="+")
+    tag = add_command(
+        subparsers,
+        "tag",
+        "token classification: per-token labels and entity spans",
+        "Tag texts with a token-classification export: entity spans with character offsets.",
+        ['gptneo-onnx tag exports/ner "Alice met Bob in Paris."'],
+    )
+    tag.add_argument("export_dir", type=Path, metavar="EXPORT", help="a token-classification export")
+    tag.add_argument("texts", nargs="+", metavar="TEXT", help="texts to tag (a batch)")
     _add_common_arguments(tag)
     tag.set_defaults(handler=run_tag)
 
-    qa = subparsers.add_parser("qa", help="extractive question answering over a context")
-    qa.add_argument("export_dir", type=Path)
-    qa.add_argument("question")
-    qa.add_argument("context")
-    qa.add_argument("--max-answer-length", type=int, default=30, help="in tokens (default 30)")
+    qa = add_command(
+        subparsers,
+        "qa",
+        "extractive question answering over a context",
+        "Answer QUESTION with a span of CONTEXT, using a question-answering export.",
+        ['gptneo-onnx qa exports/qa "Who met Bob?" "Alice met Bob in Paris." --max-answer-length 10'],
+    )
+    qa.add_argument("export_dir", type=Path, metavar="EXPORT", help="a question-answering export")
+    qa.add_argument("question", metavar="QUESTION", help="the question")
+    qa.add_argument("context", metavar="CONTEXT", help="the text that holds the answer")
+    qa.add_argument("--max-answer-length", type=bounded_int(1), default=30, help="in tokens")
     _add_common_arguments(qa)
     qa.set_defaults(handler=run_qa)
 
-    embed = subparsers.add_parser("embed", help="embeddings from a base export")
-    embed.add_argument("export_dir", type=Path)
-    embed.add_argument("texts", nargs="+")
-    embed.add_argument("--pooling", choices=("mean", "last"), default="mean")
+    embed = add_command(
+        subparsers,
+        "embed",
+        "embeddings from a base export",
+        "Embed texts with a base export: one vector per text, pooled over its tokens.",
+        ['gptneo-onnx embed exports/base "some text" --pooling last --normalize --json'],
+    )
+    embed.add_argument("export_dir", type=Path, metavar="EXPORT", help="a base export")
+    embed.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed (a batch)")
+    embed.add_argument("--pooling", choices=("mean", "last"), default="mean", help="how tokens are pooled")
     embed.add_argument("--normalize", action="store_true", help="scale vectors to unit length")
     _add_common_arguments(embed)
     embed.set_defaults(handler=run_embed)
@@ -68,11 +110,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
     group = parser.add_argument_group("execution provider")
-    group.add_argument("--provider", default="auto", help="auto (TensorRT > CUDA > CPU), cpu, cuda, tensorrt")
-    group.add_argument("--device-id", type=int, default=0)
+    group.add_argument(
+        "--provider",
+        default="auto",
+        help="auto (TensorRT > CUDA > CPU, what this install has), cpu, cuda, tensorrt",
+    )
+    group.add_argument("--device-id", type=bounded_int(0), default=0, help="GPU index (CUDA and TensorRT)")
     group.add_argument("--trt-fp16", action="store_true", help="TensorRT: build fp16 engines")
     group.add_argument("--trt-engine-cache", type=Path, default=None, help="TensorRT: engine cache folder")
-    group.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
+    group.add_argument(
+        "--threads", type=bounded_int(1), default=None,
+        help="intra-op threads, at most 4 per core (default: onnxruntime's, one per core)",
+    )  # fmt: skip
     group.add_argument(
         "--optimization-level", choices=("disable", "basic", "extended", "all"), default="all",
         help="onnxruntime graph optimization level",
@@ -81,21 +130,26 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("decoding (defaults come from the export's manifest)")
-    group.add_argument("--max-new-tokens", type=int)
-    group.add_argument("--min-new-tokens", type=int)
-    group.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--temperature", type=float)
-    group.add_argument("--top-k", type=int)
-    group.add_argument("--top-p", type=float)
-    group.add_argument("--repetition-penalty", type=float)
-    group.add_argument("--num-beams", type=int)
-    group.add_argument("--length-penalty", type=float)
-    group.add_argument("--early-stopping", choices=("true", "false", "never"))
-    group.add_argument("--num-return-sequences", type=int)
-    group.add_argument("--seed", type=int)
-    group.add_argument("--stop", action="append", dest="stop_strings", metavar="TEXT", help="repeatable")
-    group.add_argument("--eos-token-id", type=int, action="append", help="override the EOS id(s)")
+    group = parser.add_argument_group("decoding (defaults come from the export's sidecar)")
+    group.add_argument("--max-new-tokens", type=bounded_int(1), metavar="N")
+    group.add_argument("--min-new-tokens", type=bounded_int(0), metavar="N")
+    group.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None, help="sample")
+    group.add_argument("--temperature", type=float, help="sampling temperature (> 0)")
+    group.add_argument("--top-k", type=bounded_int(0), metavar="K", help="0 disables top-k")
+    group.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, in (0, 1]")
+    group.add_argument("--repetition-penalty", type=float, metavar="R", help="1.0 = no penalty")
+    group.add_argument("--num-beams", type=bounded_int(1), metavar="N", help="beam search with N beams")
+    group.add_argument("--length-penalty", type=float, help="beam search: exponent on the length")
+    group.add_argument("--early-stopping", choices=("true", "false", "never"), help="beam search stop rule")
+    group.add_argument("--num-return-sequences", type=bounded_int(1), metavar="N", help="per prompt")
+    group.add_argument("--seed", type=bounded_int(0), help="seed for sampling")
+    group.add_argument(
+        "--stop", action="append", dest="stop_strings", metavar="TEXT", type=unescape,
+        help=r"stop at TEXT (repeatable; \n \t \xHH escapes are read)",
+    )  # fmt: skip
+    group.add_argument(
+        "--eos-token-id", type=bounded_int(0), action="append", metavar="ID", help="override the EOS id(s)"
+    )
     group.add_argument("--truncate", action="store_true", help="keep the last tokens of too-long prompts")
 
 
@@ -135,24 +189,25 @@ def _parse_prompt(text: str, token_ids: bool) -> str | list[int]:
     from gptneo_onnx.runtime.errors import InputError
 
     try:
-        return [int(part) for part in text.replace(",", " ").split()]
+        ids = [int(part) for part in text.replace(",", " ").split()]
     except ValueError as error:
         raise InputError(f"--token-ids prompts must be integers separated by commas, got {text!r}") from error
+    if not ids:
+        raise InputError(f'--token-ids prompt {text!r} holds no token id; give ids such as "12,5,99"')
+    return ids
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from gptneo_onnx.cli.defaults import DEFAULT_PROMPT, default_export_dir
+    from gptneo_onnx.cli.defaults import default_export_dir
+    from gptneo_onnx.cli.prompts import refuse_path_like
     from gptneo_onnx.runtime import CausalLM
 
-    inputs = list(args.inputs)
-    if inputs and (Path(inputs[0]) / "gptneo_onnx.json").is_file():
-        export_dir, prompts = inputs[0], inputs[1:] or [DEFAULT_PROMPT]
-    elif len(inputs) <= 1:
-        export_dir, prompts = default_export_dir(), inputs or [DEFAULT_PROMPT]
-    else:
-        export_dir, prompts = inputs[0], inputs[1:]
-    model = _load(args, export_dir, CausalLM)
+    for prompt in args.prompts:
+        refuse_path_like(prompt)
+    prompts = [*args.prompts, *args.literal_prompts] or [DEFAULT_PROMPT]
     prompts = [_parse_prompt(prompt, args.token_ids) for prompt in prompts]
+    export_dir = args.model if args.model is not None else default_export_dir(progress=not args.json)
+    model = _load(args, export_dir, CausalLM)
     config = model.generation_config(**_decoding_options(args))
     streamable = len(prompts) == 1 and config.num_beams == 1 and config.num_return_sequences == 1
     if not args.json and not args.no_stream and streamable and model.tokenizer is not None:

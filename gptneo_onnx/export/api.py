@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from gptneo_onnx.errors import CheckpointError
 from gptneo_onnx.export.graphs import PRECISIONS, build_graph
 from gptneo_onnx.export.optimized import optimization_summary
-from gptneo_onnx.export.output_folder import staged_output, write_json
+from gptneo_onnx.export.output_folder import OWNER_FILE, staged_output, write_json
 from gptneo_onnx.export.quantize import quality_report, quantize_graph
-from gptneo_onnx.export.sidecar import build_manifest, write_manifest
+from gptneo_onnx.export.sidecar import build_manifest, validation_entry, write_manifest
 from gptneo_onnx.export.validate import ParityError, Tolerance, validate_export
 
 GRAPH_FILE = "model.onnx"
@@ -35,16 +35,29 @@ class ExportResult:
     files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
 
     def summary(self) -> str:
-        lines = [f"exported {self.manifest['task']} ({self.manifest['precision']}) to {self.output_dir}"]
+        quantization = (self.manifest.get("quantization") or {}).get("method")
+        weights = (
+            f"{quantization}, from {self.manifest['precision']}"
+            if quantization
+            else self.manifest["precision"]
+        )
+        lines = [f"exported {self.manifest['task']} ({weights}) to {self.output_dir}"]
         lines += [f"  {name:<24} {size / 1e6:10.2f} MB" for name, size in sorted(self.files.items())]
-        if self.report:
+        if not self.report:
+            lines.append("  validation: skipped (--no-validate); run `gptneo-onnx verify` on it")
+        elif quantization:
+            verdict = "passed" if self.report["passed"] else "FAILED"
+            lines.append(
+                f"  validation {verdict}: the graph runs, with the reference's shapes and finite outputs; "
+                "quantized outputs are not held to parity "
+                f"(top-1 agreement {self.report['top1_agreement']:.2%}; --quality measures them)"
+            )
+        else:
             verdict = "passed" if self.report["passed"] else "FAILED"
             lines.append(
                 f"  parity {verdict}: max |diff| {self.report['max_abs_diff']:.2e}, "
                 f"top-1 agreement {self.report['top1_agreement']:.2%}"
             )
-        else:
-            lines.append("  parity: not validated")
         return "\n".join(lines)
 
 
@@ -92,49 +105,56 @@ def export(
         raise ValueError(f"quantize needs precision='float32' weights to start from, got {precision!r}")
     output_dir = Path(output_dir)
     steps = tqdm(total=4 if validate else 3, desc="export", unit="step", disable=not progress)
-    with staged_output(output_dir, overwrite) as folder:
-        manifest = _write_files(
-            model,
-            folder,
-            task,
-            steps,
-            precision=precision,
-            tokenizer_file=tokenizer_file,
-            generation_config=generation_config,
-            external_data=external_data,
-            optimize=optimize,
-            quantize=quantize,
-            block_size=block_size,
-            accuracy_level=accuracy_level,
-            windowed_local_cache=optimize if windowed_local_cache is None else windowed_local_cache,
-        )
-        report, parity_error = None, None
-        if validate:
-            steps.set_postfix_str("validating against the reference")
-            tolerance = Tolerance.for_precision(precision, quantize)
-            try:
-                report = validate_export(model, folder, manifest, tolerance)
-            except ParityError as error:
-                report, parity_error = json.loads((folder / "parity_report.json").read_text()), error
-            manifest["validation"] = {
-                "report": "parity_report.json",
-                **{key: report[key] for key in ("passed", "max_abs_diff", "top1_agreement")},
+    try:  # the bar ends its line even on errors and Ctrl-C, so the error message starts a new one
+        with staged_output(output_dir, overwrite) as folder:
+            manifest = _write_files(
+                model,
+                folder,
+                task,
+                steps,
+                precision=precision,
+                tokenizer_file=tokenizer_file,
+                generation_config=generation_config,
+                external_data=external_data,
+                optimize=optimize,
+                quantize=quantize,
+                block_size=block_size,
+                accuracy_level=accuracy_level,
+                windowed_local_cache=optimize if windowed_local_cache is None else windowed_local_cache,
+            )
+            report, parity_error = None, None
+            if validate:
+                steps.set_postfix_str("validating against the reference")
+                tolerance = Tolerance.for_precision(precision, quantize)
+                try:
+                    report = validate_export(model, folder, manifest, tolerance)
+                except ParityError as error:
+                    report, parity_error = json.loads((folder / "parity_report.json").read_text()), error
+                status = "passed" if report["passed"] else "failed"
+                manifest["validation"] = validation_entry(report, status, quantized=quantize is not None)
+                write_manifest(folder, manifest)
+                steps.update()
+            else:
+                manifest["validation"] = validation_entry(None, "skipped")
+                write_manifest(folder, manifest)
+            if quality_windows is not None and task == "causal-lm" and parity_error is None:
+                steps.set_postfix_str("quality report")
+                quality = quality_report(folder, quality_windows, model)
+                write_json(folder, QUALITY_REPORT, quality)
+                manifest["quality"] = {
+                    "report": QUALITY_REPORT,
+                    **{key: quality[key] for key in ("perplexity", "reference_perplexity", "top1_agreement")},
+                }
+                write_manifest(folder, manifest)
+            files = {
+                path.name: path.stat().st_size
+                for path in folder.iterdir()
+                if path.is_file() and path.name != OWNER_FILE
             }
-            write_manifest(folder, manifest)
-            steps.update()
-        if quality_windows is not None and task == "causal-lm" and parity_error is None:
-            steps.set_postfix_str("quality report")
-            quality = quality_report(folder, quality_windows, model)
-            write_json(folder, QUALITY_REPORT, quality)
-            manifest["quality"] = {
-                "report": QUALITY_REPORT,
-                **{key: quality[key] for key in ("perplexity", "reference_perplexity", "top1_agreement")},
-            }
-            write_manifest(folder, manifest)
-        files = {path.name: path.stat().st_size for path in folder.iterdir() if path.is_file()}
-    steps.close()
+    finally:
+        steps.close()
     if parity_error is not None:
-        raise parity_error
+        raise parity_error.moved_to(output_dir)
     return ExportResult(output_dir, manifest, report, files)
 
 

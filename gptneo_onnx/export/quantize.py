@@ -15,13 +15,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from gptneo_onnx.errors import QuantizationError
+
 METHODS = {"int8": "int8-dynamic", "int4": "int4-weight-only"}
 EMBEDDING = "transformer.wte.weight"
 LM_HEAD = "lm_head.weight"
-
-
-class QuantizationError(ValueError):
-    """A quantization request the graph or onnxruntime cannot serve."""
 
 
 def quantization_record(method: str, block_size: int, accuracy_level: int) -> dict:

@@ -204,9 +204,29 @@ def build_manifest(
         "labels": {"id2label": {str(k): v for k, v in config.id2label.items()}} if classification else None,
         "generation": generation_defaults(generation_config),
         "tokenizer": tokenizer_entry(folder, tokenizer_file) if tokenizer_file else None,
-        "validation": None,
+        "validation": validation_entry(None, "pending"),
         "tools": tool_versions(),
     }
+
+
+def validation_entry(report: dict | None, status: str, quantized: bool = False) -> dict:
+    """The sidecar's `validation` object (docs/sidecar.md). `status`: pending (written before the
+    validation runs, so an export killed during it never reads as validated), passed, failed or
+    skipped. `checked` says what a pass means: `parity` (outputs within the tolerance of PyTorch's)
+    or, for quantized graphs, `runs` (it runs, with the reference's shapes and finite outputs; its
+    closeness is the quality report's business). `passed` stays for readers from before `status`
+    (they refuse `passed: false`, so a pending or failed export stays refused there too)."""
+    entry: dict = (
+        {"status": status} if status == "skipped" else {"status": status, "passed": status == "passed"}
+    )
+    if report is not None:
+        entry.update(
+            checked="runs" if quantized else "parity",
+            report="parity_report.json",
+            max_abs_diff=report["max_abs_diff"],
+            top1_agreement=report["top1_agreement"],
+        )
+    return entry
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:

@@ -2,11 +2,15 @@
 
 The inputs exercise what matters for GPT-Neo: a batch of two with left padding, a total
 length longer than the local window, a prefill with an empty past, and decode steps with a past.
+
+The rule follows the model's own rounding (see `Tolerance`): the truth is the reference run in
+float64, and each output may be as far from it as a few times the reference run in the export's
+precision is, never less than a fixed floor. Rounding grows with the weights' scale, so a fixed
+bound alone refuses good exports of trained checkpoints.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,37 +18,73 @@ import numpy as np
 import torch
 
 from gptneo_onnx.config import GPTNeoConfig
+from gptneo_onnx.errors import ParityError
 from gptneo_onnx.export.output_folder import write_json
+from gptneo_onnx.export.reference_runs import (
+    computing_in,
+    positions,
+    reference_causal_lm,
+    reference_single_pass,
+)
 
-
-class ParityError(AssertionError):
-    """The export's outputs differ from the reference model beyond tolerance."""
+__all__ = ["ParityError", "Tolerance", "parity_verdict", "validate_export", "validation_batch"]
+REPORT_FILE = "parity_report.json"
 
 
 @dataclass(frozen=True)
 class Tolerance:
-    """fp32 uses a tight bound, |diff| <= atol + rtol * |reference| as numpy's allclose (and
-    Optimum) do; fp16 and quantized graphs a loose one plus top-1 agreement."""
+    """|export - float64 reference| <= max(floor, rounding_factor x rounding) for every element of an
+    output, where rounding is the largest |reference in `rounding_precision` - float64 reference| of
+    that output (of all layers' cache rows, for a step's presents), and floor is
+    `floor_atol + floor_rtol * |reference|` (for fp16, `floor_atol` times the largest |logit|).
+    Top-1 must agree wherever the float64 top-1/top-2 margin exceeds the bound."""
 
-    max_abs_diff: float
-    min_top1_agreement: float
-    relative_to_logit_range: bool = False
-    rtol: float = 0.0
+    floor_atol: float
+    floor_rtol: float = 0.0
+    floor_relative_to_logit_range: bool = False
+    rounding_precision: str | None = "float32"  # None: no rounding run (the floor alone)
+    rounding_factor: float = 8.0
+    # Past this fraction of an output's largest |value| the reference's rounding is no measure: a
+    # model that chaotic in float32 (its own PyTorch run is as far off) fails instead of passing blind.
+    rounding_cap: float = 0.01
 
     @classmethod
     def for_precision(cls, precision: str, quantization: str | None = None) -> Tolerance:
-        if quantization:
-            return cls(max_abs_diff=float("inf"), min_top1_agreement=0.0)  # quality is judged by perplexity
+        if quantization:  # quality is judged by perplexity (quality_report.json)
+            return cls(floor_atol=float("inf"), rounding_precision=None)
         if precision == "float16":
-            return cls(max_abs_diff=0.05, min_top1_agreement=0.98, relative_to_logit_range=True)
-        return cls(max_abs_diff=1e-4, min_top1_agreement=1.0, rtol=1e-4)
+            # fp16 keeps ~3 decimal digits: at trained scale its own reference is often >10% off
+            return cls(
+                floor_atol=0.05,
+                floor_relative_to_logit_range=True,
+                rounding_precision="float16",
+                rounding_cap=0.25,
+            )
+        return cls(floor_atol=1e-4, floor_rtol=1e-4)
 
-    def against_float32_reference(self) -> Tolerance:
-        """When the reference itself runs in float32 (big models), both sides carry float32
-        rounding: widen the tight fp32 bound tenfold and let near-tied top-1 tokens flip."""
-        if self.rtol == 0.0:
-            return self
-        return Tolerance(self.max_abs_diff * 10, min(self.min_top1_agreement, 0.99), rtol=self.rtol * 10)
+    def describe(self) -> dict:
+        """The rule as parity_report.json states it: what was allowed, and why."""
+        floor = f"{self.floor_atol:g}" + (
+            " x max |reference logit|" if self.floor_relative_to_logit_range else ""
+        )
+        floor += f" + {self.floor_rtol:g} x |reference|" if self.floor_rtol else ""
+        rounding = (
+            f"{self.rounding_factor:g} x the largest |{self.rounding_precision} reference - float64 "
+            "reference| of that output (of all layers' presents, for a step's cache)"
+            if self.rounding_precision
+            else "none (not judged element by element)"
+        )
+        return {
+            "reference_precision": "float64",
+            "rounding_precision": self.rounding_precision,
+            "rounding_factor": self.rounding_factor,
+            "floor": floor,
+            "rule": f"every element of an output: |export - float64 reference| <= max({floor}, {rounding}); "
+            "top-1 must agree wherever the float64 top-1/top-2 margin exceeds that bound",
+            "why": "rounding grows with the weights' scale: an export as close to the exact (float64) math "
+            f"as the reference itself is in {self.rounding_precision or 'its precision'} passes, while real "
+            "defects (masks, scales, positions, heads) move outputs far past the reference's own rounding",
+        }
 
 
 def validation_batch(config: GPTNeoConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -64,106 +104,44 @@ def validation_batch(config: GPTNeoConfig, seed: int = 0) -> tuple[np.ndarray, n
     return ids, mask
 
 
-def positions(mask: np.ndarray, query_length: int) -> np.ndarray:
-    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -query_length:]
+def causal_lm_steps(length: int) -> tuple[int, ...]:
+    """Prefill (empty past), then a one-token and a three-token step with a past."""
+    return (length - 4, 1, 3)
 
 
-class _Comparison:
-    """Accumulates the worst difference and the top-1 agreement over all compared outputs."""
-
-    def __init__(self, rtol: float = 0.0):
-        self.rtol = rtol
-        self.max_abs_diff = 0.0
-        self.max_excess = 0.0  # the largest |diff| - rtol * |reference|
-        self.logit_range = 1.0
-        self.top1_same = 0
-        self.top1_total = 0
-        self.checks: list[dict] = []
-
-    def add(self, name: str, expected: np.ndarray, actual: np.ndarray, keep: np.ndarray | None, top1: bool):
-        if expected.shape != actual.shape:
-            raise ParityError(f"{name}: shape {actual.shape}, the reference gives {expected.shape}")
-        if not np.isfinite(actual).all():
-            raise ParityError(f"{name}: the export produced NaN or Inf")
-        expected, actual = expected.astype(np.float32), actual.astype(np.float32)
-        if keep is not None:
-            expected, actual = expected[keep], actual[keep]
-        diff = float(np.abs(expected - actual).max()) if expected.size else 0.0
-        self.max_abs_diff = max(self.max_abs_diff, diff)
-        if expected.size:
-            excess = float((np.abs(expected - actual) - self.rtol * np.abs(expected)).max())
-            self.max_excess = max(self.max_excess, excess)
-        entry = {"output": name, "max_abs_diff": diff}
-        if top1:
-            same = int((expected.argmax(-1) == actual.argmax(-1)).sum())
-            self.top1_same += same
-            self.top1_total += expected.shape[0] if expected.ndim == 2 else int(np.prod(expected.shape[:-1]))
-            self.logit_range = max(self.logit_range, float(np.abs(expected).max()))
-            entry["top1_agreement"] = same / max(1, int(np.prod(expected.shape[:-1])))
-        self.checks.append(entry)
-
-    def verdict(self, tolerance: Tolerance) -> dict:
-        bound = tolerance.max_abs_diff * (self.logit_range if tolerance.relative_to_logit_range else 1.0)
-        agreement = self.top1_same / self.top1_total if self.top1_total else 1.0
-        return {
-            "passed": self.max_excess <= bound and agreement >= tolerance.min_top1_agreement,
-            "max_abs_diff": self.max_abs_diff,
-            "max_abs_diff_allowed": bound,
-            "rtol": self.rtol,
-            "top1_agreement": agreement,
-            "top1_agreement_required": tolerance.min_top1_agreement,
-            "checks": self.checks,
-        }
-
-
-@torch.no_grad()
-def _compare_causal_lm(model, session, manifest: dict, ids, mask, comparison: _Comparison) -> None:
-    """Prefill, then steps with a past. With a windowed local cache (`cache.local_window`), local
+def _export_causal_lm(session, manifest: dict, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The export's outputs, step by step. With a windowed local cache (`cache.local_window`), local
     layers carry only the fewest past rows the sidecar allows, so that contract is checked too."""
-    config: GPTNeoConfig = model.config
     cache = manifest["cache"]
-    dtype = np.dtype(cache["dtype"])
-    batch, length = ids.shape
-    empty = np.zeros((batch, config.num_heads, 0, config.head_dim), dtype=dtype)
-    ort_past = {name: empty for layer in cache["layers"] for name in (layer["past_key"], layer["past_value"])}
+    model = manifest["model"]
+    batch = ids.shape[0]
+    empty = np.zeros((batch, model["num_heads"], 0, model["head_dim"]), dtype=np.dtype(cache["dtype"]))
+    past = {name: empty for layer in cache["layers"] for name in (layer["past_key"], layer["past_value"])}
     local_window = cache.get("local_window")
     windowed = {layer["layer"] for layer in cache["layers"] if local_window and layer.get("window")}
-    local_rows = 0  # past rows the local layers hold
-    ref_past = None
-    start = 0
-    for step, size in enumerate((length - 4, 1, 3)):  # prefill (empty past), then decode with a past
+    row_limit = (manifest.get("optimization") or {}).get("multi_token_step_max_batch")
+    names = [output.name for output in session.get_outputs()]
+    local_rows, start, outputs = 0, 0, {}
+    for step, size in enumerate(causal_lm_steps(ids.shape[1])):
         chunk, step_mask = ids[:, start : start + size], mask[:, : start + size]
-        pos = positions(step_mask, size)
-        feed = {"input_ids": chunk, "attention_mask": step_mask, "position_ids": pos, **ort_past}
+        feed = {"input_ids": chunk, "attention_mask": step_mask, "position_ids": positions(step_mask, size)}
+        feed.update(past)
         if local_window:
             feed[local_window["input"]] = step_mask[:, step_mask.shape[1] - (local_rows + size) :]
-        row_limit = (manifest.get("optimization") or {}).get("multi_token_step_max_batch")
         by_rows = row_limit is not None and step > 0 and size > 1 and batch > row_limit
-        outputs = _run_by_rows(session, feed) if by_rows else session.run(None, feed)
-        results = dict(zip([o["name"] for o in manifest["outputs"]], outputs, strict=True))
-        ref_logits, ref_past = model(
-            torch.from_numpy(chunk), torch.from_numpy(step_mask), torch.from_numpy(pos), ref_past
-        )
-        keep = step_mask[:, -size:].astype(bool)
-        comparison.add(f"step{step}.logits", ref_logits.numpy(), results["logits"], keep, top1=True)
-        for layer, (ref_key, ref_value) in zip(cache["layers"], ref_past):
-            rows = local_rows + size if layer["layer"] in windowed else step_mask.shape[1]
-            visible = step_mask[:, -rows:].astype(bool)  # (B, rows): compare cache rows of real tokens only
-            for ref, name in ((ref_key, layer["present_key"]), (ref_value, layer["present_value"])):
-                expected = ref.float().numpy()[:, :, -rows:].transpose(0, 2, 1, 3)  # (B, rows, H, D)
-                comparison.add(
-                    f"step{step}.{name}", expected, results[name].transpose(0, 2, 1, 3), visible, False
-                )
+        results = dict(zip(names, _run_by_rows(session, feed) if by_rows else session.run(None, feed)))
+        outputs.update({f"step{step}.{name}": value for name, value in results.items()})
         if local_window:
             local_rows = min(local_rows + size, local_window["min_rows"])
-        ort_past = {
-            layer[past]: results[layer[present]][:, :, -local_rows:]
+        past = {
+            layer[past_name]: results[layer[present]][:, :, -local_rows:]
             if layer["layer"] in windowed
             else results[layer[present]]
             for layer in cache["layers"]
-            for past, present in (("past_key", "present_key"), ("past_value", "present_value"))
+            for past_name, present in (("past_key", "present_key"), ("past_value", "present_value"))
         }
         start += size
+    return outputs
 
 
 def _run_by_rows(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -174,38 +152,162 @@ def _run_by_rows(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [np.concatenate(parts, axis=0) for parts in zip(*rows, strict=True)]
 
 
-@torch.no_grad()
-def _compare_single_pass(model, session, manifest: dict, ids, mask, comparison: _Comparison) -> None:
-    results = session.run(None, {"input_ids": ids, "attention_mask": mask})
-    expected = model(torch.from_numpy(ids), torch.from_numpy(mask))
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    keep = mask.astype(bool)
-    top1 = manifest["task"] != "base"
-    for spec, ref, actual in zip(manifest["outputs"], expected, results, strict=True):
-        ref = ref.float().numpy()
-        per_token = ref.ndim >= 2 and ref.shape[:2] == ids.shape
-        if manifest["task"] == "question-answering":
-            comparison.add(spec["name"], ref, actual, None, top1)  # (B, S): argmax over positions
+def _export_single_pass(session, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"input_ids": ids, "attention_mask": mask})))
+
+
+def _reference(model: torch.nn.Module, manifest: dict, ids: np.ndarray, mask: np.ndarray, dtype: torch.dtype):
+    with computing_in(model, dtype):
+        if manifest["task"] == "causal-lm":
+            return reference_causal_lm(
+                model, manifest["cache"], ids, mask, causal_lm_steps(ids.shape[1]), dtype
+            )
+        return reference_single_pass(model, manifest, ids, mask)
+
+
+def _rounding(truth: dict, rounding_run: dict | None) -> tuple[dict[str, float], dict[str, float]]:
+    """The largest |rounding run - float64 run| of each group of outputs, and the group's largest
+    |value|. 0 (the floor alone) without a rounding run, or where it overflowed (an fp16 reference
+    can): never an unbounded bound."""
+    rounding: dict[str, float] = {}
+    scale: dict[str, float] = {}
+    for name, out in truth.items():
+        deviation, values = 0.0, out.select(out.values)
+        if rounding_run is not None and values.size:
+            deviation = float(np.abs(out.select(rounding_run[name].values) - values).max())
+        rounding[out.group] = max(rounding.get(out.group, 0.0), deviation if np.isfinite(deviation) else 0.0)
+        scale[out.group] = max(scale.get(out.group, 0.0), float(np.abs(values).max()) if values.size else 0.0)
+    return rounding, scale
+
+
+def _judge(
+    name: str,
+    truth,
+    rounding: float,
+    scale: float,
+    actual: np.ndarray | None,
+    tolerance: Tolerance,
+    floor_atol: float,
+):
+    """One output's check: its bound, its worst difference, and top-1 where the truth decides it."""
+    check: dict = {"output": name, "rounding_group": truth.group}
+    if actual is None:
+        return {**check, "passed": False, "reason": "the export does not produce this output"}
+    actual = actual.transpose(0, 2, 1, 3) if truth.cache else actual
+    if actual.shape != truth.values.shape:
+        return {
+            **check,
+            "passed": False,
+            "reason": f"shape {actual.shape}, the reference gives {truth.values.shape}",
+        }
+    expected, actual = truth.select(truth.values), truth.select(actual.astype(np.float64))
+    if not np.isfinite(actual).all():
+        return {**check, "passed": False, "reason": "the export produced NaN or Inf"}
+    capped = tolerance.rounding_factor * rounding > tolerance.rounding_cap * scale
+    rounding_bound = min(tolerance.rounding_factor * rounding, tolerance.rounding_cap * scale)
+    allowed = np.maximum(floor_atol + tolerance.floor_rtol * np.abs(expected), rounding_bound)
+    diff = np.abs(actual - expected)
+    check.update(
+        max_abs_diff=float(diff.max()) if diff.size else 0.0,
+        reference_rounding=rounding,
+        rounding_capped=bool(capped),
+        max_allowed=float(allowed.max()) if allowed.size else 0.0,
+        worst_ratio=float((diff / allowed).max()) if diff.size else 0.0,  # <= 1 passes
+        passed=bool((diff <= allowed).all()),
+    )
+    if truth.top1 and expected.size:
+        top = expected.argmax(-1)
+        runner_up = np.partition(expected, -2, axis=-1)[..., -2] if expected.shape[-1] > 1 else -np.inf
+        margin = np.take_along_axis(expected, top[..., None], -1)[..., 0] - runner_up
+        decided = margin > np.take_along_axis(allowed, top[..., None], -1)[..., 0]
+        same = actual.argmax(-1) == top
+        flipped = decided & ~same
+        check.update(
+            top1_positions=int(top.size),
+            top1_same=int(same.sum()),
+            top1_decided=int(decided.sum()),
+            top1_flipped=int(flipped.sum()),
+        )
+        check["passed"] = check["passed"] and not flipped.any()
+    if not check["passed"]:
+        check["reason"] = (
+            "top-1 differs where the reference decides it"
+            if diff.size and (diff <= allowed).all()
+            else "differs beyond the bound"
+        )
+        if capped:
+            check["reason"] += (
+                f"; the {tolerance.rounding_precision} reference itself is {rounding / scale:.1%} of this "
+                "output's range off the float64 run: the model is numerically unstable at this precision"
+            )
+    return check
+
+
+def parity_verdict(model: torch.nn.Module, session, manifest: dict, tolerance: Tolerance) -> dict:
+    """Compare `session` (a loaded export) with `model` on the validation batch; returns the verdict."""
+    ids, mask = validation_batch(model.config)
+    errors: list[str] = []
+    actual: dict[str, np.ndarray] = {}
+    if session is not None:
+        produced = {output.name for output in session.get_outputs()}
+        missing = [spec["name"] for spec in manifest["outputs"] if spec["name"] not in produced]
+        if missing:
+            errors.append(f"the graph lacks the output(s) {', '.join(missing)}")
         else:
-            comparison.add(spec["name"], ref, actual, keep if per_token else None, top1)
-
-
-EXACT_REFERENCE_MAX_PARAMETERS = 250_000_000  # a float64 copy of more would crowd memory
-
-
-def _exact_reference(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The reference in float64 when it fits comfortably: the export is then judged against the
-    exact math, not against PyTorch's own float32 rounding (which alone reaches ~1e-4 on trained
-    weights). None for bigger models, which are compared in their own precision."""
-    if sum(p.numel() for p in model.parameters()) > EXACT_REFERENCE_MAX_PARAMETERS:
-        return None
-    return copy.deepcopy(model).double()
+            try:
+                if manifest["task"] == "causal-lm":
+                    actual = _export_causal_lm(session, manifest, ids, mask)
+                else:
+                    actual = _export_single_pass(session, ids, mask)
+            except Exception as error:  # onnxruntime raises its own exception types from run()
+                errors.append(f"the export failed to run in onnxruntime ({type(error).__name__}: {error})")
+    truth = _reference(model, manifest, ids, mask, torch.float64)
+    rounding_run = None
+    if tolerance.rounding_precision is not None:
+        rounding_run = _reference(model, manifest, ids, mask, getattr(torch, tolerance.rounding_precision))
+    floor_atol = tolerance.floor_atol
+    if tolerance.floor_relative_to_logit_range:
+        logits = [out.select(out.values) for out in truth.values() if out.top1]
+        floor_atol *= max([1.0] + [float(np.abs(x).max()) for x in logits if x.size])
+    rounding, scale = _rounding(truth, rounding_run)
+    checks = [
+        _judge(name, out, rounding[out.group], scale[out.group], actual.get(name), tolerance, floor_atol)
+        for name, out in truth.items()
+    ]
+    positions = sum(check.get("top1_positions", 0) for check in checks)
+    same = sum(check.get("top1_same", 0) for check in checks)
+    decided = sum(check.get("top1_decided", 0) for check in checks)
+    flipped = sum(check.get("top1_flipped", 0) for check in checks)
+    failed = [check["output"] for check in checks if not check["passed"]]
+    if errors:
+        failed = []  # no output was produced; the error says why
+    return {
+        "passed": not errors and not failed,
+        "errors": errors,
+        "failed_outputs": failed,
+        # None when no output could be measured (the errors say why)
+        "max_abs_diff": max((c["max_abs_diff"] for c in checks if "max_abs_diff" in c), default=None),
+        "max_abs_diff_allowed": max((check.get("max_allowed", 0.0) for check in checks), default=0.0),
+        "top1_agreement": (decided - flipped) / decided if decided else 1.0,
+        "top1_agreement_required": 1.0,
+        "top1_decided_positions": decided,
+        "top1_agreement_all_positions": same / positions if positions else 1.0,  # near-ties included
+        **tolerance.describe(),
+        "inputs": {
+            "batch": int(ids.shape[0]),
+            "total_length": int(ids.shape[1]),
+            "left_padding": [int((row == 0).sum()) for row in mask],
+        },
+        "checks": checks,
+    }
 
 
 def validate_export(model: torch.nn.Module, export_dir: Path, manifest: dict, tolerance: Tolerance) -> dict:
     """Run the saved export in ONNX Runtime (CPU) against `model`; write and return the report.
 
-    Raises ParityError when an output is off beyond `tolerance`.
+    The report is written whatever fails. Raises ParityError when the export fails to load or run,
+    or an output is off beyond `tolerance`.
     """
     try:
         import onnxruntime as ort
@@ -215,35 +317,39 @@ def validate_export(model: torch.nn.Module, export_dir: Path, manifest: dict, to
         ) from error
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(export_dir / manifest["graph"]["file"]), options, providers=["CPUExecutionProvider"]
-    )
-    ids, mask = validation_batch(model.config)
-    exact = _exact_reference(model)
-    if exact is None:
-        tolerance = tolerance.against_float32_reference()
-    model = exact or model
-    comparison = _Comparison(tolerance.rtol)
-    compare = _compare_causal_lm if manifest["task"] == "causal-lm" else _compare_single_pass
-    compare(model, session, manifest, ids, mask, comparison)
+    session, load_error = None, None
+    try:
+        session = ort.InferenceSession(
+            str(export_dir / manifest["graph"]["file"]), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as error:  # onnxruntime's own exception types: an invalid or unloadable graph
+        load_error = f"onnxruntime could not load the graph ({type(error).__name__}: {error})"
+    verdict = parity_verdict(model, session, manifest, tolerance)
+    if load_error:
+        verdict.update(passed=False, errors=[load_error, *verdict["errors"]], failed_outputs=[])
     report = {
         "task": manifest["task"],
         "precision": manifest["precision"],
-        "reference_precision": "float64" if exact is not None else "float32",
         "flavor": manifest["flavor"],
-        "inputs": {
-            "batch": int(ids.shape[0]),
-            "total_length": int(ids.shape[1]),
-            "left_padding": [0, int((mask[1] == 0).sum())],
-        },
-        **comparison.verdict(tolerance),
+        **verdict,
     }
-    write_json(export_dir, "parity_report.json", report)
+    path = write_json(export_dir, REPORT_FILE, report)
     if not report["passed"]:
-        raise ParityError(
-            f"export does not match the reference: max |diff| {report['max_abs_diff']:.3g} "
-            f"(allowed {report['max_abs_diff_allowed']:.3g} + {tolerance.rtol:g} * |reference|), "
-            f"top-1 agreement {report['top1_agreement']:.4f} "
-            f"(required {tolerance.min_top1_agreement}); see parity_report.json in the export folder"
-        )
+        raise ParityError(_failure_summary(report), path)
     return report
+
+
+def _failure_summary(report: dict) -> str:
+    if report["errors"]:
+        return f"the export could not be validated: {report['errors'][0]}"
+    failed = [check for check in report["checks"] if not check["passed"]]
+    worst = failed[0]
+    detail = worst["reason"]
+    if "max_abs_diff" in worst:
+        detail += f": max |diff| {worst['max_abs_diff']:.3g}, {worst['worst_ratio']:.3g} times its bound"
+        if worst.get("top1_flipped"):
+            detail += (
+                f", top-1 flipped at {worst['top1_flipped']} of {worst['top1_decided']} decided positions"
+            )
+    off = f"{len(failed)} output(s) off, first {worst['output']}"
+    return f"export does not match the reference: {off} ({detail})"

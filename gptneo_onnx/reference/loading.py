@@ -1,7 +1,9 @@
 """Load Hugging Face GPT-Neo checkpoints into the reference model, strictly and safely.
 
 Weights come from safetensors when the checkpoint has them; `.bin` pickles are read only with
-`torch.load(weights_only=True)`. Every tensor must be consumed and every shape must match. No
+`torch.load(weights_only=True)`; Flax-only checkpoints (`flax_model.msgpack`) are read with msgpack
+and numpy (reference/flax_checkpoint.py). Every tensor must be consumed, every shape must match
+and every value must be finite. No
 code from a checkpoint ever runs: there is no `trust_remote_code`, and hub downloads fetch no
 `.py` files. A truncated or corrupt file is a `CheckpointError` that names it.
 """
@@ -31,12 +33,14 @@ HF_CLASS_TASKS = {
     "GPTNeoForTokenClassification": "token-classification",
     "GPTNeoForQuestionAnswering": "question-answering",
 }
-# What a hub download fetches: never code (*.py); pickles (*.bin) only when there are no safetensors.
+# What a hub download fetches: never code (*.py); pickles (*.bin) only when there are no safetensors,
+# Flax msgpack only when there is neither.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt"]
 # (single file, shard index), in order of preference: safetensors first.
 WEIGHT_FILES = (
     ("model.safetensors", "model.safetensors.index.json"),
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ("flax_model.msgpack", "flax_model.msgpack.index.json"),
 )
 
 
@@ -72,6 +76,11 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             continue
         if name not in expected:
             raise CheckpointError(f"unexpected tensor {checkpoint_name!r} in checkpoint")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"tensor {checkpoint_name!r} holds NaN or Inf values; the checkpoint is damaged or "
+                "its training diverged"
+            )
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(
                 f"tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, "
@@ -87,7 +96,7 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder: safetensors first, then weights-only pickles."""
+    """All tensors of a checkpoint folder: safetensors first, then weights-only pickles, then Flax."""
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(folder):
         tensors.update(read_weight_file(file))
@@ -95,21 +104,16 @@ def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The files to read: the safetensors when there are any, else the `.bin` pickles."""
+    """The files to read: the safetensors when there are any, else the `.bin` pickles, else Flax's."""
     for single, index in WEIGHT_FILES:
         if (folder / index).is_file():
             suffix = Path(single).suffix
             return [folder / shard for shard in _index_shards(folder / index, suffix)]
         if (folder / single).is_file():
             return [folder / single]
-    if (folder / "flax_model.msgpack").is_file():
-        raise CheckpointError(
-            f"{folder} holds only Flax weights; convert them with "
-            "`from_transformers(GPTNeoForCausalLM.from_pretrained(path, from_flax=True))` "
-            "(needs flax installed)"
-        )
     raise FileNotFoundError(
-        f"no weights in {folder}: expected model.safetensors or pytorch_model.bin (or sharded index)"
+        f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or flax_model.msgpack "
+        "(or a sharded index)"
     )
 
 
@@ -138,7 +142,12 @@ def _index_shards(index: Path, suffix: str) -> list[str]:
 
 
 def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
-    """One weight file: safetensors, or a pickle read with `weights_only=True`. Errors name the file."""
+    """One weight file: safetensors, Flax msgpack, or a pickle read with `weights_only=True`. Errors
+    name the file."""
+    if file.suffix == ".msgpack":
+        from gptneo_onnx.reference.flax_checkpoint import read_flax_checkpoint
+
+        return read_flax_checkpoint(file)
     if file.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -182,7 +191,7 @@ def resolve_checkpoint(path_or_hub_id: str | Path, revision: str | None = None) 
         files = list_repo_files(repo_id, revision=revision)
         patterns = list(HUB_PATTERNS)
         if not any(name.endswith(".safetensors") for name in files):
-            patterns.append("*.bin")
+            patterns.append("*.bin" if any(name.endswith(".bin") for name in files) else "*.msgpack")
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as error:  # network, auth, or unknown repo: say which and what to do
         raise FileNotFoundError(

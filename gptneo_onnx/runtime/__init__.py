@@ -7,7 +7,7 @@
 Importing this package never imports torch, transformers or optimum.
 """
 
-from gptneo_onnx.runtime.causal_lm import CausalLM, KVCache
+from gptneo_onnx.runtime.causal_lm import CausalLM
 from gptneo_onnx.runtime.errors import (
     ExportFolderError,
     GenerationConfigError,
@@ -16,15 +16,33 @@ from gptneo_onnx.runtime.errors import (
     ProviderError,
     RuntimeModelError,
 )
-from gptneo_onnx.runtime.generation import GenerationConfig, GenerationResult, TokenStep
+from gptneo_onnx.runtime.generation import (
+    GenerationConfig,
+    GenerationResult,
+    TokenStep,
+    check_choices,
+    check_finite,
+    seeded_rng,
+)
+from gptneo_onnx.runtime.kv_cache import (
+    BoundConcatCache,
+    CacheSpec,
+    ConcatCache,
+    KVCache,
+    SharedBufferCache,
+)
 from gptneo_onnx.runtime.manifest import Manifest, load_manifest
 from gptneo_onnx.runtime.model import Model
 from gptneo_onnx.runtime.providers import available_providers
-from gptneo_onnx.runtime.streaming import IncrementalDecoder, stream_text
+from gptneo_onnx.runtime.sampling import log_softmax, sample
+from gptneo_onnx.runtime.streaming import IncrementalDecoder, StopStringFilter, stream_text
 from gptneo_onnx.runtime.tasks import Embedder, QuestionAnswerer, SequenceClassifier, TokenClassifier
 
 __all__ = [
+    "BoundConcatCache",
+    "CacheSpec",
     "CausalLM",
+    "ConcatCache",
     "Embedder",
     "ExportFolderError",
     "GenerationConfig",
@@ -40,9 +58,16 @@ __all__ = [
     "QuestionAnswerer",
     "RuntimeModelError",
     "SequenceClassifier",
+    "SharedBufferCache",
+    "StopStringFilter",
     "TokenClassifier",
     "TokenStep",
     "available_providers",
+    "check_choices",
+    "check_finite",
     "load_manifest",
+    "log_softmax",
+    "sample",
+    "seeded_rng",
     "stream_text",
 ]

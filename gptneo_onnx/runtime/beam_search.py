@@ -7,9 +7,8 @@ same length penalty and early-stopping heuristic, and the same float32 arithmeti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -20,11 +19,11 @@ from gptneo_onnx.runtime.generation import (
     StopCheck,
     check_choices,
     check_finite,
+    seeded_rng,
 )
 from gptneo_onnx.runtime.sampling import log_softmax, sample_without_replacement
 
 BIG = np.float32(1.0e9)
-ReorderFn = Callable[[Any, np.ndarray], Any]
 
 
 @dataclass
@@ -49,7 +48,6 @@ def _gather_beams(tensor: np.ndarray, indices: np.ndarray) -> np.ndarray:
 
 def beam_search(
     forward: ForwardFn,
-    reorder: ReorderFn,
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
     config: GenerationConfig,
@@ -62,7 +60,7 @@ def beam_search(
     batch, prompt_length = input_ids.shape
     max_length = prompt_length + config.max_new_tokens
     processor = config.processor(eos_token_ids)
-    rng = np.random.default_rng(config.seed)
+    rng = seeded_rng(config.seed)
     eos = np.asarray(eos_token_ids, dtype=np.int64)
     beams_to_keep = max(2, 1 + len(eos_token_ids)) * num_beams
     top_num_beam_mask = np.arange(beams_to_keep) < num_beams
@@ -136,7 +134,7 @@ def beam_search(
         is_sent_finished = _gather_beams(np.concatenate([is_sent_finished, just_finished], axis=1), keep)
 
         # g. follow the surviving beams' caches, then decide whether to go on
-        cache = reorder(cache, running_beam_indices[:, :, cur_len - prompt_length].reshape(-1))
+        cache = cache.reorder(running_beam_indices[:, :, cur_len - prompt_length].reshape(-1))
         mask = np.concatenate([mask, np.ones((batch * num_beams, 1), dtype=mask.dtype)], axis=1)
         cur_len += 1
         early_stop_unsatisfied = _early_stop_unsatisfied(

@@ -25,3 +25,7 @@ class GenerationConfigError(RuntimeModelError, ValueError):
 
 class NumericalError(RuntimeModelError):
     """The graph produced NaN or Inf values."""
+
+
+class UnvalidatedExportWarning(UserWarning):
+    """The export was made without validation (`--no-validate`): nothing compared it with PyTorch."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gptneo_onnx.runtime.errors import GenerationConfigError, NumericalError
-from gptneo_onnx.runtime.sampling import LogitsProcessor, sample
+from gptneo_onnx.runtime.sampling import LogitsProcessor, SplitMix64, sample
 
 # forward(input_ids, attention_mask, cache) -> (last-position logits (B, V) float32, cache)
 ForwardFn = Callable[[np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
@@ -231,6 +231,12 @@ def check_choices(scores: np.ndarray, rows: np.ndarray | None = None) -> None:
         )
 
 
+def seeded_rng(seed: int | None) -> SplitMix64:
+    """The generator one generation (or one served request) samples from: the portable
+    SplitMix64 of docs/sidecar.md, so the Node runner draws the same tokens for the same seed."""
+    return SplitMix64(seed)
+
+
 def decode(
     forward: ForwardFn,
     input_ids: np.ndarray,
@@ -250,7 +256,7 @@ def decode(
     mask = np.repeat(attention_mask, repeat, axis=0)
     batch, prompt_length = tokens.shape
     processor = config.processor(eos_token_ids)
-    rng = np.random.default_rng(config.seed)
+    rng = seeded_rng(config.seed)
     eos = np.asarray(eos_token_ids, dtype=np.int64)
     active = np.ones(batch, dtype=bool)
     reasons: list[str | None] = [None] * batch

@@ -66,14 +66,25 @@ def group_entities(tagged: list[TaggedToken], text: str) -> list[dict]:
     the current entity when it is of type X, else start one. A plain label `X` continues an
     entity of type X started by the previous token, else starts one. The span's score is the
     mean of its tokens' scores; its offsets drop surrounding whitespace, and whitespace-only
-    spans are dropped.
+    spans are dropped. Byte-level BPE may split one character (an emoji) into several tokens
+    with the same offsets: a token that shares a character with the previous one goes where the
+    previous one went (into its entity, or outside), so a character is never in two spans.
     """
     entities: list[dict] = []
     current: dict | None = None
+    previous_end, previous_entity = -1, None
     for token in tagged:
+        if token.start < previous_end:  # the rest of a character the previous token began
+            if previous_entity is not None:
+                previous_entity["end"] = max(previous_entity["end"], token.end)
+                previous_entity["scores"].append(token.score)
+                previous_entity["tokens"].append(token.index)
+            previous_end = max(previous_end, token.end)
+            continue
+        previous_end = token.end
         prefix, kind = _split_label(token.label)
         if token.label == OUTSIDE_LABEL:
-            current = None
+            current = previous_entity = None
             continue
         continues = current is not None and current["label"] == kind and prefix not in ("B", "S")
         if continues:
@@ -84,6 +95,7 @@ def group_entities(tagged: list[TaggedToken], text: str) -> list[dict]:
             current = {"label": kind, "start": token.start, "end": token.end, "scores": [token.score],
                        "tokens": [token.index]}  # fmt: skip
             entities.append(current)
+        previous_entity = current
         if prefix in ("E", "S"):
             current = None
     spans = []

@@ -7,15 +7,28 @@ cache layout, special tokens, labels and decoding defaults all come from here.
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptneo_onnx.runtime.errors import ExportFolderError
+from gptneo_onnx.runtime.errors import ExportFolderError, UnvalidatedExportWarning
 from gptneo_onnx.runtime.export_files import check_graph_references, check_listed_file, listed_files
 
 MANIFEST_NAME = "gptneo_onnx.json"
 MANIFEST_FORMAT = "gptneo-onnx"
+# `validation.status` (docs/sidecar.md): only "passed" and "skipped" exports load.
+VALIDATION_STATUSES = ("passed", "failed", "pending", "skipped")
+# An export is written into `.NAME.partial-XXXX` holding `.owner`, then renamed (export/output_folder.py).
+STAGING_NAME = re.compile(r"^\..+\.partial-[0-9a-f]+$")
+STAGING_OWNER_FILE = ".owner"
+CHECKPOINT_WEIGHTS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "flax_model.msgpack",
+    "model.safetensors.index.json",
+)
 # Major versions; fields added within a major are ignored by older runtimes. 2 adds the windowed
 # local cache (`cache.local_window` and its mask input, see runtime/local_window.py).
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
@@ -166,40 +179,125 @@ def load_manifest(export_dir: str | Path, task: str | None = None, verify_hashes
     `task`, when given, must match the manifest's task. `verify_hashes=False` skips the sha256
     checks (faster start for multi-GB exports); every other check still runs: file names stay in
     the folder, sizes match, and the graph references only listed files and declared domains.
+    The staging folder of an unfinished export, and an export whose validation failed or never
+    finished, are refused; one made without validation loads with a warning (once per folder).
     """
+    manifest = read_manifest(export_dir)
+    folder = manifest.folder
+    if task is not None and manifest.task != task:
+        raise ExportFolderError(
+            f"{folder} holds a {manifest.task!r} export, not a {task!r} one; use the command for "
+            f"{manifest.task!r} exports (`gptneo-onnx info {folder}` says what it is), or export the "
+            f"{task!r} task"
+        )
+    check_validation(manifest)
+    check_files(manifest, verify_hashes)
+    return manifest
+
+
+def check_files(manifest: Manifest, verify_hashes: bool = True) -> None:
+    """The listed files are in the folder with their sizes (and sha256); the graph references only them."""
+    for entry in listed_files(manifest.raw):
+        check_listed_file(manifest.folder, entry, verify_hashes)
+    check_graph_references(manifest.folder, manifest.raw)
+
+
+def read_manifest(export_dir: str | Path) -> Manifest:
+    """The sidecar of `export_dir`, its fields checked, without checking the files or the validation
+    (`gptneo-onnx info` shows what an export is even when it would not load)."""
     folder = Path(export_dir)
     if not folder.is_dir():
         raise ExportFolderError(f"export folder {folder} does not exist or is not a folder")
     folder = folder.resolve()
+    if is_staging_folder(folder):
+        raise ExportFolderError(
+            f"{folder} is the staging folder of an export that did not finish (it was killed, or is "
+            "still running): it is not an export. Re-export, and use the folder given as --output"
+        )
     manifest_path = folder / MANIFEST_NAME
     if manifest_path.is_symlink():
         raise ExportFolderError(f"{manifest_path} is a link; copy the real file into the export folder")
     if not manifest_path.is_file():
-        raise ExportFolderError(
-            f"{folder} has no {MANIFEST_NAME}; is it an export folder written by `gptneo-onnx export`? "
-            "(an interrupted export leaves none)"
-        )
+        raise ExportFolderError(f"{folder} has no {MANIFEST_NAME}: {_what_it_is(folder)}")
     try:
         raw = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ExportFolderError(f"{manifest_path} is not valid JSON: {error}") from error
+        raise ExportFolderError(f"{manifest_path} is not valid JSON ({error}); re-export") from error
     _check_fields(raw, manifest_path)
-    manifest = Manifest(folder=folder, raw=raw)
-    if task is not None and manifest.task != task:
+    return Manifest(folder=folder, raw=raw)
+
+
+def is_staging_folder(folder: Path) -> bool:
+    """A folder an export is still being written into (`.NAME.partial-*`, holding `.owner`)."""
+    return bool(STAGING_NAME.match(folder.name)) or (folder / STAGING_OWNER_FILE).exists()
+
+
+def validation_status(raw: dict) -> str:
+    """passed, failed, pending (written, validation not finished) or skipped (--no-validate, or an
+    export from before the `validation.status` field that records none)."""
+    validation = raw.get("validation")
+    if validation is None:
+        return "skipped"
+    status = validation.get("status")
+    if status is None:  # written before `status` existed: only `passed`
+        return "passed" if validation.get("passed") else "failed"
+    return status
+
+
+_warned_unvalidated: set[Path] = set()
+
+
+def check_validation(manifest: Manifest) -> None:
+    """Refuse a failed or unfinished validation; warn once per folder about a skipped one."""
+    folder, raw = manifest.folder, manifest.raw
+    status = validation_status(raw)
+    report = (raw.get("validation") or {}).get("report") or "parity_report.json"
+    if status == "failed":
         raise ExportFolderError(
-            f"{folder} holds a {manifest.task!r} export but a {task!r} model was asked for; "
-            f"load it with Model.load() or export the {task!r} task"
+            f"{folder} failed its parity validation against PyTorch (see {report}); it is kept for "
+            "inspection, not for running. Fix the cause and re-export"
         )
-    validation = raw.get("validation") or {}
-    if validation.get("passed") is False:
+    if status == "pending":
         raise ExportFolderError(
-            f"{folder} failed its parity validation against PyTorch (see {validation.get('report')}); "
-            "it is kept for inspection, not for running. Fix the cause and re-export"
+            f"{folder} was never validated to the end (validation.status is 'pending': the export was "
+            "interrupted); re-export it"
         )
-    for entry in listed_files(raw):
-        check_listed_file(folder, entry, verify_hashes)
-    check_graph_references(folder, raw)
-    return manifest
+    if status == "skipped" and folder not in _warned_unvalidated:
+        _warned_unvalidated.add(folder)
+        warnings.warn(
+            f"{folder} was exported without validation (--no-validate): nothing compared it with "
+            "PyTorch; run `gptneo-onnx verify` on it",
+            UnvalidatedExportWarning,
+            stacklevel=3,
+        )
+
+
+FOLDER_KINDS = {
+    "staging": "the staging folder of an export that did not finish (killed, or running), not an export",
+    "export": "an export folder",
+    "checkpoint": "a checkpoint, not an export",
+    "other": "a folder that holds no export",
+}
+
+
+def folder_kind(folder: Path) -> str:
+    """What a folder is to gptneo-onnx: a key of FOLDER_KINDS."""
+    if is_staging_folder(folder):
+        return "staging"
+    if (folder / MANIFEST_NAME).is_file():
+        return "export"
+    if (folder / "config.json").is_file() and any((folder / name).is_file() for name in CHECKPOINT_WEIGHTS):
+        return "checkpoint"
+    return "other"
+
+
+def _what_it_is(folder: Path) -> str:
+    if folder_kind(folder) == "checkpoint":
+        return (
+            "it is a checkpoint, not an export: export it with "
+            f"`gptneo-onnx export --model {folder} --output OUT`, then use OUT"
+        )
+    return "is it an export folder written by `gptneo-onnx export`? (an interrupted export leaves none)"
 
 
 def _check_fields(raw: Any, manifest_path: Path) -> None:
@@ -231,7 +329,15 @@ def _check_fields(raw: Any, manifest_path: Path) -> None:
     if raw.get("tokenizer") is not None:
         _require(raw["tokenizer"], "tokenizer", FILE_FIELDS, manifest_path)
     if raw.get("validation") is not None:
-        _require(raw["validation"], "validation", {"passed": bool}, manifest_path)
+        _require(raw["validation"], "validation", {}, manifest_path)
+        status = raw["validation"].get("status")
+        if status is None:
+            _require(raw["validation"], "validation", {"passed": bool}, manifest_path)
+        elif status not in VALIDATION_STATUSES:
+            raise ExportFolderError(
+                f"{manifest_path}: validation.status is {status!r}, expected one of "
+                f"{', '.join(VALIDATION_STATUSES)}"
+            )
     _check_special_tokens(raw["special_tokens"], raw["model"]["vocab_size"], manifest_path)
     if raw["task"] == "causal-lm":
         cache = raw.get("cache")

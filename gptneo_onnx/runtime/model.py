@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
@@ -93,9 +92,6 @@ class Model:
             return self.manifest.pad_token_id
         eos = self.manifest.eos_token_ids
         return eos[0] if eos else 0
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, feeds)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.manifest.folder)!r}, provider={self.provider!r})"

@@ -6,13 +6,13 @@ The step feeds the last chosen token and its drafts; logits row j predicts the t
 j. Each row's token is chosen exactly as plain decoding chooses it (the same processors, on the
 same prefix), and drafts are accepted while they equal those choices, so greedy output is token
 for token that of plain greedy decoding (sampling draws from the same distribution). Cache rows
-of rejected drafts are dropped before the next step. One sequence at a time, as in transformers.
+of rejected drafts leave the cache (`KVCache.drop_newest`) before the next step. One sequence
+at a time, as in transformers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import numpy as np
 
@@ -25,13 +25,13 @@ from gptneo_onnx.runtime.generation import (
     check_choices,
     check_finite,
 )
+from gptneo_onnx.runtime.kv_cache import KVCache
 from gptneo_onnx.runtime.sampling import sample
 
 # transformers' default `max_matching_ngram_size`
 MAX_NGRAM = 2
 # forward(ids (1, S), mask (1, T), cache, keep) -> (logits of the last `keep` positions (1, keep, V), cache)
-StepFn = Callable[[np.ndarray, np.ndarray, Any, int], tuple[np.ndarray, Any]]
-DropFn = Callable[[Any, int], Any]  # (cache, rows) -> the cache without its newest `rows` rows
+StepFn = Callable[[np.ndarray, np.ndarray, KVCache | None, int], tuple[np.ndarray, KVCache]]
 
 
 def draft_tokens(tokens: np.ndarray, count: int, max_ngram: int = MAX_NGRAM) -> np.ndarray:
@@ -51,7 +51,6 @@ def draft_tokens(tokens: np.ndarray, count: int, max_ngram: int = MAX_NGRAM) -> 
 
 def prompt_lookup_decode(
     forward: StepFn,
-    drop_newest: DropFn,
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
     config: GenerationConfig,
@@ -98,7 +97,7 @@ def prompt_lookup_decode(
             accepted += 1
         if reason is not None:
             break
-        cache = drop_newest(cache, len(drafts) - accepted)
+        cache.drop_newest(len(drafts) - accepted)
         # The last chosen token is not in the cache yet: feed it with the next drafts.
         room = config.max_new_tokens - (len(tokens) - prompt_length) - 1
         drafts = draft_tokens(tokens, min(config.prompt_lookup_num_tokens, room))

@@ -2,9 +2,15 @@
 
 Every processor takes `scores` of shape (batch, vocab) float32 and returns a new array; none
 modifies its input. Filtered entries become -inf.
+
+Sampling draws from `SplitMix64`, a small generator written out in docs/sidecar.md ("Seeded
+sampling"), by one exact rule, so the Node runner (clients/node/lib/sampling.js) draws the same
+tokens for the same seed.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import numpy as np
 
@@ -68,8 +74,8 @@ def apply_repetition_penalty(input_ids: np.ndarray, scores: np.ndarray, penalty:
     if not penalty > 0:
         raise GenerationConfigError(f"repetition_penalty must be > 0 (1.0 = none), got {penalty}")
     seen = np.take_along_axis(scores, input_ids, axis=-1)
-    factor = np.float32(penalty)  # 0 or inf for penalties beyond float32's range
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        factor = np.float32(penalty)  # 0 or inf for penalties beyond float32's range (no warning)
         penalized = np.where(seen < 0, seen * factor, seen / factor).astype(scores.dtype)
     # An extreme penalty can overflow: keep such scores at float32's largest finite values
     # (0 / an underflowed penalty is 0), so no inf or NaN reaches the softmax.
@@ -101,29 +107,75 @@ def log_softmax(scores: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Draw one token per row from softmax(scores); (batch, vocab) -> (batch,) int64."""
-    probs = softmax(scores.astype(np.float64))
-    cdf = np.cumsum(probs, axis=-1)
-    draws = rng.random(scores.shape[0]) * cdf[:, -1]
-    # The first index whose cumulative probability exceeds the draw; zero-probability tokens
-    # never qualify because the cdf does not increase there.
+_UINT64 = (1 << 64) - 1
+
+
+class SplitMix64:
+    """Steele, Lea and Flood's splitmix64: uniform floats in [0, 1) from a 64-bit seed.
+
+    `random(n)` has numpy Generator's call shape. The seed is taken modulo 2^64; None draws one
+    from the OS. Each float is the top 53 bits of one output over 2^53.
+    """
+
+    def __init__(self, seed: int | None = None):
+        self.state = (secrets.randbits(64) if seed is None else int(seed)) & _UINT64
+
+    def next_uint64(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _UINT64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _UINT64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _UINT64
+        return z ^ (z >> 31)
+
+    def random(self, size: int | None = None) -> float | np.ndarray:
+        if size is None:
+            return (self.next_uint64() >> 11) / 2.0**53
+        return np.array([(self.next_uint64() >> 11) / 2.0**53 for _ in range(size)], dtype=np.float64)
+
+
+def _draw(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """The draw rule (docs/sidecar.md): per row, the first token whose float64 cumulative weight,
+    summed in token order, exceeds uniform * total. (B, N) weights, (B,) uniforms -> (B,) int64."""
+    cdf = np.cumsum(weights, axis=-1)
+    draws = uniforms * cdf[:, -1]  # below the total: a token with weight > 0 always qualifies
     return (cdf <= draws[:, None]).sum(axis=-1).astype(np.int64)
 
 
-def sample_without_replacement(scores: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw `count` distinct indices per row from softmax(scores) (beam sampling); (B, N) -> (B, count)."""
-    probs = softmax(scores.astype(np.float64))
+def _weights(scores: np.ndarray) -> np.ndarray:
+    """exp(score - row max) in float64: the unnormalized softmax; -inf scores weigh 0."""
+    wide = scores.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a row of only -inf (a finished row) gives NaN, never read
+        return np.exp(wide - wide.max(axis=-1, keepdims=True))
+
+
+def sample(scores: np.ndarray, rng: SplitMix64) -> np.ndarray:
+    """Draw one token per row from softmax(scores); (batch, vocab) -> (batch,) int64.
+
+    One uniform per row, in row order, finished rows included, so every runtime stays in step.
+    """
+    return _draw(_weights(scores), rng.random(scores.shape[0]))
+
+
+def sample_without_replacement(scores: np.ndarray, count: int, rng: SplitMix64) -> np.ndarray:
+    """Draw `count` distinct indices per row from softmax(scores) (beam sampling); (B, N) -> (B, count).
+
+    Successive draws, each from the weights left after zeroing the ones already drawn.
+    """
+    weights = _weights(scores)
     rows = []
-    for row in probs:
+    for row in weights:
         available = int(np.count_nonzero(row))
         if available < count:
             raise GenerationConfigError(
                 f"beam sampling needs {count} candidates but only {available} tokens survive the filters; "
                 "raise top_k / top_p or lower num_beams"
             )
-        rows.append(rng.choice(row.shape[0], size=count, replace=False, p=row / row.sum()))
-    return np.stack(rows).astype(np.int64)
+        row, picked = row.copy(), []
+        for _ in range(count):
+            picked.append(int(_draw(row[None, :], rng.random(1))[0]))
+            row[picked[-1]] = 0.0
+        rows.append(picked)
+    return np.asarray(rows, dtype=np.int64)
 
 
 class LogitsProcessor:

@@ -7,7 +7,7 @@ piece it emits is final. Stop strings are cut, and text that may be the start of
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from tokenizers import Tokenizer
 
@@ -87,6 +87,25 @@ def first_stop_index(text: str, stop_strings: Iterable[str]) -> int | None:
     """Index where the earliest stop string starts in `text`, or None."""
     found = [index for stop in stop_strings if stop and (index := text.find(stop)) >= 0]
     return min(found) if found else None
+
+
+def stop_checker(tokenizer: Tokenizer, stop_strings: list[str]) -> Callable[[list[int]], bool]:
+    """new tokens -> whether their text holds a stop string (decoding only the tail that can)."""
+    # A token decodes to at least one byte, so the last 4 * len + 2 tokens cover any stop string.
+    window = 4 * max(len(stop) for stop in stop_strings) + 2
+
+    def check(tokens: list[int]) -> bool:
+        tail = tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+        return first_stop_index(tail, stop_strings) is not None
+
+    return check
+
+
+def final_text(tokenizer: Tokenizer, tokens: list[int], stop_strings: Iterable[str]) -> str:
+    """The text of generated tokens, cut before the first stop string."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    cut = first_stop_index(text, stop_strings)
+    return text if cut is None else text[:cut]
 
 
 def stream_text(

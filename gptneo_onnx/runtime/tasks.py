@@ -46,9 +46,9 @@ class _SinglePassModel(Model):
                 f"an input of {longest} tokens exceeds max_position_embeddings ({limit}); shorten it"
             )
         input_ids, attention_mask = left_pad(rows, self.pad_token_id)
-        outputs = self.session.run(
-            self.manifest.output_names, {"input_ids": input_ids, "attention_mask": attention_mask}
-        )
+        io = self.manifest.io  # graph names by role, from the sidecar
+        feeds = {io["input_ids"]: input_ids, io["attention_mask"]: attention_mask}
+        outputs = self.session.run(self.manifest.output_names, feeds)
         return dict(zip(self.manifest.output_names, outputs)), attention_mask
 
     def _labels(self) -> dict[int, str]:
@@ -143,6 +143,8 @@ class Embedder(_SinglePassModel):
         """(B, hidden) float32 embeddings, `mean` or `last`-token pooled over the mask."""
         if pooling not in ("mean", "last"):
             raise InputError(f"unknown pooling {pooling!r}; expected 'mean' or 'last'")
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise InputError(f"normalize must be True or False, got {normalize!r}")
         outputs, mask = self.run_ids(encode_prompts(as_batch(texts), self.tokenizer))
         vectors = pool_hidden_states(outputs["last_hidden_state"].astype(np.float32), mask, pooling)
         if normalize:

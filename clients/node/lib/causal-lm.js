@@ -9,46 +9,27 @@
 // With `cache.local_window` (format 2), local layers' caches keep only their newest rows: their
 // own mask input covers those rows plus the new tokens, and once they pass min_rows + slack the
 // newest min_rows move to the front (as gptneo_onnx/runtime/local_window.py does).
-
-import fs from "node:fs";
+//
+// Environment-neutral: onnxruntime comes in as `ort` (onnxruntime-node from load-node.js,
+// onnxruntime-web from clients/web), the session and tokenizer ready-made. Batches are
+// left-padded, as the sidecar's io.padding_side says.
 
 import { Tokenizer } from "@huggingface/tokenizers";
-import ort from "onnxruntime-node";
 
-import { ExportFolderError, InputError, NumericalError } from "./errors.js";
-import { argmax, generationConfig, processScores, sample, seededRandom } from "./sampling.js";
-import { ioSpec, loadSidecar } from "./sidecar.js";
+import { beamSearch } from "./beam-search.js";
+import { decode } from "./decoding.js";
+import { ExportFolderError, InputError } from "./errors.js";
+import { generationConfig } from "./sampling.js";
+import { ioSpec } from "./sidecar.js";
 
 const INT_ARRAYS = { int64: BigInt64Array, int32: Int32Array };
 const FLOAT_ARRAYS = { float32: Float32Array, float16: Uint16Array }; // float16 tensors take raw bits
 const CACHE_MODES = ["auto", "concat", "shared-buffer"];
 
 export class CausalLM {
-  /** Load and verify an export folder; `cacheMode` is auto (shared-buffer when offered), concat or shared-buffer. */
-  static async load(folder, { verify = true, cacheMode = "auto", threads = null } = {}) {
-    const sidecar = loadSidecar(folder, { verify });
-    // logSeverityLevel 3 (errors): onnxruntime warns on every load that `num_logits_to_keep`, an
-    // input with a default value (docs/sidecar.md), is not folded as a constant.
-    const options = { executionProviders: ["cpu"], graphOptimizationLevel: "all", logSeverityLevel: 3 };
-    if (threads !== null) {
-      if (threads < 0) throw new InputError(`--threads must be >= 0 (0 = onnxruntime's default), got ${threads}`);
-      options.intraOpNumThreads = threads;
-    }
-    let session;
-    try {
-      session = await ort.InferenceSession.create(sidecar.graphPath, options);
-    } catch (error) {
-      throw new ExportFolderError(
-        `onnxruntime-node ${ort.env.versions.node} could not load ${sidecar.graphPath}: ${error.message}; ` +
-          `the file may be damaged (load without --no-verify to check it) or need a newer onnxruntime ` +
-          `(the export was made with onnxruntime ${sidecar.raw.tools?.onnxruntime ?? "unknown"})`,
-      );
-    }
-    const tokenizer = sidecar.tokenizerPath ? loadTokenizer(sidecar) : null;
-    return new CausalLM(sidecar, session, tokenizer, cacheMode);
-  }
-
-  constructor(sidecar, session, tokenizer, cacheMode) {
+  /** `cacheMode`: auto (shared-buffer when offered), concat or shared-buffer. */
+  constructor({ ort, sidecar, session, tokenizer, cacheMode = "auto" }) {
+    this.ort = ort;
     this.sidecar = sidecar;
     this.session = session;
     this.tokenizer = tokenizer;
@@ -101,13 +82,13 @@ export class CausalLM {
   }
 
   /** Check prompt ids and fit prompt + max_new_tokens in the context (messages as the Python runtime's). */
-  checkPrompt(ids, maxNewTokens, truncate = false) {
-    if (!ids.length) throw new InputError("prompt 0 is empty; every prompt needs at least one token");
+  checkPrompt(ids, maxNewTokens, truncate = false, index = 0) {
+    if (!ids.length) throw new InputError(`prompt ${index} is empty; every prompt needs at least one token`);
     const vocab = this.sidecar.vocabSize;
     const bad = ids.find((id) => !Number.isInteger(id) || id < 0 || id >= vocab);
     if (bad !== undefined) {
       throw new InputError(
-        `prompt 0 has token id ${bad} outside the vocabulary [0, ${vocab}); check the tokenizer matches this export`,
+        `prompt ${index} has token id ${bad} outside the vocabulary [0, ${vocab}); check the tokenizer matches this export`,
       );
     }
     const maxPositions = this.sidecar.maxPositions;
@@ -132,48 +113,52 @@ export class CausalLM {
   }
 
   /**
-   * Decode from prompt token ids; yields {step, tokenId, finishReason} per new token
-   * (finishReason "eos" or "length" on the last one, else null).
+   * Decode a batch of prompts (arrays of token ids, checked by checkPrompt), left-padded: greedy,
+   * sampling or beam search as `config` says. Yields {type: "step", step, tokenIds, active} per
+   * token (beam search: {type: "beam-step", ...}), then {type: "result", sequences,
+   * finishReasons, promptIndex, scores}, as the Python runtime's generate_steps.
    */
-  async *generate(promptIds, config) {
+  async *generate(prompts, config) {
     const eos = config.eos_token_id === null ? this.sidecar.eosTokenIds : [].concat(config.eos_token_id);
-    const random = config.do_sample ? seededRandom(config.seed) : null;
-    const tokens = [...promptIds];
-    const cache = this.emptyCache(promptIds.length + config.max_new_tokens);
-    let logits = await this.forward(promptIds, tokens.length, cache);
-    for (let step = 0; step < config.max_new_tokens; step++) {
-      if (!logits.every(Number.isFinite)) {
-        throw new NumericalError(
-          "the model produced NaN or Inf logits; the export may overflow in its precision (try a float32 export) or the weights are corrupted",
-        );
-      }
-      const scores = processScores(logits, tokens, step, config, eos);
-      const tokenId = config.do_sample ? sample(scores, random) : argmax(scores);
-      tokens.push(tokenId);
-      const finishReason = eos.includes(tokenId) ? "eos" : step + 1 === config.max_new_tokens ? "length" : null;
-      yield { step, tokenId, finishReason };
-      if (finishReason !== null) return;
-      logits = await this.forward([tokenId], tokens.length, cache);
-    }
+    const pad = this.sidecar.padTokenId ?? eos[0] ?? 0;
+    const capacity = Math.max(...prompts.map((row) => row.length)) + config.max_new_tokens;
+    const step = async (ids, mask, cache) => {
+      cache ??= this.emptyCache(ids.length, capacity);
+      return { logits: await this.forward(ids, mask, cache), cache };
+    };
+    const reorder = (cache, rows) => this.reorderCache(cache, rows);
+    yield* config.num_beams > 1
+      ? beamSearch(step, reorder, prompts, config, eos, pad)
+      : decode(step, prompts, config, eos, pad);
   }
 
-  /** Run the graph on `newIds` with `total` tokens so far; returns the last position's float32 logits (a copy). */
-  async forward(newIds, total, cache) {
+  /**
+   * Run the graph on `newIds` (one array per row, equal lengths) with `mask` (per row, past + new
+   * columns); returns each row's last-position float32 logits (copies). `cache` grows in place.
+   */
+  async forward(newIds, mask, cache) {
+    const ort = this.ort;
     const spec = (role) => ioSpec(this.sidecar, this.io[role]);
-    const mask = new Array(total).fill(1); // one row, no padding: every column is a real token
+    const batch = newIds.length;
+    const length = newIds[0].length;
+    const total = mask[0].length;
     const feeds = {
-      [this.io.input_ids]: intTensor(spec("input_ids").dtype, newIds, [1, newIds.length]),
-      [this.io.attention_mask]: intTensor(spec("attention_mask").dtype, mask, [1, total]), // past + new columns
+      [this.io.input_ids]: intTensor(ort, spec("input_ids").dtype, newIds.flat(), [batch, length]),
+      [this.io.attention_mask]: intTensor(ort, spec("attention_mask").dtype, mask.flat(), [batch, total]),
     };
     if (this.io.position_ids) {
-      let seen = 0; // io.position_ids_rule "cumsum_minus_one": cumsum(mask) - 1, clipped at 0, new tokens only
-      const positions = mask.map((column) => Math.max((seen += column) - 1, 0)).slice(total - newIds.length);
-      feeds[this.io.position_ids] = intTensor(spec("position_ids").dtype, positions, [1, newIds.length]);
+      // io.position_ids_rule "cumsum_minus_one": cumsum(mask) - 1, clipped at 0, new tokens only
+      const positions = mask.flatMap((row) => {
+        let seen = 0;
+        return row.map((column) => Math.max((seen += column) - 1, 0)).slice(total - length);
+      });
+      feeds[this.io.position_ids] = intTensor(ort, spec("position_ids").dtype, positions, [batch, length]);
     }
     const local = this.localWindow;
     if (local) {
-      const columns = cache.localRows + newIds.length; // the local layers' rows, then the new tokens
-      feeds[local.input] = intTensor(spec("attention_mask").dtype, mask.slice(total - columns), [1, columns]);
+      const columns = cache.localRows + length; // the local layers' rows, then the new tokens
+      const localMask = mask.flatMap((row) => row.slice(total - columns));
+      feeds[local.input] = intTensor(ort, spec("attention_mask").dtype, localMask, [batch, columns]);
     }
     if (this.io.num_logits_to_keep) {
       // format x.2: the lm_head runs on the last position only (this runner reads no other)
@@ -198,7 +183,7 @@ export class CausalLM {
         cache.pasts[layer.past_value] = results[layer.present_value];
       }
     }
-    if (local) this.trimLocal(cache, cache.localRows + newIds.length);
+    if (local) this.trimLocal(cache, cache.localRows + length);
     const logits = results[this.io.logits];
     const vocab = logits.dims.at(-1);
     if (vocab !== this.sidecar.vocabSize) {
@@ -206,7 +191,8 @@ export class CausalLM {
         `the graph gives ${vocab} logits per token but the sidecar's vocab_size is ${this.sidecar.vocabSize}; re-export the folder`,
       );
     }
-    return Float32Array.from(logits.data.subarray(logits.data.length - vocab));
+    const rowSize = logits.data.length / batch; // (batch, length or 1, vocab)
+    return Array.from({ length: batch }, (_, b) => logits.data.slice((b + 1) * rowSize - vocab, (b + 1) * rowSize));
   }
 
   /** The local layers now hold `rows` rows: past min_rows + slack, keep only the newest min_rows. */
@@ -216,26 +202,38 @@ export class CausalLM {
     if (rows <= keep + slack) return;
     for (const name of pastNames) {
       const tensor = cache.pasts[name];
-      const [heads, capacity, width] = tensor.dims.slice(1); // (1, heads, rows or capacity, head_dim)
+      const [batch, heads, capacity, width] = tensor.dims; // (batch, heads, rows or capacity, head_dim)
       if (this.cacheMode === "shared-buffer") {
-        for (let h = 0; h < heads; h++) {
+        for (let h = 0; h < batch * heads; h++) {
           const base = h * capacity * width;
           tensor.data.copyWithin(base, base + (rows - keep) * width, base + rows * width);
         }
       } else {
-        const data = new this.cacheArray(heads * keep * width);
-        for (let h = 0; h < heads; h++) {
+        const data = new this.cacheArray(batch * heads * keep * width);
+        for (let h = 0; h < batch * heads; h++) {
           const from = (h * capacity + rows - keep) * width;
           data.set(tensor.data.subarray(from, from + keep * width), h * keep * width);
         }
-        cache.pasts[name] = new ort.Tensor(tensor.type, data, [1, heads, keep, width]);
+        cache.pasts[name] = new this.ort.Tensor(tensor.type, data, [batch, heads, keep, width]);
       }
     }
     cache.localRows = keep;
   }
 
-  /** Pasts for a prefill: 0 rows (concat) or zeroed buffers of `capacity` rows (shared-buffer). */
-  emptyCache(capacity) {
+  /** Select cache rows (beam search): row i of the result is row rows[i]; shared buffers are rewritten in place. */
+  reorderCache(cache, rows) {
+    for (const [name, tensor] of Object.entries(cache.pasts)) {
+      const rowSize = tensor.data.length / tensor.dims[0];
+      const data = this.cacheMode === "shared-buffer" ? tensor.data : new this.cacheArray(rows.length * rowSize);
+      const source = this.cacheMode === "shared-buffer" ? tensor.data.slice() : tensor.data;
+      rows.forEach((row, i) => data.set(source.subarray(row * rowSize, (row + 1) * rowSize), i * rowSize));
+      if (data !== tensor.data) cache.pasts[name] = new this.ort.Tensor(tensor.type, data, [rows.length, ...tensor.dims.slice(1)]);
+    }
+    return cache;
+  }
+
+  /** Pasts for a prefill of `batch` rows: 0 rows (concat) or zeroed buffers of `capacity` rows (shared-buffer). */
+  emptyCache(batch, capacity) {
     const pastAxis = this.sidecar.cache.layout.indexOf("past_sequence_length");
     const rows = this.cacheMode === "shared-buffer" ? capacity : 0;
     const pasts = {};
@@ -243,19 +241,19 @@ export class CausalLM {
       for (const name of [layer.past_key, layer.past_value]) {
         const dims = ioSpec(this.sidecar, name).shape.map((dim, axis) => {
           if (axis === pastAxis) return rows;
-          if (dim === "batch_size") return 1;
+          if (dim === "batch_size") return batch;
           if (Number.isInteger(dim)) return dim;
           throw new ExportFolderError(`cannot size ${name}: its axis ${axis} is ${JSON.stringify(dim)}`);
         });
         const size = dims.reduce((a, b) => a * b, 1);
-        pasts[name] = new ort.Tensor(this.sidecar.cache.dtype, new this.cacheArray(size), dims);
+        pasts[name] = new this.ort.Tensor(this.sidecar.cache.dtype, new this.cacheArray(size), dims);
       }
     }
     return { pasts, capacity, localRows: 0 };
   }
 }
 
-function intTensor(dtype, values, dims) {
+function intTensor(ort, dtype, values, dims) {
   if (!(dtype in INT_ARRAYS)) throw new ExportFolderError(`unsupported integer input dtype ${JSON.stringify(dtype)}`);
   const data = dtype === "int64" ? BigInt64Array.from(values, BigInt) : Int32Array.from(values);
   return new ort.Tensor(dtype, data, dims);
@@ -267,19 +265,21 @@ function checkGraphIO(sidecar, session) {
   const missingOutputs = sidecar.raw.outputs.map((o) => o.name).filter((n) => !session.outputNames.includes(n));
   if (missingInputs.length || missingOutputs.length) {
     throw new ExportFolderError(
-      `${sidecar.graphPath} does not match its gptneo_onnx.json: missing inputs [${missingInputs}], ` +
+      `${sidecar.graph.name} does not match its gptneo_onnx.json: missing inputs [${missingInputs}], ` +
         `missing outputs [${missingOutputs}]; re-export the folder`,
     );
   }
 }
 
-/** The export's tokenizer, which must fit the model: every token id below vocab_size. */
-function loadTokenizer(sidecar) {
+/** The export's tokenizer (null when it has none), which must fit the model: every token id below vocab_size. */
+export async function loadTokenizer(sidecar) {
+  if (!sidecar.tokenizer) return null;
+  const where = `${sidecar.folder.name}/${sidecar.tokenizer.name}`;
   let tokenizer;
   try {
-    tokenizer = new Tokenizer(JSON.parse(fs.readFileSync(sidecar.tokenizerPath, "utf8")), {});
+    tokenizer = new Tokenizer(JSON.parse(await sidecar.tokenizer.text()), {});
   } catch (error) {
-    throw new ExportFolderError(`${sidecar.tokenizerPath} is not a valid tokenizers JSON file: ${error.message}`);
+    throw new ExportFolderError(`${where} is not a valid tokenizers JSON file: ${error.message}`);
   }
   let largest = -1;
   let largestToken = null;
@@ -288,7 +288,7 @@ function loadTokenizer(sidecar) {
   }
   if (largest >= sidecar.vocabSize) {
     throw new ExportFolderError(
-      `${sidecar.tokenizerPath} does not fit the model: token ${JSON.stringify(largestToken)} has id ${largest}, ` +
+      `${where} does not fit the model: token ${JSON.stringify(largestToken)} has id ${largest}, ` +
         `but the model's vocab_size is ${sidecar.vocabSize}. The tokenizer belongs to another model; re-export with the checkpoint's own`,
     );
   }

@@ -3,9 +3,8 @@
 // imports or uses, the (domain, op_type) of every node, and every external-data `location`.
 // Only fields that can lead to a node, an opset import or a tensor are entered; everything else,
 // weights included, is skipped by its length, so a multi-GB graph is scanned without reading it.
-// Field numbers are those of onnx/onnx.proto.
-
-import fs from "node:fs";
+// Field numbers are those of onnx/onnx.proto. Environment-neutral: the bytes come from a reader
+// ({byte(position), text(start, end)}), a file in Node (node-files.js) or an array in a browser.
 
 const MAX_DEPTH = 64;
 // For each message, the length-delimited fields to descend into: field number -> message.
@@ -28,50 +27,39 @@ const STRINGS = {
   StringStringEntryProto: { 1: "key", 2: "value" },
 };
 const VARINT = 0, FIXED64 = 1, LENGTH_DELIMITED = 2, FIXED32 = 5;
-const WINDOW = 1 << 16;
 
 export class MalformedGraph extends Error {}
 
-/** Scan the ONNX file at `file`: {domains: Set, operators: Set of "domain/op_type", externalLocations: Set}. */
-export function scanGraph(file) {
-  const fd = fs.openSync(file, "r");
-  try {
-    const size = fs.fstatSync(fd).size;
-    if (size === 0) throw new MalformedGraph("the file is empty");
-    const facts = { domains: new Set(), operators: new Set(), externalLocations: new Set() };
-    scan(new FileBytes(fd), 0, size, "ModelProto", facts, 0);
-    return facts;
-  } finally {
-    fs.closeSync(fd);
-  }
+/** Scan an ONNX model of `size` bytes read through `bytes`: {domains, operators ("domain/op_type"), externalLocations}, Sets. */
+export function scanGraph(bytes, size) {
+  if (size === 0) throw new MalformedGraph("the file is empty");
+  const facts = { domains: new Set(), operators: new Set(), externalLocations: new Set() };
+  scan(bytes, 0, size, "ModelProto", facts, 0);
+  return facts;
 }
 
-/** Random access to a file's bytes through one cached window (fields are read where they lie). */
-class FileBytes {
-  constructor(fd) {
-    this.fd = fd;
-    this.buffer = Buffer.alloc(WINDOW);
-    this.start = 0;
-    this.length = 0;
+/** A reader over bytes in memory (a Uint8Array). */
+export class ArrayBytes {
+  constructor(array) {
+    this.array = array;
   }
 
   byte(position) {
-    if (position < this.start || position >= this.start + this.length) {
-      this.start = position;
-      this.length = fs.readSync(this.fd, this.buffer, 0, WINDOW, position);
-      if (this.length === 0) throw new MalformedGraph(`the file ends early at byte ${position}`);
-    }
-    return this.buffer[position - this.start];
+    if (position >= this.array.length) throw new MalformedGraph(`the file ends early at byte ${position}`);
+    return this.array[position];
   }
 
   text(start, end) {
-    const bytes = Buffer.alloc(end - start);
-    fs.readSync(this.fd, bytes, 0, bytes.length, start);
-    try {
-      return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
-    } catch {
-      throw new MalformedGraph(`a string field that is not UTF-8 at byte ${start}`);
-    }
+    return utf8(this.array.subarray(start, end), start);
+  }
+}
+
+/** Strict UTF-8 decoding of a string field that starts at byte `start`. */
+export function utf8(bytes, start) {
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    throw new MalformedGraph(`a string field that is not UTF-8 at byte ${start}`);
   }
 }
 

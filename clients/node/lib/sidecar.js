@@ -1,13 +1,15 @@
 // Read and check `gptneo_onnx.json`, the export's sidecar (schema: docs/sidecar.md).
 // Everything the runner knows about the model comes from here: files and their sha256,
 // IO names by role, input rules, cache layout, special tokens and decoding defaults.
-
-import { createHash } from "node:crypto";
-import fs from "node:fs";
-import path from "node:path";
+// Environment-neutral: the folder's files come through a folder object, a directory in Node
+// (node-files.js) or a URL in a browser (clients/web/web-folder.js), with this interface:
+//   name                          where the folder is, for messages
+//   async sidecarText()           the sidecar's text (refusing a missing or linked sidecar)
+//   async file(relative, namedBy) a listed file {name, path, size, sha256(), scan(), text()};
+//                                 `relative` has passed checkRelative, the folder refuses links
 
 import { ExportFolderError } from "./errors.js";
-import { MalformedGraph, scanGraph } from "./graph-scan.js";
+import { MalformedGraph } from "./graph-scan.js";
 
 export const SIDECAR_NAME = "gptneo_onnx.json";
 const FORMAT = "gptneo-onnx";
@@ -34,54 +36,41 @@ const KNOWN_RULES = {
   attention_mask_columns: ["past_and_new"],
   position_ids_rule: ["cumsum_minus_one"],
 };
-const HASH_CHUNK = 1 << 20;
+// `validation.status` (docs/sidecar.md): only "passed" and "skipped" exports load.
+const VALIDATION_STATUSES = ["passed", "failed", "pending", "skipped"];
 
-/** Load `gptneo_onnx.json` from `folder`, check it, the files it lists and (unless `verify` is false) their sha256. */
-export function loadSidecar(folder, { verify = true } = {}) {
-  if (!folder || !isDirectory(folder)) {
-    throw new ExportFolderError(`export folder ${folder} does not exist or is not a folder`);
-  }
-  const root = fs.realpathSync(folder);
-  const sidecarPath = path.join(root, SIDECAR_NAME);
-  if (fs.lstatSync(sidecarPath, { throwIfNoEntry: false })?.isSymbolicLink()) {
-    throw new ExportFolderError(`${sidecarPath} is a link; copy the real file into the export folder`);
-  }
-  if (!fs.existsSync(sidecarPath)) {
-    throw new ExportFolderError(
-      `${root} has no ${SIDECAR_NAME}; is it an export folder written by \`gptneo-onnx export\`?`,
-    );
-  }
+/** Load the sidecar from `folder`, check it, the files it lists and (unless `verify` is false) their sha256. */
+export async function loadSidecar(folder, { verify = true } = {}) {
+  const root = folder.name;
+  const sidecarPath = `${root}/${SIDECAR_NAME}`;
   let raw;
   try {
-    raw = JSON.parse(fs.readFileSync(sidecarPath, "utf8"));
+    raw = JSON.parse(await folder.sidecarText());
   } catch (error) {
+    if (!(error instanceof SyntaxError)) throw error;
     throw new ExportFolderError(`${sidecarPath} is not valid JSON: ${error.message}`);
   }
   checkFields(raw, sidecarPath);
-  if (raw.validation?.passed === false) {
-    throw new ExportFolderError(
-      `${root} failed its parity validation against PyTorch (see ${raw.validation.report}); ` +
-        "it is kept for inspection, not for running. Fix the cause and re-export",
-    );
-  }
-  const files = listedFiles(raw).map((entry) => {
-    const file = insideFolder(root, entry.file, SIDECAR_NAME);
-    const size = fs.statSync(file).size;
-    if (size !== entry.bytes) {
+  checkValidation(root, raw);
+  const files = [];
+  for (const entry of listedFiles(raw)) {
+    const file = await folder.file(checkRelative(entry.file, SIDECAR_NAME), SIDECAR_NAME);
+    if (file.size !== entry.bytes) {
       throw new ExportFolderError(
-        `${entry.file} in ${root} has ${size} bytes, ${SIDECAR_NAME} records ${entry.bytes}; the export is ` +
+        `${entry.file} in ${root} has ${file.size} bytes, ${SIDECAR_NAME} records ${entry.bytes}; the export is ` +
           "incomplete or was changed (an interrupted export or copy?). Re-export or re-copy it",
       );
     }
-    if (verify) checkSha256(file, entry.sha256);
-    return file;
-  });
-  checkGraphReferences(root, raw, files[0]);
+    if (verify) checkSha256(entry.file, await file.sha256(), entry.sha256);
+    files.push(file);
+  }
+  await checkGraphReferences(folder, raw, files[0]);
   return {
-    folder: root,
+    folder,
     raw,
-    graphPath: files[0],
-    tokenizerPath: raw.tokenizer ? path.join(root, raw.tokenizer.file) : null,
+    graph: files[0],
+    externalData: files.slice(1, 1 + raw.graph.external_data.length),
+    tokenizer: raw.tokenizer ? files.at(-1) : null,
     io: raw.io,
     cache: raw.cache,
     vocabSize: raw.model.vocab_size,
@@ -90,6 +79,41 @@ export function loadSidecar(folder, { verify = true } = {}) {
     padTokenId: raw.special_tokens.pad_token_id,
     generation: raw.generation || {},
   };
+}
+
+/** passed, failed, pending (validation never finished) or skipped, as runtime/manifest.py reads it. */
+export function validationStatus(raw) {
+  const validation = raw.validation;
+  if (validation === null || validation === undefined) return "skipped";
+  if (validation.status === undefined) return validation.passed ? "passed" : "failed";
+  return validation.status;
+}
+
+const warnedUnvalidated = new Set();
+
+function checkValidation(root, raw) {
+  const status = validationStatus(raw);
+  if (status === "failed") {
+    throw new ExportFolderError(
+      `${root} failed its parity validation against PyTorch (see ${raw.validation.report ?? "parity_report.json"}); ` +
+        "it is kept for inspection, not for running. Fix the cause and re-export",
+    );
+  }
+  if (status === "pending") {
+    throw new ExportFolderError(
+      `${root} was never validated to the end (validation.status is 'pending': the export was interrupted); re-export it`,
+    );
+  }
+  if (!VALIDATION_STATUSES.includes(status)) {
+    throw new ExportFolderError(`${root}: validation.status is ${JSON.stringify(status)}, expected one of ${VALIDATION_STATUSES.join(", ")}`);
+  }
+  if (status === "skipped" && !warnedUnvalidated.has(root)) {
+    warnedUnvalidated.add(root);
+    console.warn(
+      `warning: ${root} was exported without validation (--no-validate): nothing compared it with PyTorch; ` +
+        "run `gptneo-onnx verify` on it",
+    );
+  }
 }
 
 /** The graph's input/output metadata as the sidecar lists it, by name. */
@@ -208,18 +232,18 @@ function checkSpecialTokens(tokens, vocabSize, sidecarPath) {
 }
 
 /** Scan the graph: its external-data locations and operator domains must be the sidecar's. */
-function checkGraphReferences(root, raw, graphPath) {
-  const name = path.basename(graphPath);
+async function checkGraphReferences(folder, raw, graph) {
+  const name = graph.name.split("/").at(-1);
   let facts;
   try {
-    facts = scanGraph(graphPath);
+    facts = await graph.scan();
   } catch (error) {
     if (!(error instanceof MalformedGraph)) throw error;
     throw new ExportFolderError(`${name} is not a valid ONNX file (${error.message}); re-export`);
   }
   const listed = new Set(raw.graph.external_data.map((entry) => entry.file));
   for (const location of [...facts.externalLocations].sort()) {
-    insideFolder(root, location, `${name}'s external data`);
+    await folder.file(checkRelative(location, `${name}'s external data`), `${name}'s external data`);
     if (!listed.has(location)) {
       throw new ExportFolderError(
         `${name} reads external data from ${JSON.stringify(location)}, which ${SIDECAR_NAME} does not list ` +
@@ -257,8 +281,8 @@ function listedFiles(raw) {
   return [raw.graph, ...raw.graph.external_data, ...(raw.tokenizer ? [raw.tokenizer] : [])];
 }
 
-/** The path of a listed file, refusing absolute paths, `..`, drive letters, links and non-files. */
-function insideFolder(root, relative, namedBy) {
+/** A listed file's name, refusing absolute paths, `..` and drive letters; returns it with "/" separators. */
+export function checkRelative(relative, namedBy) {
   if (typeof relative !== "string" || !relative || relative.includes("\0")) {
     throw new ExportFolderError(`${namedBy} names an invalid file ${JSON.stringify(relative)}`);
   }
@@ -269,35 +293,13 @@ function insideFolder(root, relative, namedBy) {
         "files must be plain names relative to the folder",
     );
   }
-  const file = path.join(root, ...parts);
-  let stat;
-  try {
-    stat = fs.lstatSync(file);
-  } catch {
-    throw new ExportFolderError(`${root} is missing ${relative}, which ${namedBy} names; re-copy the export`);
-  }
-  const real = stat.isSymbolicLink() ? null : fs.realpathSync(file);
-  if (real === null || path.relative(root, real).startsWith("..")) {
-    throw new ExportFolderError(`${relative} in ${root} is a link; copy the real file into the export folder`);
-  }
-  if (!stat.isFile()) throw new ExportFolderError(`${relative} in ${root} is not a regular file`);
-  return file;
+  return parts.join("/");
 }
 
-function checkSha256(file, expected) {
-  const hash = createHash("sha256");
-  const buffer = Buffer.alloc(HASH_CHUNK);
-  const fd = fs.openSync(file, "r");
-  try {
-    let read;
-    while ((read = fs.readSync(fd, buffer, 0, HASH_CHUNK, null)) > 0) hash.update(buffer.subarray(0, read));
-  } finally {
-    fs.closeSync(fd);
-  }
-  const actual = hash.digest("hex");
+function checkSha256(name, actual, expected) {
   if (actual !== String(expected).toLowerCase()) {
     throw new ExportFolderError(
-      `${path.basename(file)} does not match the sha256 recorded in ${SIDECAR_NAME} ` +
+      `${name.split("/").at(-1)} does not match the sha256 recorded in ${SIDECAR_NAME} ` +
         `(expected ${expected}, got ${actual}); the file was changed or corrupted, re-export`,
     );
   }
@@ -310,12 +312,4 @@ function eosIds(eos) {
 
 function isObject(value) {
   return value !== null && typeof value === "object" && !Array.isArray(value);
-}
-
-function isDirectory(folder) {
-  try {
-    return fs.statSync(folder).isDirectory();
-  } catch {
-    return false;
-  }
 }

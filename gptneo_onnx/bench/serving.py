@@ -1,0 +1,280 @@
+"""The serving benchmark: drive `gptneo-onnx serve` over HTTP, as vLLM's benchmark_serving does.
+
+    gptneo-onnx bench-serve            # gpt-neo-125m shape, random init (several minutes on 2 cores)
+    gptneo-onnx bench-serve --quick    # tiny shape, seconds: a smoke test
+
+For each batching policy (continuous, static, one request at a time) a server runs in its own
+process, and the policies take turns at each client count; 1, 4, 8 and 16 clients stream
+completions of mixed prompt and output lengths (fixed seeds, token-id prompts, `min_tokens` =
+`max_tokens` so every request makes exactly its tokens). Reported: output tokens per second,
+time to first token and inter-token latency (p50 / p99). Writes serving.json, serving.md and
+serving.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+from tqdm.auto import tqdm
+
+from gptneo_onnx.bench.models import OUR_VARIANTS, SHAPES, build_all
+
+POLICIES = ("continuous", "static", "sequential")
+TARGETS = {"sequential": 4.0, "static": 1.8}  # continuous / policy throughput at 8 clients
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: str
+    clients: tuple[int, ...]
+    requests_per_client: int
+    prompt_lengths: tuple[int, ...]
+    output_lengths: tuple[int, ...]
+
+
+FULL = Plan("125m", (1, 4, 8, 16), 2, (16, 32, 64), (8, 16, 32))
+QUICK = Plan("tiny", (1, 4), 2, (4, 12), (4, 8))
+
+
+def workload(plan: Plan, clients: int, vocab: int) -> list[list[tuple[list[int], int]]]:
+    """Per client, its (prompt ids, output length) requests; the same for every policy."""
+    rng = random.Random(1000 + clients)
+    return [
+        [
+            (
+                [rng.randrange(1, vocab) for _ in range(rng.choice(plan.prompt_lengths))],
+                rng.choice(plan.output_lengths),
+            )
+            for _ in range(max(plan.requests_per_client, 4 // clients))
+        ]
+        for _ in range(clients)
+    ]
+
+
+async def one_request(http: httpx.AsyncClient, prompt: list[int], tokens: int, seed: int) -> dict:
+    """Stream one completion; returns its token arrival times and usage."""
+    body = {
+        "prompt": prompt, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "seed": seed,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    start = time.perf_counter()
+    arrivals, usage = [], None
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"the server answered {response.status_code}: {await response.aread()!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"the stream failed: {event['error']['message']}")
+            if event.get("usage"):
+                usage = event["usage"]
+            elif event["choices"] and event["choices"][0]["finish_reason"] is None:
+                arrivals.append(time.perf_counter())
+    return {"start": start, "arrivals": arrivals, "tokens": usage["completion_tokens"]}
+
+
+async def drive(url: str, requests: list[list[tuple[list[int], int]]], bar) -> dict:
+    """Every client sends its requests one after another; all clients at once."""
+    limits = httpx.Limits(max_connections=len(requests) + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+
+        async def client(index: int, items: list[tuple[list[int], int]]) -> list[dict]:
+            results = []
+            for number, (prompt, tokens) in enumerate(items):
+                results.append(await one_request(http, prompt, tokens, seed=index * 100 + number))
+                bar.update(1)
+            return results
+
+        start = time.perf_counter()
+        per_client = await asyncio.gather(*(client(i, items) for i, items in enumerate(requests)))
+        wall = time.perf_counter() - start
+    results = [result for items in per_client for result in items]
+    ttft = [r["arrivals"][0] - r["start"] for r in results if r["arrivals"]]
+    itl = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    tokens = sum(r["tokens"] for r in results)
+
+    def percentile(values: list[float], q: float) -> float | None:
+        return float(np.percentile(values, q)) if values else None
+
+    return {
+        "requests": len(results),
+        "output_tokens": tokens,
+        "seconds": wall,
+        "tokens_per_second": tokens / wall,
+        "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+        "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
+    }  # fmt: skip
+
+
+class ServerProcess:
+    """`gptneo-onnx serve` in a child process on a free port; stopped with SIGTERM."""
+
+    def __init__(self, export: Path, policy: str, max_concurrent: int, threads: int):
+        command = [
+            sys.executable, "-m", "gptneo_onnx.cli", "serve", str(export), "--port", "0",
+            "--policy", policy, "--max-concurrent", str(max_concurrent), "--max-queue", "256",
+            "--threads", str(threads), "--shutdown-timeout", "5",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        self.url = wait_until_serving(self.process)
+        # Warm-up (first-run allocations, thread pools), not measured.
+        body = {"prompt": [1, 2, 3, 4], "max_tokens": 4, "temperature": 0}
+        httpx.post(f"{self.url}/v1/completions", json=body, timeout=120).raise_for_status()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def wait_until_serving(process: subprocess.Popen, timeout: float = 300) -> str:
+    """The server's URL, once its `serving ... on http://...` line is out and /health is 200."""
+    deadline = time.monotonic() + timeout
+    url = None
+    while url is None:
+        line = process.stderr.readline()
+        if not line and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before serving")
+        found = re.search(r"on (http://\S+)", line)
+        url = found.group(1) if found else None
+        if time.monotonic() > deadline:
+            raise TimeoutError("the server did not start in time")
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return url
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} while loading")
+        time.sleep(0.1)
+    raise TimeoutError("the server did not become healthy in time")
+
+
+def markdown_table(results: dict) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f}"
+
+    lines = [
+        "| policy | clients | requests | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for policy, levels in results["runs"].items():
+        for clients, run in levels.items():
+            lines.append(
+                f"| {policy} | {clients} | {run['requests']} | {run['tokens_per_second']:.1f} | "
+                f"{ms(run['ttft_p50'])} | {ms(run['ttft_p99'])} | "
+                f"{ms(run['itl_p50'])} | {ms(run['itl_p99'])} |"
+            )
+    for name, target in results["targets"].items():
+        lines.append(f"\n{name}: {target['ratio']:.2f}x (target >= {target['target']}x)")
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4))
+    for policy, levels in results["runs"].items():
+        clients = [int(c) for c in levels]
+        throughput.plot(
+            clients, [run["tokens_per_second"] for run in levels.values()], marker="o", label=policy
+        )
+        latency.plot(
+            clients, [(run["ttft_p50"] or 0) * 1000 for run in levels.values()], marker="o", label=policy
+        )
+    throughput.set(xlabel="concurrent clients", ylabel="output tokens / s", title="Throughput")
+    latency.set(xlabel="concurrent clients", ylabel="ms", title="Time to first token (p50)")
+    for axes in (throughput, latency):
+        axes.legend()
+        axes.grid(alpha=0.3)
+    figure.suptitle(f"gptneo-onnx serve, {results['shape']} shape, {results['threads']} threads")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def targets(runs: dict) -> dict:
+    at = "8" if "8" in runs.get("continuous", {}) else None
+    found = {}
+    for policy, target in TARGETS.items():
+        if at and at in runs.get(policy, {}):
+            ratio = runs["continuous"][at]["tokens_per_second"] / runs[policy][at]["tokens_per_second"]
+            found[f"continuous vs {policy} at {at} clients"] = {
+                "ratio": ratio,
+                "target": target,
+                "met": ratio >= target,
+            }
+    return found
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="gptneo-onnx bench-serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shape, 1 and 4 clients: a smoke test")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated batching policies")
+    parser.add_argument("--clients", help="comma-separated client counts (default 1,4,8,16)")
+    parser.add_argument("--variant", default="ours-portable-fp32", choices=sorted(OUR_VARIANTS))
+    parser.add_argument("--max-concurrent", type=int, default=8, help="server slots")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime threads")
+    parser.add_argument(
+        "--work", type=Path, default=Path(".bench-work"), help="cache of checkpoints and exports"
+    )
+    parser.add_argument("--output", type=Path, default=Path("bench-serve-results"), help="where results go")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.clients:
+        plan = replace(plan, clients=tuple(int(count) for count in args.clients.split(",")))
+    policies = [policy for policy in args.policies.split(",") if policy]
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        parser.error(f"unknown policies {unknown}; expected some of {list(POLICIES)}")
+    export = build_all(args.work, plan.shape, [args.variant], lambda message: None).exports[args.variant]
+    vocab = SHAPES[plan.shape]["vocab_size"]
+    total = sum(sum(len(items) for items in workload(plan, c, vocab)) for c in plan.clients) * len(policies)
+    runs: dict[str, dict[str, dict]] = {policy: {} for policy in policies}
+    servers: dict[str, ServerProcess] = {}
+    try:  # every policy's server is up at once (idle ones cost no CPU); they take turns per
+        for policy in policies:  # client count, so load drifts on a shared machine hit all alike
+            servers[policy] = ServerProcess(export, policy, args.max_concurrent, args.threads)
+        with tqdm(total=total, desc="requests", unit="req") as bar:
+            for clients in plan.clients:
+                for policy in policies:
+                    bar.set_postfix_str(f"{clients} clients, {policy}")
+                    requests = workload(plan, clients, vocab)
+                    runs[policy][str(clients)] = asyncio.run(drive(servers[policy].url, requests, bar))
+    finally:
+        for server in servers.values():
+            server.stop()
+    results = {
+        "shape": plan.shape, "variant": args.variant, "threads": args.threads,
+        "max_concurrent": args.max_concurrent, "cpu_count": os.cpu_count(), "plan": vars(plan),
+        "runs": runs, "targets": targets(runs),
+    }  # fmt: skip
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results)
+    (args.output / "serving.md").write_text(table)
+    write_chart(results, args.output / "serving.png")
+    print(table)
+    print(f"wrote {args.output / 'serving.json'}, serving.md and serving.png")
+    return results

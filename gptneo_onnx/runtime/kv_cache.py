@@ -1,0 +1,401 @@
+"""The KV cache as an object: one class per cache mode (docs/sidecar.md) behind one interface.
+
+A session builds a step's token inputs and calls `cache.run(session, inputs, attention_mask)`:
+the cache adds its `feeds` (past tensors or bound buffers, and the local layers' mask), runs the
+graph, `absorb`s the presents and `trim`s the local layers' rows. Rows leave a running batch with
+`select`, join it with `extend` (left padding realigned, as TGI's CausalLMBatch filter and
+concatenate), are reordered for beam search with `reorder`, and the newest rows (refused
+prompt-lookup drafts) go again with `drop_newest`.
+
+Layout: each value is (B, H, rows, D). Row t of a global layer is column t of the attention mask,
+left padding included; the local layers of a windowed export hold only the newest `local_rows`
+columns (runtime/local_window.py).
+
+- `ConcatCache`: host arrays; the graph returns present = concat(past, new), fed back next step.
+- `BoundConcatCache`: the same with OrtValues where the provider runs (IO binding), so only the
+  logits come back to the host; a device cache keeps every local row.
+- `SharedBufferCache`: one (B, H, capacity, D) buffer per tensor, bound once as both past and
+  present and written in place by the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import onnxruntime as ort
+
+from gptneo_onnx.runtime.errors import InputError
+from gptneo_onnx.runtime.local_window import LocalWindow
+from gptneo_onnx.runtime.manifest import Manifest
+
+Device = tuple[str, int]  # onnxruntime's device name and id: ("cpu", 0), ("cuda", 1)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What every cache of one export shares: IO names, shape, dtype, windowing and device."""
+
+    names: tuple[tuple[str, str], ...]  # (past input, present output), per layer key and value
+    num_heads: int
+    head_dim: int
+    dtype: np.dtype
+    logits: str  # the logits output
+    vocab_size: int
+    local: LocalWindow | None = None
+    device: Device = ("cpu", 0)
+    num_logits_to_keep: str | None = None  # the input (format x.2): logits of the last K positions only
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, device: Device = ("cpu", 0)) -> CacheSpec:
+        names = tuple(
+            pair
+            for layer in manifest.cache_layers
+            for pair in ((layer.past_key, layer.present_key), (layer.past_value, layer.present_value))
+        )
+        model = manifest.model
+        return cls(
+            names=names,
+            num_heads=int(model["num_heads"]),
+            head_dim=int(model["head_dim"]),
+            dtype=np.dtype(manifest.cache_dtype),
+            logits=str(manifest.io["logits"]),
+            vocab_size=manifest.vocab_size,
+            local=LocalWindow.from_cache(manifest.raw.get("cache") or {}),
+            device=device,
+            num_logits_to_keep=manifest.io.get("num_logits_to_keep"),
+        )
+
+    @property
+    def on_host(self) -> bool:
+        return self.device[0] == "cpu"
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one row needs per token: keys and values of every layer."""
+        return len(self.names) * self.num_heads * self.head_dim * self.dtype.itemsize
+
+    def output_names(self) -> list[str]:
+        return [self.logits, *(present for _, present in self.names)]
+
+    def is_local(self, name: str) -> bool:
+        return self.local is not None and name in self.local.past_names
+
+    def logits_rows(self, feeds: dict[str, Any], new: int) -> int:
+        """Positions the graph returns logits for: the last `num_logits_to_keep` if fed (0: all)."""
+        keep = int(feeds.get(self.num_logits_to_keep, 0)) if self.num_logits_to_keep else 0
+        return min(keep, new) if keep else new
+
+
+def bind_host_inputs(binding: ort.IOBinding, feeds: dict[str, np.ndarray]) -> list[ort.OrtValue]:
+    """Bind host arrays as inputs. Through OrtValues: `bind_cpu_input` can't find inputs that
+    have a default (`num_logits_to_keep`). Keep the returned values until the run is done."""
+    values = [
+        ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C")) for array in feeds.values()
+    ]
+    for name, value in zip(feeds, values, strict=True):
+        binding.bind_ortvalue_input(name, value)
+    return values
+
+
+class KVCache:
+    """One batch's past keys and values; `values` are keyed by the graph's past input names.
+
+    `run` advances the cache in place; `select`, `extend` and `reorder` return a new cache (the
+    old one may share buffers with it and should not be run again).
+    """
+
+    mode: ClassVar[str]
+
+    in_place: ClassVar[bool] = False  # trims in place (shared buffers) or replaces the arrays
+
+    def __init__(
+        self, spec: CacheSpec, values: dict[str, Any], length: int = 0, local_rows: int | None = None
+    ):
+        self.spec = spec
+        self.values = values
+        self.length = length  # past_sequence_length: mask columns cached
+        # rows the local layers of a windowed cache hold: the newest `local_rows` columns
+        self.local_rows = length if local_rows is None else local_rows
+
+    @classmethod
+    def empty(cls, spec: CacheSpec, batch: int, capacity: int | None = None) -> KVCache:
+        arrays = {
+            past: np.zeros((batch, spec.num_heads, 0, spec.head_dim), spec.dtype) for past, _ in spec.names
+        }
+        return cls.from_host(spec, arrays, 0, 0, capacity)
+
+    @classmethod
+    def from_host(
+        cls,
+        spec: CacheSpec,
+        arrays: dict[str, np.ndarray],
+        length: int,
+        local_rows: int,
+        capacity: int | None = None,
+    ) -> KVCache:
+        """A cache of this mode holding `arrays` (each (B, H, rows, D), the filled rows only)."""
+        raise NotImplementedError
+
+    def host_arrays(self) -> dict[str, np.ndarray]:
+        """The filled rows of each value as host arrays (views where the values live on the host)."""
+        raise NotImplementedError
+
+    # ---- one step ------------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        value = next(iter(self.values.values()))
+        return int(value.shape()[0] if isinstance(value, ort.OrtValue) else value.shape[0])
+
+    def rows(self, name: str) -> int:
+        """Rows held by the value `name` (local layers of a windowed cache hold fewer)."""
+        return self.local_rows if self.spec.is_local(name) else self.length
+
+    def feeds(self, attention_mask: np.ndarray, new: int) -> dict[str, Any]:
+        """The run's inputs besides the tokens: the local layers' mask (windowed exports)."""
+        local = self.spec.local
+        return {} if local is None else {local.input: local.mask(attention_mask, self.local_rows, new)}
+
+    def run(
+        self,
+        session: ort.InferenceSession,
+        inputs: dict[str, np.ndarray],
+        attention_mask: np.ndarray,
+        spare: int = 0,
+    ) -> np.ndarray:
+        """Run the graph on `inputs` (token ids, mask, positions, optionally `num_logits_to_keep`)
+        on top of this cache; returns the logits (B, S or min(K, S), V) float32 and leaves the new
+        rows in the cache. `spare`: newest rows the caller may `drop_newest` after this step."""
+        new = attention_mask.shape[1] - self.length
+        logits, outputs = self.execute(session, {**inputs, **self.feeds(attention_mask, new)}, new)
+        self.absorb(outputs, new)
+        self.trim(spare)
+        return logits
+
+    def execute(
+        self, session: ort.InferenceSession, feeds: dict[str, Any], new: int
+    ) -> tuple[np.ndarray, dict]:
+        """Run the graph; returns the logits and the presents by past name."""
+        raise NotImplementedError
+
+    def absorb(self, outputs: dict[str, Any], new: int) -> None:
+        """Take the presents as the next pasts (a shared buffer already holds them)."""
+        self.values.update(outputs)
+        self.length += new
+        self.local_rows += new
+
+    def trim(self, spare: int = 0) -> None:
+        """Windowed local cache on the host: past `min_rows + spare + slack`, keep the newest
+        `min_rows + spare` (`spare` rows may be dropped again, and min_rows must remain)."""
+        local = self.spec.local
+        if local is None or not self.spec.on_host:
+            return
+        if local.rows_to_keep(self.local_rows, spare) == self.local_rows:
+            return
+        arrays = {name: value for name, value in self.host_arrays().items() if self.spec.is_local(name)}
+        self.local_rows = local.trim(arrays, self.local_rows, self.in_place, spare)
+        self.store_local(arrays)
+
+    def store_local(self, arrays: dict[str, np.ndarray]) -> None:
+        """Keep the trimmed local arrays (concat modes replace their values)."""
+        self.values.update(arrays)
+
+    def drop_newest(self, count: int) -> None:
+        """Forget the newest `count` rows of every row (prompt lookup's refused drafts), in place:
+        the caller drops their columns from its attention mask."""
+        if not (isinstance(count, int) and 0 <= count <= min(self.length, self.local_rows)):
+            raise InputError(f"count must be in [0, {min(self.length, self.local_rows)}], got {count!r}")
+        if count:
+            self.length -= count
+            self.local_rows -= count
+            self.cut(count)
+
+    def cut(self, count: int) -> None:
+        """Remove the newest `count` rows from each value (`length` is already lowered)."""
+        raise NotImplementedError
+
+    # ---- rows leave, join, reorder ---------------------------------------------------------------
+    def capacity(self) -> int | None:
+        return None
+
+    def select(self, rows: list[int] | np.ndarray, drop: int = 0, capacity: int | None = None) -> KVCache:
+        """Keep these batch rows, in this order; `drop` leading columns (left padding of every kept
+        row) go too, so the caller drops them from its attention mask. `capacity`: the new shared
+        buffers' rows (default: as now); size it to what the rows still need."""
+        if not 0 <= drop <= self.length:
+            raise InputError(f"drop must be in [0, {self.length}], got {drop}")
+        rows = np.asarray(rows, dtype=np.int64)
+        length = self.length - drop
+        local_rows = min(self.local_rows, length)
+        arrays = {}
+        for name, array in self.host_arrays().items():
+            kept = local_rows if self.spec.is_local(name) else length
+            arrays[name] = np.ascontiguousarray(array[rows][:, :, array.shape[2] - kept :])
+        return self.from_host(self.spec, arrays, length, local_rows, capacity or self.capacity())
+
+    def reorder(self, indices: list[int] | np.ndarray) -> KVCache:
+        """Beam search: row i of the new cache is row `indices[i]` of this one."""
+        return self.select(indices)
+
+    def extend(self, *others: KVCache, capacity: int | None = None) -> KVCache:
+        """These rows, then the others' rows: one batch `max(length)` columns long. A shorter cache's
+        rows are left-padded with zeros; left-pad its attention mask by `length - its length`.
+        `capacity`: the shared buffers' rows (default: the largest of the caches')."""
+        caches = [self, *others]
+        if any(type(cache) is not type(self) or cache.spec != self.spec for cache in caches):
+            raise InputError("extend joins caches of one model and one cache mode")
+        length = max(cache.length for cache in caches)
+        # Local layers: the most rows any cache holds. Zero rows in front of an untrimmed cache
+        # fall on its left padding; in front of a trimmed one (>= min_rows rows), outside the window.
+        local_rows = max(cache.local_rows for cache in caches)
+        hosts = [cache.host_arrays() for cache in caches]
+        arrays = {}
+        for name, _ in self.spec.names:
+            rows = local_rows if self.spec.is_local(name) else length
+            parts = [host[name] for host in hosts]
+            batch = sum(part.shape[0] for part in parts)
+            joined = np.zeros((batch, self.spec.num_heads, rows, self.spec.head_dim), self.spec.dtype)
+            start = 0
+            for part in parts:  # right-aligned: zero rows in front of the shorter ones
+                joined[start : start + part.shape[0], :, rows - part.shape[2] :] = part
+                start += part.shape[0]
+            arrays[name] = joined
+        capacity = capacity or max(cache.capacity() or 0 for cache in caches) or None
+        return self.from_host(self.spec, arrays, length, local_rows, capacity)
+
+
+class ConcatCache(KVCache):
+    """Host arrays, fed to `session.run`; the presents come back as the next pasts."""
+
+    mode = "concat"
+
+    @classmethod
+    def from_host(cls, spec, arrays, length, local_rows, capacity=None):  # noqa: D102
+        return cls(spec, dict(arrays), length, local_rows)
+
+    def host_arrays(self) -> dict[str, np.ndarray]:
+        return dict(self.values)
+
+    def cut(self, count: int) -> None:  # noqa: D102
+        self.values = {
+            name: np.ascontiguousarray(a[:, :, : self.rows(name)]) for name, a in self.values.items()
+        }
+
+    def execute(self, session, feeds, new):  # noqa: D102
+        names = self.spec.output_names()
+        outputs = session.run(names, {**feeds, **self.values})
+        presents = {past: value for (past, _), value in zip(self.spec.names, outputs[1:])}
+        return outputs[0].astype(np.float32, copy=False), presents
+
+
+class BoundConcatCache(KVCache):
+    """Concat through IO binding: pasts and presents stay where the provider runs (OrtValues)."""
+
+    mode = "concat"
+
+    @classmethod
+    def empty(cls, spec: CacheSpec, batch: int, capacity: int | None = None) -> KVCache:
+        shape = (batch, spec.num_heads, 0, spec.head_dim)
+        make = ort.OrtValue.ortvalue_from_shape_and_type
+        return cls(spec, {past: make(shape, spec.dtype.type, *spec.device) for past, _ in spec.names})
+
+    @classmethod
+    def from_host(cls, spec, arrays, length, local_rows, capacity=None):  # noqa: D102
+        values = {
+            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *spec.device)
+            for name, array in arrays.items()
+        }
+        return cls(spec, values, length, local_rows)
+
+    def host_arrays(self) -> dict[str, np.ndarray]:
+        return {name: value.numpy() for name, value in self.values.items()}  # a view on the CPU
+
+    def execute(self, session, feeds, new):  # noqa: D102
+        binding = session.io_binding()
+        bound = bind_host_inputs(binding, feeds)
+        for name, value in self.values.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self.spec.logits, "cpu")
+        for _, present in self.spec.names:
+            binding.bind_output(present, *self.spec.device)
+        session.run_with_iobinding(binding)
+        del bound
+        outputs = binding.get_outputs()
+        presents = {past: value for (past, _), value in zip(self.spec.names, outputs[1:])}
+        return outputs[0].numpy().astype(np.float32, copy=False), presents
+
+    def store_local(self, arrays: dict[str, np.ndarray]) -> None:
+        self.values.update({name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()})
+
+    def cut(self, count: int) -> None:  # noqa: D102
+        # through the host (numpy() of a device value is a copy), as select does
+        arrays = {name: array[:, :, : self.rows(name)] for name, array in self.host_arrays().items()}
+        self.values = self.from_host(self.spec, arrays, self.length, self.local_rows).values
+
+
+class SharedBufferCache(KVCache):
+    """One (B, H, capacity, D) buffer per tensor, bound as both past and present once per cache
+    and written in place; a step rebinds only the token inputs and the logits."""
+
+    mode = "shared-buffer"
+
+    in_place = True
+
+    def __init__(self, spec, values, length=0, local_rows=None):  # noqa: D107
+        super().__init__(spec, values, length, local_rows)
+        self._binding: ort.IOBinding | None = None
+
+    @classmethod
+    def from_host(cls, spec, arrays, length, local_rows, capacity=None):  # noqa: D102
+        capacity = capacity or length
+        if capacity < length:
+            raise InputError(f"capacity {capacity} is below the {length} cached tokens")
+        values = {}
+        for name, array in arrays.items():
+            batch = array.shape[0]
+            # np.zeros per buffer (not one copied): the OS maps pages as rows are written, so
+            # capacity that is never reached costs no memory and nothing is written up front.
+            buffer = np.zeros((batch, spec.num_heads, capacity, spec.head_dim), spec.dtype)
+            buffer[:, :, : array.shape[2]] = array
+            values[name] = ort.OrtValue.ortvalue_from_numpy(buffer, *spec.device)
+        return cls(spec, values, length, local_rows)
+
+    def capacity(self) -> int:
+        return int(next(iter(self.values.values())).shape()[2])
+
+    def host_arrays(self) -> dict[str, np.ndarray]:
+        # numpy() of a CPU OrtValue is a view of it: trimming on the host works in place.
+        return {name: value.numpy()[:, :, : self.rows(name)] for name, value in self.values.items()}
+
+    def execute(self, session, feeds, new):  # noqa: D102
+        if self.length + new > self.capacity():
+            raise InputError(
+                f"{self.length + new} tokens exceed the cache capacity ({self.capacity()}); "
+                "pass a larger capacity at the prefill"
+            )
+        binding = self._binding
+        if binding is None:
+            binding = self._binding = session.io_binding()
+            for past, present in self.spec.names:
+                binding.bind_ortvalue_input(past, self.values[past])
+                binding.bind_ortvalue_output(present, self.values[past])
+        bound = bind_host_inputs(binding, feeds)
+        logits = np.empty((self.batch, self.spec.logits_rows(feeds, new), self.spec.vocab_size), np.float32)
+        binding.bind_ortvalue_output(self.spec.logits, ort.OrtValue.ortvalue_from_numpy(logits))
+        session.run_with_iobinding(binding)
+        del bound
+        return logits, {}
+
+    def store_local(self, arrays: dict[str, np.ndarray]) -> None:
+        pass  # trimmed in place
+
+    def cut(self, count: int) -> None:
+        pass  # the rows past `length` are written over by the next step
+
+
+def cache_class(mode: str, io_binding: bool) -> type[KVCache]:
+    """The class for a cache mode; `io_binding` keeps a concat cache where the provider runs."""
+    if mode == "shared-buffer":
+        return SharedBufferCache
+    return BoundConcatCache if io_binding else ConcatCache

@@ -1,0 +1,316 @@
+"""The serving engine: one thread owns a CausalLM and runs iteration-level continuous batching.
+
+Between two decode steps, finished, cancelled and timed-out rows leave the batch at once
+(`KVCache.select`, dropping the left padding no remaining row needs), and waiting requests are
+prefilled alone and join it (`KVCache.extend`, left padding realigned). Each row keeps its own
+sampling state (serve/row.py). Policies, for the serving benchmark:
+- "continuous": rows join whenever a slot is free;
+- "static": a batch is formed from the waiting requests and runs until every row has finished
+  (finished rows stay in the batch, as in a batched `generate`);
+- "sequential": one request at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from gptneo_onnx.runtime import CausalLM, GenerationConfigError, InputError, KVCache
+from gptneo_onnx.serve.requests import (
+    Draining,
+    EngineLimits,
+    EngineRequest,
+    FinishEvent,
+    QueueFull,
+    RequestHandle,
+    RequestTooLarge,
+    TokenEvent,
+)
+from gptneo_onnx.serve.row import Row
+
+__all__ = [
+    "Draining",
+    "Engine",
+    "EngineLimits",
+    "EngineRequest",
+    "EngineStats",
+    "FinishEvent",
+    "QueueFull",
+    "RequestHandle",
+    "RequestTooLarge",
+    "TokenEvent",
+]
+
+POLICIES = ("continuous", "static", "sequential")
+IDLE_WAIT_S = 0.05  # how often an idle engine looks at its queue's deadlines
+
+
+@dataclass
+class EngineStats:
+    running: int  # requests prefilled or in the batch
+    waiting: int  # requests queued for a slot
+    draining: bool
+
+
+class Engine:
+    def __init__(
+        self,
+        model: CausalLM,
+        limits: EngineLimits = EngineLimits(),  # noqa: B008 - a frozen-by-convention default
+        policy: str = "continuous",
+        on_step: Callable[[int], None] | None = None,
+    ):
+        """`on_step(batch_size)` is called after each decode step (for metrics)."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if limits.max_concurrent < 1 or limits.max_queue < 0:
+            raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
+        self.model, self.limits, self.policy, self.on_step = model, limits, policy, on_step
+        self._eos = model.manifest.eos_token_ids
+        self._positions = model.manifest.max_position_embeddings
+        self._lock = threading.Condition()
+        self._waiting: deque[RequestHandle] = deque()
+        self._active = 0  # admitted requests not yet finished (prefilling or in the batch)
+        self._draining = self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._mean_seconds = 1.0  # moving mean of request durations, for the Retry-After hint
+        # the running batch: rows, their KV cache, attention mask (B, L) and next input token
+        self._rows: list[Row] = []
+        self._cache: KVCache | None = None
+        self._reset_batch()
+
+    # ---- the caller's side -----------------------------------------------------------------------
+    @property
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(self._active, len(self._waiting), self._draining)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gptneo-onnx-engine", daemon=True)
+            self._thread.start()
+
+    def submit(self, request: EngineRequest) -> RequestHandle:
+        """Queue a request; raises RequestTooLarge, GenerationConfigError / InputError (bad
+        input), Draining or QueueFull before anything runs."""
+        self._check(request)
+        timeout = self.limits.request_timeout
+        with self._lock:
+            if self._draining or self._stopping:
+                raise Draining("the server is shutting down and admits no new requests")
+            limit = self.limits.max_concurrent + self.limits.max_queue
+            if self._active + len(self._waiting) >= limit:
+                retry = self._mean_seconds * (len(self._waiting) + 1) / self.limits.max_concurrent
+                raise QueueFull(
+                    f"all {self.limits.max_concurrent} slots and {self.limits.max_queue} queue places "
+                    "are taken; retry later",
+                    retry_after=float(max(1, math.ceil(retry))),
+                )
+            handle = RequestHandle(request, None if timeout is None else time.monotonic() + timeout)
+            self._waiting.append(handle)
+            self._lock.notify_all()
+        return handle
+
+    def drain(self, timeout: float) -> None:
+        """Admit nothing new, let admitted requests finish for up to `timeout` seconds, then end
+        the rest ("cancelled") and stop."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._draining = True
+            self._lock.notify_all()
+            while self._active or self._waiting:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    break
+                self._lock.wait(left)
+        self.stop()
+
+    def stop(self) -> None:
+        """End every request now ("cancelled") and stop the engine thread."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._end_everything()
+
+    def _check(self, request: EngineRequest) -> None:
+        config, prompt = request.config, request.prompt_ids
+        config.validate()
+        config.check_token_ids(self.model.manifest.vocab_size)
+        if config.num_beams != 1 or config.num_return_sequences != 1:
+            raise GenerationConfigError("the engine decodes one sequence per request (num_beams=1, n=1)")
+        if config.stop_strings:
+            self.model.stop_check(config.stop_strings)  # raises without a tokenizer
+        if not prompt:
+            raise InputError("the prompt is empty")
+        vocab = self.model.manifest.vocab_size
+        if not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab for t in prompt):
+            raise InputError(f"prompt token ids must be integers in [0, {vocab})")
+        limits, total = self.limits, len(prompt) + config.max_new_tokens
+        if limits.max_input_tokens is not None and len(prompt) > limits.max_input_tokens:
+            raise RequestTooLarge(
+                f"the prompt has {len(prompt)} tokens, over max_input_tokens ({limits.max_input_tokens})"
+            )
+        for name, limit in (
+            ("max_total_tokens", limits.max_total_tokens),
+            ("the model's context", self._positions),
+        ):
+            if limit is not None and total > limit:
+                raise RequestTooLarge(
+                    f"{len(prompt)} prompt tokens + max_new_tokens {config.max_new_tokens} = {total} "
+                    f"tokens, over {name} ({limit})"
+                )
+
+    # ---- the engine thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopping or self._rows or self._waiting):
+                    self._lock.wait(IDLE_WAIT_S)
+                if self._stopping:
+                    return
+            try:
+                self._leave()  # first, so that the slots it frees are taken at once
+                with self._lock:
+                    joining = self._admit()
+                for handle in joining:
+                    self._join(handle)
+                if self._rows:
+                    self._step()
+            except Exception as error:  # noqa: BLE001 - the batch fails, the engine goes on
+                self._fail_batch(error)
+
+    def _admit(self) -> list[RequestHandle]:
+        """Under the lock: take the waiting requests this policy lets in now."""
+        now = time.monotonic()
+        for handle in list(self._waiting):
+            reason = "cancelled" if handle.cancelled.is_set() else None
+            if handle.deadline is not None and now > handle.deadline:
+                reason = "timeout"
+            if reason:
+                self._waiting.remove(handle)
+                handle.put(FinishEvent(reason, handle.prompt_tokens, 0, ""))
+        if self.policy == "continuous":
+            free = self.limits.max_concurrent - len(self._rows)
+        else:
+            free = 0 if self._rows else (1 if self.policy == "sequential" else self.limits.max_concurrent)
+        joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        self._active += len(joining)
+        return joining
+
+    def _finish(self, row: Row, reason: str, error: str | None = None) -> None:
+        row.finish(reason, error)
+        with self._lock:
+            self._active -= 1
+            seconds = time.monotonic() - row.handle.submitted
+            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
+            self._lock.notify_all()
+
+    def _leave(self) -> None:
+        """Cancelled and timed-out rows finish; finished rows leave the batch."""
+        now = time.monotonic()
+        for row in self._rows:
+            if row.done:
+                continue
+            if row.handle.cancelled.is_set():
+                self._finish(row, "cancelled")
+            elif row.handle.deadline is not None and now > row.handle.deadline:
+                self._finish(row, "timeout")
+        keep = [i for i, row in enumerate(self._rows) if not row.done]
+        if self.policy == "static" and keep:
+            return  # a static batch runs until all of its rows have finished
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            return self._reset_batch()
+        mask = self._mask[keep]
+        drop = int(np.argmax(mask != 0, axis=1).min())  # left padding no kept row needs
+        self._rows = [self._rows[i] for i in keep]
+        capacity = self._cache.length - drop + self._room(self._rows)
+        self._cache = self._cache.select(keep, drop, capacity)
+        self._mask, self._next = mask[:, drop:], self._next[keep]
+
+    def _join(self, handle: RequestHandle) -> None:
+        """Prefill one request alone, emit its first token, and extend the batch with its row."""
+        model, config = self.model, handle.request.config
+        eos = self._eos if config.eos_token_id is None else config.eos_token_id
+        row = Row(handle, eos, model.tokenizer, model.stop_check(config.stop_strings))
+        if handle.cancelled.is_set():
+            return self._finish(row, "cancelled")
+        ids = np.asarray([handle.request.prompt_ids], np.int64)
+        try:
+            logits, cache = model.forward(
+                ids, np.ones_like(ids), capacity=ids.shape[1] + config.max_new_tokens
+            )
+            event, reason = row.advance(logits[0, -1])
+        except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
+            return self._finish(row, "error", f"{type(error).__name__}: {error}")
+        handle.put(event)
+        if reason is not None:
+            return self._finish(row, reason)
+        if self._cache is None:
+            self._cache, self._mask = cache, np.ones_like(ids)
+        else:
+            length = max(self._cache.length, cache.length)
+            self._cache = self._cache.extend(cache, capacity=length + self._room([*self._rows, row]))
+            self._mask = np.concatenate([_left_pad(self._mask, length), _left_pad(np.ones_like(ids), length)])
+        self._next = np.append(self._next, event.token_id)
+        self._rows.append(row)
+
+    def _step(self) -> None:
+        """One decode step for the whole batch; each live row takes its next token."""
+        self._mask = np.concatenate([self._mask, np.ones((len(self._rows), 1), np.int64)], axis=1)
+        logits, self._cache = self.model.forward(self._next[:, None], self._mask, past=self._cache)
+        if self.on_step is not None:
+            self.on_step(len(self._rows))
+        for index, row in enumerate(self._rows):
+            if row.done:  # a finished row of a static batch: it runs on, its tokens unused
+                continue
+            try:
+                event, reason = row.advance(logits[index, -1])
+            except Exception as error:  # noqa: BLE001 - NaN logits or no token left: this row fails
+                self._finish(row, "error", f"{type(error).__name__}: {error}")
+                continue
+            row.handle.put(event)
+            self._next[index] = event.token_id
+            if reason is not None:
+                self._finish(row, reason)
+
+    @staticmethod
+    def _room(rows: list[Row]) -> int:
+        """Cache rows the batch still needs past its length: the most steps a row has left. A
+        shared-buffer cache is sized to that when rows join or leave (never to the whole context:
+        copying a batch into buffers mostly unused costs more than the steps between)."""
+        return max(row.config.max_new_tokens - len(row.generated) for row in rows)
+
+    def _fail_batch(self, error: Exception) -> None:
+        for row in self._rows:
+            if not row.done:
+                self._finish(row, "error", f"{type(error).__name__}: {error}")
+        self._reset_batch()
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache = [], None
+        self._mask, self._next = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
+
+    def _end_everything(self) -> None:
+        """After the thread stopped: every request still admitted or waiting ends as cancelled."""
+        for row in self._rows:
+            if not row.done:
+                self._finish(row, "cancelled", "the engine stopped before the request finished")
+        self._reset_batch()
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for handle in waiting:
+            handle.put(FinishEvent("cancelled", handle.prompt_tokens, 0, "", "the engine stopped"))
+
+
+def _left_pad(mask: np.ndarray, length: int) -> np.ndarray:
+    return np.pad(mask, ((0, 0), (length - mask.shape[1], 0)))

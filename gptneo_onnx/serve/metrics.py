@@ -1,0 +1,53 @@
+"""The server's Prometheus metrics (prometheus-client), one registry per app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "gptneo_onnx"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class ServerMetrics:
+    """Requests by endpoint and status, running / waiting requests, batch size per decode step,
+    time to first token, inter-token latency, and tokens read and generated."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            f"{PREFIX}_requests", "HTTP requests answered, by endpoint and status code",
+            ["endpoint", "status"], registry=self.registry,
+        )  # fmt: skip
+        self.running = Gauge(
+            f"{PREFIX}_requests_running", "Requests in the running batch", registry=self.registry
+        )
+        self.waiting = Gauge(
+            f"{PREFIX}_requests_waiting", "Requests queued for a slot", registry=self.registry
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size", "Rows in the batch at each decode step",
+            buckets=BATCH_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "From arrival to the first generated token",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.inter_token_latency = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds", "Between consecutive generated tokens of a request",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens read", registry=self.registry)
+        self.generated_tokens = Counter(
+            f"{PREFIX}_generated_tokens", "Tokens generated", registry=self.registry
+        )
+
+    def watch_engine(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+        """Read the running and waiting gauges from the engine at each scrape."""
+        self.running.set_function(running)
+        self.waiting.set_function(waiting)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

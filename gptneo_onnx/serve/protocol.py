@@ -1,0 +1,146 @@
+"""The OpenAI request and response shapes, as plain pydantic models (vLLM's protocol.py pattern).
+
+Only the HTTP surface lives here: what a field accepts and its range. Turning a request into
+the engine's GenerationConfig is in completions.py. Our extensions (`top_k`,
+`repetition_penalty`, `min_tokens`) are ordinary optional fields, so the official client sends
+them through `extra_body` as it does for vLLM.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_LOGPROBS = 5  # the legacy completions API's limit
+
+# A prompt: text, token ids, or a list of either.
+PromptField = Union[str, list[str], list[int], list[list[int]]]  # noqa: UP007 (pydantic on 3.10)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions. Unknown fields (OpenAI's `user`, `suffix`, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: PromptField
+    max_tokens: int | None = Field(default=16, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # OpenAI accepts these; a non-zero value is refused in completions.py (not offered).
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    best_of: int | None = Field(default=None, ge=1)
+    # Extensions (vLLM's names), sent by the official client through `extra_body`.
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    min_tokens: int | None = Field(default=None, ge=0)
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None) -> list[str]:
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(stops)}")
+        if any(not item for item in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, prompt: PromptField) -> PromptField:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt must not be an empty list")
+        return prompt
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions API's logprobs object (one entry per generated token)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """The answer to a completion request, and (with `usage` None) each streamed chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings (base exports). `pooling` and `normalize` are our extensions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: PromptField
+    encoding_format: Literal["float", "base64"] = "float"
+    pooling: Literal["mean", "last"] = "mean"
+    normalize: bool = False
+
+
+class TextsRequest(BaseModel):
+    """POST /v1/classify and /v1/tag: one text or a list of texts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: str | list[str]
+    top_k: int | None = Field(default=None, ge=1)  # classify only: the best k labels
+
+
+class QuestionAnswerRequest(BaseModel):
+    """POST /v1/qa: one question and context, or lists of equal length."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    question: str | list[str]
+    context: str | list[str]
+    max_answer_length: int = Field(default=30, ge=1)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+
+    error: ErrorDetail

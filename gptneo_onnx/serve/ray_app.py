@@ -1,0 +1,132 @@
+"""Scale-out on Ray Serve: N replicas of the same app, each with its own engine.
+
+Ray does the routing, the queueing in front of the replicas and the backpressure: a replica
+takes `max_concurrent` requests at once (its slots), Ray queues `max_queue` more, and answers
+429 with Retry-After past that. Ray also drains replicas on shutdown (`graceful_shutdown_timeout_s`).
+
+For `serve deploy` with a config file, point `import_path` at `gptneo_onnx.serve.ray_app:build`
+and give its `args` (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.config import BackpressureConfig
+
+from gptneo_onnx.serve.engine import EngineLimits
+
+DEPLOYMENT_NAME = "gptneo-onnx"
+APP_NAME = "gptneo-onnx"
+
+
+def deployment_app(
+    export_dir: str | Path,
+    model_name: str,
+    limits: EngineLimits,
+    policy: str = "continuous",
+    load_options: dict[str, Any] | None = None,
+    replicas: int = 1,
+    shutdown_timeout: float = 30.0,
+) -> serve.Application:
+    """The Ray Serve application: `replicas` copies of create_app, each loading the export itself."""
+    folder, options = str(export_dir), dict(load_options or {})
+
+    def build_replica_app():  # runs on each replica
+        from gptneo_onnx.runtime import Model
+        from gptneo_onnx.serve.api import ServerState, create_app
+
+        state = ServerState(lambda: Model.load(folder, **options), model_name, limits, policy)
+        state.load()  # the replica counts as started only once its model is loaded
+        if state.phase == "failed":
+            raise RuntimeError(state.error)
+        return create_app(state)
+
+    threads = options.get("intra_op_threads") or 1
+    deployment = serve.deployment(
+        serve.ingress(build_replica_app)(),
+        name=DEPLOYMENT_NAME,
+        num_replicas=replicas,
+        max_ongoing_requests=limits.max_concurrent,
+        max_queued_requests=limits.max_queue,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
+        graceful_shutdown_timeout_s=shutdown_timeout,
+        ray_actor_options={"num_cpus": threads},
+    )
+    return deployment.bind()
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    """The application builder for `serve run` / `serve deploy` config files.
+
+    args: export_dir (required), model_name, replicas, policy, threads, shutdown_timeout, and the
+    limits max_concurrent, max_queue, max_input_tokens, max_total_tokens, request_timeout.
+    """
+    if "export_dir" not in args:
+        raise ValueError("the application's args need export_dir (the export folder on every node)")
+    limit_names = ("max_concurrent", "max_queue", "max_input_tokens", "max_total_tokens", "request_timeout")
+    limits = EngineLimits(**{name: args[name] for name in limit_names if name in args})
+    folder = Path(args["export_dir"])
+    return deployment_app(
+        folder,
+        args.get("model_name") or folder.name,
+        limits,
+        args.get("policy", "continuous"),
+        {"intra_op_threads": args.get("threads")},
+        replicas=int(args.get("replicas", 1)),
+        shutdown_timeout=float(args.get("shutdown_timeout", 30.0)),
+    )
+
+
+def run_on_ray(
+    export_dir: Path,
+    model_name: str,
+    limits: EngineLimits,
+    policy: str,
+    load_options: dict[str, Any],
+    *,
+    replicas: int,
+    address: str | None,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+) -> int:
+    """Start (or join) Ray, run the app until SIGTERM / Ctrl-C, then shut Serve and Ray down."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from servers
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        application = deployment_app(
+            export_dir.resolve(), model_name, limits, policy, load_options, replicas, shutdown_timeout
+        )
+        try:
+            serve.run(application, name=APP_NAME, route_prefix="/")
+        except Exception as error:  # a replica that failed to start, a taken port: one line
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            print(f"error: Ray Serve could not start the application: {first} (Ray's logs: "
+                  "/tmp/ray/session_latest/logs)", file=sys.stderr)  # fmt: skip
+            return 1
+        print(
+            f"serving {model_name!r} on http://{host}:{port} with {replicas} replica(s) on Ray",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+        stop.wait()
+        print("shutting down Ray Serve", file=sys.stderr, flush=True)
+    finally:
+        if address is None:  # our own local cluster: stop Serve with it
+            serve.shutdown()
+        else:  # a shared cluster: remove only our application
+            serve.delete(APP_NAME)
+        ray.shutdown()
+    return 0

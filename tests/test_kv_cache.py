@@ -1,0 +1,101 @@
+"""KV cache rows leave, join and reorder (runtime/kv_cache.py): every step's logits equal a
+from-scratch forward of that row alone, for each cache mode, with a window shorter than the rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import tiny_hf_model
+
+from gptneo_onnx.export import export
+from gptneo_onnx.reference import from_transformers
+from gptneo_onnx.runtime import CausalLM, InputError
+
+MODES = [
+    ("portable", "concat", None),
+    ("portable", "concat", True),  # IO-bound concat (OrtValues)
+    ("optimized", "shared-buffer", None),
+    ("optimized", "concat", None),
+]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kv-cache")
+    reference = from_transformers(tiny_hf_model("causal-lm"))  # window 4
+    options = {"progress": False, "validate": False, "windowed_local_cache": True}
+    export(reference, root / "portable", **options)
+    export(reference, root / "optimized", optimize=True, **options)
+    return root
+
+
+class Batch:
+    """A cache, its left-padded attention mask, and each row's real tokens so far."""
+
+    def __init__(self, model: CausalLM, prompts: list[list[int]]):
+        longest = max(map(len, prompts))
+        ids = np.array([[0] * (longest - len(p)) + p for p in prompts])
+        self.mask = np.arange(longest)[None, :] >= (longest - np.array([len(p) for p in prompts]))[:, None]
+        self.mask = self.mask.astype(np.int64)
+        self.model, self.rows = model, [list(p) for p in prompts]
+        self.logits, self.cache = model.forward(ids, self.mask, capacity=40)
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+        for row, token in zip(self.rows, tokens):
+            row.append(token)
+        logits, self.cache = self.model.forward(np.array(tokens)[:, None], self.mask, past=self.cache)
+        assert self.cache.length == self.mask.shape[1]
+        return logits[:, -1]
+
+    def check(self, logits: np.ndarray) -> None:
+        """Each row's logits are those of a fresh forward over that row's tokens alone."""
+        for row, got in zip(self.rows, logits):
+            ids = np.array([row])
+            alone, _ = self.model.forward(ids, np.ones_like(ids))
+            np.testing.assert_allclose(got, alone[0, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize(("flavor", "mode", "io_binding"), MODES, ids=["-".join(map(str, m)) for m in MODES])
+def test_rows_join_leave_and_reorder_like_fresh_runs(folders, flavor, mode, io_binding):
+    model = CausalLM.load(folders / flavor, cache_mode=mode, io_binding=io_binding, intra_op_threads=1)
+    assert model.cache_mode == mode
+    rng = np.random.default_rng(0)
+    batch = Batch(model, [rng.integers(3, 97, 12).tolist(), rng.integers(3, 97, 3).tolist()])
+    for _ in range(3):
+        batch.check(batch.step(rng.integers(3, 97, 2).tolist()))
+    assert batch.cache.local_rows < batch.cache.length  # the window (4) is shorter: local rows trimmed
+
+    # join: a 2-token row (untrimmed, fewer local rows) and a 4-token one (untrimmed, more)
+    joining = [Batch(model, [rng.integers(3, 97, n).tolist()]) for n in (2, 4)]
+    length = batch.cache.length
+    held = [batch.cache.local_rows, *(other.cache.local_rows for other in joining)]
+    batch.cache = batch.cache.extend(*(other.cache for other in joining))
+    assert batch.cache.local_rows == max(held) and batch.cache.length == length
+    pad = [np.pad(other.mask, ((0, 0), (length - other.mask.shape[1], 0))) for other in joining]
+    batch.mask = np.concatenate([batch.mask, *pad])
+    batch.rows += [row for other in joining for row in other.rows]
+    for _ in range(4):
+        batch.check(batch.step(rng.integers(3, 97, 4).tolist()))
+
+    # leave: the long row goes, so the left padding nobody needs is dropped
+    keep = [1, 3, 2]
+    drop = int(np.argmax(batch.mask[keep] != 0, axis=1).min())
+    assert drop > 0
+    batch.cache = batch.cache.select(keep, drop)
+    batch.mask, batch.rows = batch.mask[keep][:, drop:], [batch.rows[i] for i in keep]
+    batch.check(batch.step(rng.integers(3, 97, 3).tolist()))
+
+    # beam-search reorder: rows repeat and swap
+    order = [2, 2, 0]
+    batch.cache = batch.cache.reorder(order)
+    batch.mask, batch.rows = batch.mask[order], [list(batch.rows[i]) for i in order]
+    for _ in range(3):
+        batch.check(batch.step(rng.integers(3, 97, 3).tolist()))
+
+
+def test_caches_of_different_models_or_modes_do_not_join(folders):
+    concat = CausalLM.load(folders / "optimized", cache_mode="concat")
+    shared = CausalLM.load(folders / "optimized", cache_mode="shared-buffer")
+    with pytest.raises(InputError, match="one cache mode"):
+        concat.new_cache(1).extend(shared.new_cache(1))

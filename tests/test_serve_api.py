@@ -1,0 +1,299 @@
+"""The OpenAI surface of `gptneo-onnx serve`, driven by the official `openai` client and raw HTTP,
+checked against the runtime's own `generate()` (an independent path: no engine, no HTTP)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+from fastapi.testclient import TestClient  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from serve_helpers import app_server, export_tiny_lm  # noqa: E402
+
+from gptneo_onnx.runtime import CausalLM  # noqa: E402
+from gptneo_onnx.serve.api import ServerState  # noqa: E402
+from gptneo_onnx.serve.engine import EngineLimits  # noqa: E402
+
+PROMPTS = [
+    "Once upon a time",
+    "Le café est",
+    "The quick brown fox jumps over",
+    "東京 and",
+    "Alice met Bob",
+    "Straße, naïve,",
+    "emoji 🚀",
+    "there was a little robot named",
+]
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    return export_tiny_lm(tmp_path_factory.getbasetemp() / "serve-lm")
+
+
+@pytest.fixture(scope="module")
+def model(export):
+    return CausalLM.load(export, intra_op_threads=1)
+
+
+def state_for(export, **limits) -> ServerState:
+    return ServerState(lambda: CausalLM.load(export, intra_op_threads=1), NAME, EngineLimits(**limits))
+
+
+@pytest.fixture(scope="module")
+def server(export):
+    with app_server(state_for(export, max_concurrent=8, max_queue=16)) as url:
+        yield url
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(model: CausalLM, prompt: str, tokens: int, forced: bool = False):
+    extra = {"min_new_tokens": tokens} if forced else {}
+    return model.generate(prompt, max_new_tokens=tokens, do_sample=False, **extra)
+
+
+def openai_reason(runtime_reason: str) -> str:
+    return "length" if runtime_reason == "length" else "stop"
+
+
+def test_streamed_completion_equals_greedy_generate(server, model):
+    prompt, tokens = PROMPTS[0], 24
+    expected = greedy(model, prompt, tokens)
+    stream = client(server).completions.create(
+        model=NAME, prompt=prompt, max_tokens=tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    pieces, reasons, usage = [], [], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.text)
+            reasons.append(choice.finish_reason)
+    assert "".join(pieces) == expected.texts[0]
+    assert [reason for reason in reasons if reason] == [openai_reason(expected.finish_reasons[0])]
+    assert usage.prompt_tokens == len(model.tokenizer.encode(prompt).ids)
+    assert usage.completion_tokens == len(expected.sequences[0])
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # The raw stream: server-sent events, the last one `data: [DONE]`.
+    body = {"model": NAME, "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(event.startswith("data: ") for event in events)
+
+
+def test_whole_completion_equals_generate_for_text_and_token_ids(server, model):
+    ids = [model.tokenizer.encode(prompt).ids for prompt in PROMPTS[2:4]]
+    for prompt in (PROMPTS[2:4], ids, ids[0]):
+        answer = client(server).completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0)
+        choices = sorted(answer.choices, key=lambda choice: choice.index)
+        assert [choice.index for choice in choices] == list(range(len(choices)))
+        for choice, text in zip(choices, PROMPTS[2:4]):
+            expected = greedy(model, text, 16)
+            assert choice.text == expected.texts[0]
+            assert choice.finish_reason == openai_reason(expected.finish_reasons[0])
+        assert answer.usage.prompt_tokens == sum(len(row) for row in ids[: len(choices)])
+    echoed = client(server).completions.create(
+        model=NAME, prompt=PROMPTS[1], max_tokens=6, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == PROMPTS[1] + greedy(model, PROMPTS[1], 6).texts[0]
+
+
+def test_stop_strings_and_logprobs(server, model):
+    prompt, tokens = PROMPTS[4], 20
+    expected = greedy(model, prompt, tokens, forced=True)
+    stop = expected.texts[0][5:8]
+    answer = client(server).completions.create(
+        model=NAME, prompt=prompt, max_tokens=tokens, temperature=0, stop=[stop], logprobs=2,
+        extra_body={"min_tokens": tokens},
+    )  # fmt: skip
+    choice = answer.choices[0]
+    assert choice.text == expected.texts[0][: expected.texts[0].index(stop)]
+    assert choice.finish_reason == "stop"
+    # logprobs are log-softmax of the raw logits: recompute them with one forward pass, no cache.
+    prompt_ids = model.tokenizer.encode(prompt).ids
+    generated = expected.sequences[0][: len(choice.logprobs.token_logprobs)]
+    ids = np.array([prompt_ids + generated])
+    logits, _ = model.forward(ids, np.ones_like(ids))
+    reference = logits[0, len(prompt_ids) - 1 : -1].astype(np.float64)
+    reference = (
+        reference
+        - np.log(np.exp(reference - reference.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - reference.max(-1, keepdims=True)
+    )
+    for step, (token, logprob, top) in enumerate(
+        zip(generated, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs)
+    ):
+        assert logprob == pytest.approx(reference[step, token], abs=1e-4)
+        assert sorted(top.values(), reverse=True) == pytest.approx(
+            np.sort(reference[step])[::-1][:2], abs=1e-4
+        )
+    assert choice.logprobs.text_offset == sorted(choice.logprobs.text_offset)
+
+
+def test_n_choices_are_seeded_requests(server):
+    """n=2 with a seed: choice i is the same request alone with seed + i; usage sums both."""
+    request = dict(
+        model=NAME, prompt=PROMPTS[6], max_tokens=12, temperature=0.9, extra_body={"min_tokens": 12}
+    )
+    both = client(server).completions.create(n=2, seed=5, **request)
+    alone = [client(server).completions.create(seed=seed, **request).choices[0].text for seed in (5, 6)]
+    assert [choice.text for choice in sorted(both.choices, key=lambda c: c.index)] == alone
+    assert both.usage.completion_tokens == 24
+
+
+def test_health_and_requests_are_503_while_loading(export):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(timeout=30)
+        return CausalLM.load(export, intra_op_threads=1)
+
+    state = ServerState(slow_load, NAME)
+    from gptneo_onnx.serve.api import create_app
+
+    with TestClient(create_app(state)) as test_client:
+        loading = test_client.get("/health")
+        assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        refused = test_client.post("/v1/completions", json={"prompt": "hi"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "loading"
+        release.set()
+        for _ in range(300):  # bounded: up to 30 s
+            if test_client.get("/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        assert test_client.get("/health").json()["status"] == "ready"
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_eight_concurrent_clients_equal_sequential_and_batch(server, model):
+    """Mixed lengths, half greedy, half seeded sampling: the crowd's answers equal each request
+    alone (greedy ones also equal generate()), and the engine ran batches of >= 4 on average."""
+    requests = []
+    for index, prompt in enumerate(PROMPTS):
+        tokens, sampled = 60 + 12 * (index % 4), index % 2 == 1
+        requests.append(
+            dict(
+                prompt=prompt,
+                max_tokens=tokens,
+                temperature=0.8 if sampled else 0,
+                top_p=0.9 if sampled else 1.0,
+                seed=index,
+                extra_body={"min_tokens": tokens, "top_k": 40},
+            )  # fmt: skip
+        )
+    openai_client = client(server)
+
+    def complete(request: dict) -> str:
+        return openai_client.completions.create(model=NAME, **request).choices[0].text
+
+    alone = [complete(request) for request in requests]
+    for request, text in zip(requests, alone):
+        if request["temperature"] == 0:
+            assert text == greedy(model, request["prompt"], request["max_tokens"], forced=True).texts[0]
+    before = metric_samples(server)
+    barrier = threading.Barrier(len(requests))
+
+    def crowd_member(request: dict) -> str:
+        barrier.wait(timeout=10)
+        return complete(request)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        crowd = list(pool.map(crowd_member, requests))
+    after = metric_samples(server)
+    assert crowd == alone
+    steps = after[("gptneo_onnx_batch_size_count", ())] - before[("gptneo_onnx_batch_size_count", ())]
+    rows = after[("gptneo_onnx_batch_size_sum", ())] - before[("gptneo_onnx_batch_size_sum", ())]
+    assert steps > 0 and rows / steps >= 4
+
+
+def test_metrics_parse_and_count(server):
+    before = metric_samples(server)
+    key = ("gptneo_onnx_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))
+    answer = client(server).completions.create(model=NAME, prompt=PROMPTS[5], max_tokens=5, temperature=0)
+    after = metric_samples(server)
+    assert after[key] == before.get(key, 0) + 1
+    generated = ("gptneo_onnx_generated_tokens_total", ())
+    assert after[generated] - before.get(generated, 0) == answer.usage.completion_tokens
+    assert after[("gptneo_onnx_time_to_first_token_seconds_count", ())] > before.get(
+        ("gptneo_onnx_time_to_first_token_seconds_count", ()), 0
+    )
+    assert after[("gptneo_onnx_requests_running", ())] == 0
+    assert after[("gptneo_onnx_requests_waiting", ())] == 0
+
+
+def test_models_and_health(server):
+    models = client(server).models.list()
+    assert [entry.id for entry in models.data] == [NAME]
+    assert httpx.get(f"{server}/health").json()["status"] == "ready"
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "hi", "temperature": 5}, "temperature"),
+        ({"prompt": "hi", "temperature": -1}, "temperature"),
+        ({"prompt": "hi", "n": 0}, "n"),
+        ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": [], "max_tokens": 3}, "prompt"),
+        ({"prompt": [100000], "max_tokens": 3}, None),  # outside the vocabulary
+        ({"prompt": "", "max_tokens": 3}, None),
+        ({"max_tokens": 3}, "prompt"),
+    ],
+)
+def test_invalid_requests_are_openai_400s(server, body, param):
+    response = httpx.post(f"{server}/v1/completions", json={"model": NAME, **body}, timeout=10)
+    assert assert_openai_error(response, 400)["param"] == param
+
+
+def test_over_long_input_malformed_json_unknown_model_and_oversized_body(server):
+    long_prompt = list(range(3, 300)) * 7  # 2,079 tokens: past the 2,048-token context
+    response = httpx.post(f"{server}/v1/completions", json={"model": NAME, "prompt": long_prompt}, timeout=10)
+    assert_openai_error(response, 400, "context_length_exceeded")
+    response = httpx.post(
+        f"{server}/v1/completions", content=b'{"prompt": "hi",', headers={"content-type": "application/json"}
+    )
+    assert_openai_error(response, 400, "invalid_json")
+    response = httpx.post(f"{server}/v1/completions", json={"model": "other", "prompt": "hi"})
+    assert_openai_error(response, 404, "model_not_found")
+    assert_openai_error(httpx.get(f"{server}/v1/nothing-here"), 404)
+    oversized = json.dumps({"model": NAME, "prompt": "x" * (5 * 2**20)})
+    response = httpx.post(
+        f"{server}/v1/completions", content=oversized, headers={"content-type": "application/json"}
+    )
+    assert_openai_error(response, 413)
+    with pytest.raises(openai.BadRequestError):  # the client raises on the 400 at once (no retry)
+        client(server).completions.create(model=NAME, prompt="hi", temperature=7)

@@ -1,0 +1,28 @@
+"""`gptneo-onnx bench-serve --quick`: the serving benchmark runs end to end on the tiny shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("matplotlib")
+
+from gptneo_onnx.bench.serving import QUICK, SHAPES, main, workload  # noqa: E402
+
+
+def test_quick_serving_bench_writes_its_results(tmp_path):
+    output = tmp_path / "results"
+    argv = ["--quick", "--policies", "continuous,sequential", "--clients", "2", "--threads", "1"]
+    main([*argv, "--work", str(tmp_path / "work"), "--output", str(output)])
+    results = json.loads((output / "serving.json").read_text())
+    planned = workload(QUICK, 2, SHAPES["tiny"]["vocab_size"])
+    expected_tokens = sum(tokens for requests in planned for _, tokens in requests)
+    for policy in ("continuous", "sequential"):
+        run = results["runs"][policy]["2"]
+        assert run["requests"] == sum(len(requests) for requests in planned)
+        assert run["output_tokens"] == expected_tokens  # min_tokens = max_tokens: exact lengths
+        assert run["ttft_p50"] > 0 and run["tokens_per_second"] > 0
+    assert (output / "serving.png").stat().st_size > 0
+    assert "| continuous | 2 |" in (output / "serving.md").read_text()

@@ -1,0 +1,107 @@
+"""`gptneo-onnx serve` as a real process: SIGTERM drains it, a bad folder is one error line, and
+on Ray Serve two replicas answer and shutting down leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+from serve_helpers import cli_command, cli_server, export_tiny_lm, free_port  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    return export_tiny_lm(tmp_path_factory.getbasetemp() / "serve-lm")
+
+
+def test_sigterm_finishes_the_stream_refuses_new_requests_and_exits(export):
+    with cli_server(str(export), "--port", "0", "--threads", "1", "--shutdown-timeout", "20") as (
+        process,
+        url,
+    ):
+        body = {
+            "prompt": "Once upon a time",
+            "max_tokens": 800,
+            "min_tokens": 800,
+            "temperature": 0,
+            "stream": True,
+        }
+        events: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    break
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            deadline = signalled + 10
+            while httpx.get(f"{url}/health", timeout=5).status_code != 503:
+                assert time.monotonic() < deadline, "/health never turned 503"
+                time.sleep(0.02)
+            refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+            events = [line for line in lines if line]
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "draining"
+        assert events[-1] == "data: [DONE]"
+        finish = [json.loads(e[6:]) for e in events[:-1]][-1]
+        assert finish["choices"][0]["finish_reason"] == "length"
+        assert process.wait(timeout=20) == 0
+        assert time.monotonic() - signalled < 20
+
+
+def test_a_bad_export_folder_is_one_error_line(tmp_path):
+    result = subprocess.run(
+        [*cli_command(), "serve", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def test_ray_serve_two_replicas_answer_and_leave_nothing_behind(export):
+    pytest.importorskip("ray")
+    psutil = pytest.importorskip("psutil")
+    port = free_port()
+    arguments = (
+        str(export),
+        "--replicas",
+        "2",
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+        "--max-concurrent",
+        "2",
+    )
+    with cli_server(*arguments, timeout=120) as (process, url):
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        assert descendants, "Ray started no processes"
+        body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}
+        replicas: set[str] = set()
+        texts: set[str] = set()
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(10):  # bounded: stop as soon as both replicas have answered
+                responses = list(
+                    pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=60), range(4))
+                )
+                for response in responses:
+                    assert response.status_code == 200, response.text
+                    replicas.add(response.headers["x-gptneo-onnx-replica"])
+                    texts.add(response.json()["choices"][0]["text"])
+                if len(replicas) == 2:
+                    break
+        assert len(replicas) == 2
+        assert len(texts) == 1  # greedy: every replica gives the same answer
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    deadline = time.monotonic() + 15
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants):
+        assert time.monotonic() < deadline, [p.cmdline() for p in descendants if p.is_running()]
+        time.sleep(0.2)
