@@ -2,9 +2,10 @@
 
 Scores the validation files listed in the model folder's `split.json`, concatenated with
 `<|endoftext|>` between files and cut into non-overlapping 512-token windows, and writes
-`quality.json` next to the model. Run from the repository root:
+`quality.json` to --out (never into the shipped model folder: copy it in and commit it). Run
+from the repository root:
 
-    .venv/bin/python scripts/evaluate_default_model.py
+    .venv/bin/python scripts/evaluate_default_model.py --out /tmp/quality.json
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ DEFAULT_PROMPTS = ("def fibonacci(n):", "import os\n")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_OUTPUT, help="model folder")
+    parser.add_argument("--out", type=Path, required=True, help="where to write quality.json")
     parser.add_argument("--max-windows", type=int, default=200, help="windows to score")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--prompt", action="append", help=f"greedy sample prompt (default {DEFAULT_PROMPTS})")
     args = parser.parse_args()
+    if args.out.resolve().parent == DEFAULT_OUTPUT.resolve():
+        parser.error(f"--out {args.out} is inside the shipped model; write it elsewhere, then copy it in")
     if args.max_windows <= 0 or args.batch_size <= 0:
         parser.error("--max-windows and --batch-size must be positive")
     return args
@@ -116,7 +120,7 @@ def main() -> None:
         "seconds": round(time.monotonic() - start, 1),
         "versions": library_versions(),
     }
-    (args.model / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+    args.out.write_text(json.dumps(quality, indent=2) + "\n")
     print(f"perplexity {quality['perplexity']} over {quality['tokens_scored']:,} tokens")
     for prompt, completion in samples.items():
         print(f"--- {prompt!r}\n{prompt}{completion}")

@@ -7,7 +7,10 @@ work shares the CPU. The resulting step counts are recorded in `training.json`, 
 with the command that reproduces the run exactly (`--steps N --decay-start S`). Run from
 the repository root:
 
-    .venv/bin/python scripts/train_default_model.py --minutes 30
+    .venv/bin/python scripts/train_default_model.py --minutes 30 --output /tmp/default-model
+
+It never writes into the shipped `gptneo_onnx/default_model`: review a new model, then copy it
+in and commit it.
 """
 
 from __future__ import annotations
@@ -92,8 +95,10 @@ def parse_args() -> argparse.Namespace:
         default=Hyperparameters.learning_rate,
         help="peak; the floor is a tenth",
     )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--output", type=Path, required=True, help="a new folder (not the shipped model)")
     args = parser.parse_args()
+    if args.output.resolve() == DEFAULT_OUTPUT.resolve():
+        parser.error(f"--output {args.output} is the shipped model; train elsewhere, then copy it in")
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
     if args.steps is not None and args.steps <= 0:

@@ -83,7 +83,8 @@ def exports(tmp_path_factory):
         vocab_size=320,
         id2label={0: "O", 1: "B-PER", 2: "I-PER"},
     )[1]
-    return {"root": root, "lm": lm, "ner": ner, "tokenizer": tokenizer}
+    base = export_tiny("base", root / "base", tokenizer, vocab_size=320)[1]
+    return {"root": root, "lm": lm, "ner": ner, "base": base, "tokenizer": tokenizer}
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +327,7 @@ def interrupt_after(argv: list[str], ready) -> subprocess.CompletedProcess:
     try:
         seen_out, seen_err = ready(process)
         assert process.poll() is None, "the command ended before it was interrupted"
-        time.sleep(0.2)
+        time.sleep(0.05)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=STEP_TIMEOUT)
     finally:
@@ -376,22 +377,24 @@ def test_ctrl_c_during_beam_search_exits_130_in_one_line(exports, tmp_path):
     assert_one_error(interrupt_after(argv, first_warning), 130, "interrupted")
 
 
-def test_ctrl_c_during_export_exits_130_and_leaves_nothing(checkpoint, tmp_path):
+def test_ctrl_c_during_export_exits_130_and_leaves_nothing(tmp_path):
+    # The bundled checkpoint, not the tiny one: its export lasts long enough to be interrupted.
     output = tmp_path / "out"
-    argv = ["export", "--model", str(checkpoint), "--output", str(output)]
+    argv = ["export", "--model", str(REPO / "gptneo_onnx" / "default_model"), "--output", str(output)]
     result = interrupt_after(argv, staging_folder_in(tmp_path))  # the export has started writing
     assert_one_error(result, 130, "interrupted")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_closed_pipe_ends_quietly(exports):
+def test_a_closed_pipe_ends_quietly(bundled_export):
+    """`| head -c 10` while text still streams (the bundled model writes real text as it goes)."""
     for command in (
-        [sys.executable, "-m", "gptneo_onnx", "generate", "-m", str(exports["lm"]), "hi"],
-        [NODE, str(NODE_RUNNER), str(exports["lm"]), "hi"] if NODE_READY else None,
+        [sys.executable, "-m", "gptneo_onnx", "generate", "-m", str(bundled_export), "def"],
+        [NODE, str(NODE_RUNNER), str(bundled_export), "def"] if NODE_READY else None,
     ):
         if command is None:
             continue
-        process = subprocess.Popen([*command, "--max-new-tokens", "1000", "--min-new-tokens", "1000"],
+        process = subprocess.Popen([*command, "--max-new-tokens", "500", "--min-new-tokens", "500"],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)  # fmt: skip
         assert len(process.stdout.read(10)) == 10
         process.stdout.close()  # `| head -c 10`
@@ -455,3 +458,51 @@ def test_every_command_has_help_with_a_description_and_an_example():
         assert parser.description and "examples:" in text and f"gptneo-onnx {name}" in text, name
     result = cli("info", "--help")
     assert result.returncode == 0 and "examples:" in result.stdout
+
+
+def test_a_quantized_export_says_what_was_checked(checkpoint, tmp_path, run):
+    result = run(
+        "export", "--model", str(checkpoint), "--output", str(tmp_path / "int8"), "--quantize", "int8"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(int8-dynamic, from float32)" in result.stdout and "not held to parity" in result.stdout
+    assert "parity passed" not in result.stdout and ".owner" not in result.stdout
+    validation = json.loads((tmp_path / "int8" / "gptneo_onnx.json").read_text())["validation"]
+    assert validation["status"] == "passed" and validation["checked"] == "runs"
+
+
+def test_api_options_that_would_be_ignored_are_refused(exports):
+    from gptneo_onnx.runtime import CausalLM, InputError, Model
+
+    with pytest.raises(InputError, match="max_cache_bytes"):
+        CausalLM.load(exports["lm"], max_cache_bytes=-1)
+    with pytest.raises(InputError, match="normalize must be True or False"):
+        Model.load(exports["base"]).embed("hi", normalize="yes")
+
+
+def test_tokens_that_split_one_character_make_one_span(exports):
+    """Byte-level BPE splits an emoji into several tokens with the same character offsets: they
+    join one entity (or stay outside together), so no two spans share a character."""
+    from gptneo_onnx.runtime import Model
+    from gptneo_onnx.runtime.heads import TaggedToken, group_entities
+
+    text = "🐍🐍 Paris"
+    pieces = [
+        ("B-PER", 0, 1),
+        ("I-PER", 0, 1),
+        ("B-PER", 0, 1),
+        ("B-PER", 1, 2),
+        ("O", 1, 2),
+        ("B-PER", 3, 8),
+    ]
+    tagged = [TaggedToken(i, "t", label, 0.5, start, end) for i, (label, start, end) in enumerate(pieces)]
+    entities = group_entities(tagged, text)
+    assert [(e["start"], e["end"], e["tokens"]) for e in entities] == [
+        (0, 1, [0, 1, 2]),
+        (1, 2, [3, 4]),
+        (3, 8, [5]),
+    ]
+    tagger = Model.load(exports["ner"])
+    for result in tagger.tag([text, "🐍 x 🐍🐍🐍", "Zoë 東京"]):
+        spans = sorted((entity["start"], entity["end"]) for entity in result["entities"])
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), spans

@@ -18,7 +18,9 @@ it runs every time; hypothesis adds random cases on top (profiles in conftest.py
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import io
 import math
 import re
 
@@ -569,3 +571,121 @@ def test_question_answering(heads, question, context, max_answer_length):
     assert answer["answer"] == context[answer["start"] : answer["end"]]
     assert 0 <= answer["score"] <= 1
     assert answer["end_token"] - answer["start_token"] < max_answer_length
+
+
+# ---- the command line's argument parsing ----------------------------------------------------------
+GENERATE_OPTIONS = {
+    "--max-new-tokens": st.integers(-3, 10**6).map(str),
+    "--top-k": st.integers(-3, 100).map(str),
+    "--top-p": st.floats(allow_nan=True).map(str),
+    "--num-beams": st.one_of(st.integers(-2, 10**6).map(str), st.text(max_size=4)),
+    "--threads": st.integers(-2, 10**6).map(str),
+    "--device-id": st.integers(-2, 3).map(str),
+    "--seed": st.text(max_size=6),
+    "--stop": st.text(max_size=8),
+    "--early-stopping": st.sampled_from(["true", "false", "never", "maybe"]),
+    "--provider": st.text(max_size=8),
+}
+FLAGS = ["--json", "--token-ids", "--no-stream", "--truncate", "--do-sample", "--no-verify"]
+words = st.one_of(
+    st.text(max_size=12).filter(lambda word: not word.startswith("-")),
+    st.sampled_from(FLAGS),
+    st.sampled_from(sorted(GENERATE_OPTIONS)).flatmap(
+        lambda name: GENERATE_OPTIONS[name].map(lambda value: f"{name}={value}")
+    ),
+)
+
+
+@given(argv=st.lists(words, max_size=8))
+@example(argv=["--stop", "\\n"])
+@example(argv=["hi", "--max-new-tokens", "3", "there", "-m", "x", "--json"])
+def test_cli_parsing_returns_options_or_a_usage_error(argv):
+    """`generate`'s parser gives a namespace, or a UsageError naming the bad word: never an exit,
+    a traceback or another exception; a namespace holds only checked values."""
+    from gptneo_onnx.cli import build_parser
+    from gptneo_onnx.cli.parsing import UsageError, parse
+
+    try:
+        args = parse(build_parser(), ["generate", *argv])
+    except UsageError as error:
+        assert str(error) and error.parser.prog == "gptneo-onnx generate"
+        return
+    assert args.command == "generate"
+    assert all(isinstance(prompt, str) for prompt in args.prompts)
+    for name in ("max_new_tokens", "num_beams", "threads"):
+        assert getattr(args, name) is None or getattr(args, name) >= 1
+    assert args.device_id >= 0
+    if argv == ["--stop", "\\n"]:
+        assert args.stop_strings == ["\n"]  # the README's example: a newline, not backslash-n
+
+
+CLI_OPTIONS = [["--max-new-tokens", "5"], ["-m", "folder"], ["--json"], ["--stop", "\\t"]]
+
+
+@given(
+    prompts=st.lists(st.text(alphabet="abc xyz", min_size=1, max_size=5), min_size=1, max_size=3),
+    order=st.permutations(range(len(CLI_OPTIONS) + 3)),
+)
+def test_cli_options_may_come_anywhere(prompts, order):
+    """Wherever the options stand among the prompts, the parse is the same."""
+    from gptneo_onnx.cli import build_parser
+    from gptneo_onnx.cli.parsing import parse
+
+    remaining = iter(prompts)  # the prompts keep their order; the options go anywhere among them
+    argv = []
+    for index in order:
+        if index < len(CLI_OPTIONS):
+            argv += CLI_OPTIONS[index]
+        elif index < len(CLI_OPTIONS) + len(prompts):
+            argv.append(next(remaining))
+    args = parse(build_parser(), ["generate", *argv])
+    assert args.prompts == prompts and args.model == "folder" and args.json
+    assert args.max_new_tokens == 5 and args.stop_strings == ["\t"]
+
+
+@given(text=st.text(max_size=30))
+def test_stop_escapes_read_back_what_python_writes(text):
+    from gptneo_onnx.cli.parsing import unescape
+
+    assert unescape(text.encode("unicode_escape").decode("ascii")) == text
+    if "\\" not in text:
+        assert unescape(text) == text
+
+
+EXPORT_OPTIONS = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                "--quantize=int8",
+                "--quantize=int4",
+                "--precision=float16",
+                "--quality",
+                "--optimize",
+                "--task=token-classification",
+                "--revision=main",
+                "--no-validate",
+            ]
+        ),  # fmt: skip
+        st.integers(-40, 300).map(lambda value: f"--block-size={value}"),
+        st.integers(-3, 99).map(lambda value: f"--accuracy-level={value}"),
+        st.integers(-3, 10**5).map(lambda value: f"--quality-windows={value}"),
+    ),
+    max_size=5,
+)
+
+
+@given(options=EXPORT_OPTIONS)
+def test_export_option_mistakes_are_one_error_line(options, tmp_path_factory):
+    """Any mix of export options, on a checkpoint that does not exist: exit 2 with one `error:`
+    line (an option mistake or the missing checkpoint), and nothing written."""
+    from gptneo_onnx.cli import main
+
+    output = tmp_path_factory.mktemp("cli-export")
+    stderr = io.StringIO()
+    argv = ["export", "--model", str(output / "missing"), "--output", str(output / "out"), *options]
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    err = stderr.getvalue()
+    assert code == 2 and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
+    assert list(output.iterdir()) == []

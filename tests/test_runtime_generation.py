@@ -268,9 +268,11 @@ def test_windowed_local_cache_stays_bounded_and_matches_transformers(
 
 def test_a_generation_whose_cache_would_not_fit_is_refused_up_front(exported):
     _, model = exported
-    # 2 layers x (key, value) x 4 heads x head_dim 8 x 4 bytes = 512 bytes per token per row;
-    # 3 prompts (longest 9 tokens) + 10 new = 19 tokens: 29,184 bytes greedy, 3x that with 3 beams.
-    small = CausalLM.load(model.manifest.folder, max_cache_bytes=50_000)
+    # 2 layers x (key, value) x 4 heads x head_dim 8 x 4 bytes = 512 bytes per token per row, plus
+    # the row's float32 logits (320 x 4 bytes) x (2 x 9 prompt tokens + 4 step copies);
+    # 3 prompts (longest 9 tokens) + 10 new = 19 tokens: 3 x (9,728 + 28,160) = 113,664 bytes greedy,
+    # 3x that with 3 beams, and 3 x (19,968 + 28,160) = 144,384 with 30 new tokens.
+    small = CausalLM.load(model.manifest.folder, max_cache_bytes=120_000)
     assert (
         small.generate(PROMPTS, max_new_tokens=10).sequences
         == model.generate(PROMPTS, max_new_tokens=10).sequences

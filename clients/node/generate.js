@@ -131,6 +131,8 @@ async function main(argv) {
     );
   }
   const model = await loadCausalLM(exportDir, { verify: !values["no-verify"], cacheMode: values["cache-mode"], threads });
+  const { warnIfUnvalidated } = await import("./lib/sidecar.js");
+  warnIfUnvalidated(model.sidecar); // after every check passed: a refused folder gets only its error
   const config = model.generationConfig(overrides);
   const promptIds = prompts.map((prompt, index) =>
     model.checkPrompt(values["token-ids"] ? parseTokenIds(prompt) : model.encode(prompt), config.max_new_tokens, values.truncate, index),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,13 @@ def describe(export_dir: Path, verify: bool = False) -> dict[str, Any]:
     """The facts `info` prints, as a dict."""
     from gptneo_onnx.runtime.errors import ExportFolderError
     from gptneo_onnx.runtime.export_files import listed_files
-    from gptneo_onnx.runtime.manifest import load_manifest, read_manifest, validation_status
+    from gptneo_onnx.runtime.export_state import validation_status
+    from gptneo_onnx.runtime.manifest import load_manifest, read_manifest
 
     manifest = read_manifest(export_dir)
     raw = manifest.raw
     try:
-        with warnings.catch_warnings():  # an unvalidated export: said in `validation` below
-            warnings.simplefilter("ignore")
-            load_manifest(export_dir, verify_hashes=verify)
+        load_manifest(export_dir, verify_hashes=verify, warn_unvalidated=False)  # `validation` says it
         loads, reason = True, None
     except ExportFolderError as error:
         loads, reason = False, str(error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import textwrap
 from collections.abc import Sequence
 
@@ -79,19 +80,19 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return args
 
 
-_ESCAPE = re.compile(r"\\(?:([\\nrt0'\"])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4}))")
+_ESCAPE = re.compile(r"\\(?:([\\nrt0'\"])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
 _SIMPLE_ESCAPES = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t", "0": "\0", "'": "'", '"': '"'}
 
 
 def unescape(text: str) -> str:
-    r"""Read the backslash escapes \n \t \r \\ \0 \xHH \uHHHH in `text` (other text is kept as is),
+    r"""Read the backslash escapes \n \t \r \\ \0 \xHH \uHHHH \UHHHHHHHH in `text` (other text is kept as is),
     so `--stop "\n"` means a newline, as a shell user means it."""
 
     def replace(match: re.Match) -> str:
-        simple, byte, code = match.groups()
+        simple, byte, code, wide = match.groups()
         if simple:
             return _SIMPLE_ESCAPES[simple]
-        return chr(int(byte or code, 16))
+        return chr(min(int(byte or code or wide, 16), sys.maxunicode))
 
     return _ESCAPE.sub(replace, text)
 

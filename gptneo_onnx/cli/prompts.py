@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptneo_onnx.errors import PromptLooksLikePathError
-from gptneo_onnx.runtime.manifest import FOLDER_KINDS, folder_kind
+from gptneo_onnx.runtime.export_state import FOLDER_KINDS, folder_kind
 
 
 def refuse_path_like(text: str) -> None:

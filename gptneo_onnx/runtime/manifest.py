@@ -7,28 +7,22 @@ cache layout, special tokens, labels and decoding defaults all come from here.
 from __future__ import annotations
 
 import json
-import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptneo_onnx.runtime.errors import ExportFolderError, UnvalidatedExportWarning
+from gptneo_onnx.runtime.errors import ExportFolderError
 from gptneo_onnx.runtime.export_files import check_graph_references, check_listed_file, listed_files
-
-MANIFEST_NAME = "gptneo_onnx.json"
-MANIFEST_FORMAT = "gptneo-onnx"
-# `validation.status` (docs/sidecar.md): only "passed" and "skipped" exports load.
-VALIDATION_STATUSES = ("passed", "failed", "pending", "skipped")
-# An export is written into `.NAME.partial-XXXX` holding `.owner`, then renamed (export/output_folder.py).
-STAGING_NAME = re.compile(r"^\..+\.partial-[0-9a-f]+$")
-STAGING_OWNER_FILE = ".owner"
-CHECKPOINT_WEIGHTS = (
-    "model.safetensors",
-    "pytorch_model.bin",
-    "flax_model.msgpack",
-    "model.safetensors.index.json",
+from gptneo_onnx.runtime.export_state import (
+    MANIFEST_NAME,
+    VALIDATION_STATUSES,
+    check_validation,
+    folder_kind,
+    is_staging_folder,
+    warn_if_unvalidated,
 )
+
+MANIFEST_FORMAT = "gptneo-onnx"
 # Major versions; fields added within a major are ignored by older runtimes. 2 adds the windowed
 # local cache (`cache.local_window` and its mask input, see runtime/local_window.py).
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
@@ -173,7 +167,9 @@ class Manifest:
         return (self.raw.get("cache") or {}).get("dtype", "float32")
 
 
-def load_manifest(export_dir: str | Path, task: str | None = None, verify_hashes: bool = True) -> Manifest:
+def load_manifest(
+    export_dir: str | Path, task: str | None = None, verify_hashes: bool = True, warn_unvalidated: bool = True
+) -> Manifest:
     """Read `gptneo_onnx.json` from `export_dir`, check its fields, files, hashes and graph.
 
     `task`, when given, must match the manifest's task. `verify_hashes=False` skips the sha256
@@ -190,8 +186,10 @@ def load_manifest(export_dir: str | Path, task: str | None = None, verify_hashes
             f"{manifest.task!r} exports (`gptneo-onnx info {folder}` says what it is), or export the "
             f"{task!r} task"
         )
-    check_validation(manifest)
+    check_validation(folder, manifest.raw)
     check_files(manifest, verify_hashes)
+    if warn_unvalidated:  # last: a folder refused for another reason says only that
+        warn_if_unvalidated(folder, manifest.raw)
     return manifest
 
 
@@ -225,70 +223,6 @@ def read_manifest(export_dir: str | Path) -> Manifest:
         raise ExportFolderError(f"{manifest_path} is not valid JSON ({error}); re-export") from error
     _check_fields(raw, manifest_path)
     return Manifest(folder=folder, raw=raw)
-
-
-def is_staging_folder(folder: Path) -> bool:
-    """A folder an export is still being written into (`.NAME.partial-*`, holding `.owner`)."""
-    return bool(STAGING_NAME.match(folder.name)) or (folder / STAGING_OWNER_FILE).exists()
-
-
-def validation_status(raw: dict) -> str:
-    """passed, failed, pending (written, validation not finished) or skipped (--no-validate, or an
-    export from before the `validation.status` field that records none)."""
-    validation = raw.get("validation")
-    if validation is None:
-        return "skipped"
-    status = validation.get("status")
-    if status is None:  # written before `status` existed: only `passed`
-        return "passed" if validation.get("passed") else "failed"
-    return status
-
-
-_warned_unvalidated: set[Path] = set()
-
-
-def check_validation(manifest: Manifest) -> None:
-    """Refuse a failed or unfinished validation; warn once per folder about a skipped one."""
-    folder, raw = manifest.folder, manifest.raw
-    status = validation_status(raw)
-    report = (raw.get("validation") or {}).get("report") or "parity_report.json"
-    if status == "failed":
-        raise ExportFolderError(
-            f"{folder} failed its parity validation against PyTorch (see {report}); it is kept for "
-            "inspection, not for running. Fix the cause and re-export"
-        )
-    if status == "pending":
-        raise ExportFolderError(
-            f"{folder} was never validated to the end (validation.status is 'pending': the export was "
-            "interrupted); re-export it"
-        )
-    if status == "skipped" and folder not in _warned_unvalidated:
-        _warned_unvalidated.add(folder)
-        warnings.warn(
-            f"{folder} was exported without validation (--no-validate): nothing compared it with "
-            "PyTorch; run `gptneo-onnx verify` on it",
-            UnvalidatedExportWarning,
-            stacklevel=3,
-        )
-
-
-FOLDER_KINDS = {
-    "staging": "the staging folder of an export that did not finish (killed, or running), not an export",
-    "export": "an export folder",
-    "checkpoint": "a checkpoint, not an export",
-    "other": "a folder that holds no export",
-}
-
-
-def folder_kind(folder: Path) -> str:
-    """What a folder is to gptneo-onnx: a key of FOLDER_KINDS."""
-    if is_staging_folder(folder):
-        return "staging"
-    if (folder / MANIFEST_NAME).is_file():
-        return "export"
-    if (folder / "config.json").is_file() and any((folder / name).is_file() for name in CHECKPOINT_WEIGHTS):
-        return "checkpoint"
-    return "other"
 
 
 def _what_it_is(folder: Path) -> str:

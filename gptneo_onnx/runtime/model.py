@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 
 from gptneo_onnx.runtime.encoding import load_tokenizer
 from gptneo_onnx.runtime.errors import ExportFolderError
+from gptneo_onnx.runtime.export_state import warn_if_unvalidated
 from gptneo_onnx.runtime.manifest import Manifest, load_manifest
 from gptneo_onnx.runtime.providers import ProviderOptions, create_session
 
@@ -67,7 +68,9 @@ class Model:
         because it moves fp32 logits ~1e-3 away from the reference).
         `verify_hashes=False` skips the sha256 checks of the files (faster start for big exports).
         """
-        manifest = load_manifest(export_dir, task=cls.task, verify_hashes=verify_hashes)
+        manifest = load_manifest(
+            export_dir, task=cls.task, verify_hashes=verify_hashes, warn_unvalidated=False
+        )
         target = _TASK_CLASSES.get(manifest.task)
         if target is None:
             raise ExportFolderError(f"no runtime class for task {manifest.task!r}")
@@ -83,7 +86,9 @@ class Model:
         session, running = create_session(manifest.graph_path, options)
         _check_graph_io(manifest, session)
         tokenizer = load_tokenizer(manifest.tokenizer_path, manifest.vocab_size)
-        return target(manifest, session, running, tokenizer, options, **task_options)
+        model = target(manifest, session, running, tokenizer, options, **task_options)
+        warn_if_unvalidated(manifest.folder, manifest.raw)  # once every check has passed
+        return model
 
     @property
     def pad_token_id(self) -> int:

@@ -107,7 +107,12 @@ function checkValidation(root, raw) {
   if (!VALIDATION_STATUSES.includes(status)) {
     throw new ExportFolderError(`${root}: validation.status is ${JSON.stringify(status)}, expected one of ${VALIDATION_STATUSES.join(", ")}`);
   }
-  if (status === "skipped" && !warnedUnvalidated.has(root)) {
+}
+
+/** Once per folder, for the caller to run after every check passed: an export made without validation. */
+export function warnIfUnvalidated({ folder, raw }) {
+  const root = folder.name ?? folder;
+  if (validationStatus(raw) === "skipped" && !warnedUnvalidated.has(root)) {
     warnedUnvalidated.add(root);
     console.warn(
       `warning: ${root} was exported without validation (--no-validate): nothing compared it with PyTorch; ` +
