@@ -158,7 +158,7 @@ def test_cli_option_gives_the_plain_greedy_tokens(exports, capsys):
     from gptneo_onnx.cli import main
 
     _, folders = exports
-    argv = ["generate", str(folders["portable"]), ",".join(map(str, PHRASE * 3)), "--token-ids"]
+    argv = ["generate", "-m", str(folders["portable"]), ",".join(map(str, PHRASE * 3)), "--token-ids"]
     argv += ["--max-new-tokens", "20", "--json"]
     outputs = []
     for extra in ([], ["--prompt-lookup", "3"]):

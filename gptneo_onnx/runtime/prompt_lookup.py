@@ -24,6 +24,7 @@ from gptneo_onnx.runtime.generation import (
     TokenStep,
     check_choices,
     check_finite,
+    seeded_rng,
 )
 from gptneo_onnx.runtime.kv_cache import KVCache
 from gptneo_onnx.runtime.sampling import sample
@@ -66,7 +67,7 @@ def prompt_lookup_decode(
     tokens = input_ids[0].astype(np.int64)
     prompt_length = len(tokens)
     processor = config.processor(eos_token_ids)
-    rng = np.random.default_rng(config.seed)
+    rng = seeded_rng(config.seed)
     eos = set(eos_token_ids)
     reason = None
     logits, cache = forward(input_ids, attention_mask, None, 1)
