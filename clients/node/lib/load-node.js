@@ -29,5 +29,5 @@ export async function loadCausalLM(folder, { verify = true, cacheMode = "auto", 
     );
   }
   const tokenizer = await loadTokenizer(sidecar);
-  return new CausalLM({ ort, sidecar, session, tokenizer, cacheMode });
+  return new CausalLM({ ort, sidecar, session, tokenizer, cacheMode, feedOptionalInputs: true });
 }
