@@ -102,8 +102,8 @@ def bind_host_inputs(binding: ort.IOBinding, feeds: dict[str, np.ndarray]) -> li
 class KVCache:
     """One batch's past keys and values; `values` are keyed by the graph's past input names.
 
-    `run` advances the cache in place; `select`, `extend` and `reorder` return a new cache (the
-    old one may share buffers with it and should not be run again).
+    `run` and `drop_newest` change the cache in place; `select`, `extend` and `reorder` return a
+    new cache (the old one may share buffers with it and should not be run again).
     """
 
     mode: ClassVar[str]
