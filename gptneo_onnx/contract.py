@@ -22,7 +22,8 @@ FORMAT_VERSION = 1
 WINDOWED_LOCAL_CACHE_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION, WINDOWED_LOCAL_CACHE_VERSION)
 # Minor versions only add fields: a reader of 1.0 runs a 1.1 export unchanged.
-FORMAT_MINOR_VERSION = 1
+# 2: `optional_inputs` and the `io.num_logits_to_keep` role (causal-lm).
+FORMAT_MINOR_VERSION = 2
 
 # ---- export folders ------------------------------------------------------------------------
 # An export is written into a staging folder `.NAME.partial-XXXX` holding OWNER_FILE, then renamed.

@@ -257,13 +257,14 @@ def test_sidecar_describes_the_graph(tmp_path):
     manifest = json.loads((tmp_path / "gptneo_onnx.json").read_text())
     assert manifest == result.manifest
     graph = onnx.load(tmp_path / "onnx" / "model.onnx")
-    assert [i["name"] for i in manifest["inputs"]] == [i.name for i in graph.graph.input]
+    listed = manifest["inputs"] + manifest["optional_inputs"]  # 1.2: inputs with a default value
+    assert [i["name"] for i in listed] == [i.name for i in graph.graph.input]
     assert [o["name"] for o in manifest["outputs"]] == [o.name for o in graph.graph.output]
     assert [layer["window"] for layer in manifest["cache"]["layers"]] == [None, 4, 4]
     assert manifest["model"]["head_dim"] == 8 and manifest["special_tokens"]["eos_token_id"] == [2]
     assert manifest["validation"]["passed"] is True
     # format 1.1: graph names by role and the input rules, so no runtime has to assume them
-    assert (manifest["format_version"], manifest["format_minor_version"]) == (1, 1)
+    assert (manifest["format_version"], manifest["format_minor_version"]) == (1, 2)
     io = manifest["io"]
     names = {item["name"]: item for item in manifest["inputs"] + manifest["outputs"]}
     assert all(io[role] in names for role in ("input_ids", "attention_mask", "position_ids", "logits"))

@@ -99,3 +99,26 @@ def test_caches_of_different_models_or_modes_do_not_join(folders):
     shared = CausalLM.load(folders / "optimized", cache_mode="shared-buffer")
     with pytest.raises(InputError, match="one cache mode"):
         concat.new_cache(1).extend(shared.new_cache(1))
+
+
+@pytest.mark.parametrize(("flavor", "mode", "io_binding"), MODES, ids=["-".join(map(str, m)) for m in MODES])
+def test_newest_rows_dropped_like_fresh_runs(folders, flavor, mode, io_binding):
+    """Prompt lookup's refused drafts: a 4-token step on a past keeps its rows spare, then
+    `drop_newest` removes some; every later step equals a fresh forward over the kept tokens."""
+    model = CausalLM.load(folders / flavor, cache_mode=mode, io_binding=io_binding, intra_op_threads=1)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(3, 97, 6).tolist()
+    _, cache = model.forward(np.array([tokens]), np.ones((1, 6), np.int64), capacity=40)
+    for dropped in (3, 0, 2, 1, 3):
+        new = rng.integers(3, 97, 4).tolist()
+        tokens += new
+        ids = np.array([tokens])
+        logits, cache = model.forward(np.array([new]), np.ones_like(ids), past=cache, num_logits_to_keep=4)
+        fresh, _ = model.forward(ids, np.ones_like(ids))
+        np.testing.assert_allclose(logits, fresh[:, -4:], atol=1e-4)
+        cache.drop_newest(dropped)
+        del tokens[len(tokens) - dropped :]
+        assert cache.length == len(tokens) and cache.local_rows >= 3  # min_rows (window 4) remain
+    assert cache.local_rows < cache.length  # local rows were trimmed along the way
+    with pytest.raises(InputError, match="count must be in"):
+        cache.drop_newest(cache.length + 1)

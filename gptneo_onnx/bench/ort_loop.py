@@ -61,6 +61,9 @@ class ExportDecoder:
             providers=["CPUExecutionProvider"],
         )
         self.io = self.manifest.io
+        # format x.2 exports compute the lm_head for the last position only when asked
+        keep = self.spec.num_logits_to_keep
+        self.keep_last = {keep: np.array(1, np.int64)} if keep else {}
 
     def generate(
         self,
@@ -83,6 +86,7 @@ class ExportDecoder:
                 self.io["input_ids"]: ids,
                 self.io["attention_mask"]: mask,
                 self.io["position_ids"]: position_ids_from_mask(mask, ids.shape[1]),
+                **self.keep_last,
             }
             last = cache.run(self.session, inputs, mask)[:, -1]
             ids = last.argmax(-1)[:, None].astype(np.int64)

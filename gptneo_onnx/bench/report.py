@@ -7,6 +7,10 @@ from pathlib import Path
 
 PEERS = ("optimum-fp32", "transformers-fp32")
 LOWER_IS_BETTER = ("cold_start_s", "peak_rss_mb")
+# The chart: these against every peer system, each line its own color (the table has the rest).
+HEADLINE = ("ours-optimized-fp32", "ours-optimized-int4", "runtime-optimized-fp32", "runtime-optimized-int4")
+CHART_PEERS = ("transformers-fp32", "optimum-fp32", "optimum-int4")
+INT4_BANDWIDTH_TARGET = 0.85  # int4 short decode: fraction of the measured read bandwidth
 
 
 def _metrics(plan) -> list[tuple[str, str]]:
@@ -31,9 +35,11 @@ def ratio(medians: dict, variant: str, peer: str, metric: str) -> float:
     return theirs / ours if metric in LOWER_IS_BETTER else ours / theirs
 
 
-def evaluate_targets(medians: dict, plan) -> list[dict]:
-    """The issue's targets, each with the measured ratio (as `x` better) and whether it is met."""
+def evaluate_targets(medians: dict, plan, bandwidth: dict | None = None) -> list[dict]:
+    """The issue's targets, each with the measured ratio (as `x` better) and whether it is met.
+    Time to first token is the prefill of one prompt: its ratio is that of prefill tok/s."""
     short, long = f"decode_tok_s@{plan.short[0]}", f"decode_tok_s@{plan.long[0]}"
+    prefills = [f"prefill_tok_s@{n}" for n in (plan.contexts[0][0], plan.long[0])]
     checks = []
     for prefix in ("ours", "runtime"):  # the bench loop always; the project runtime when it was run
         fp32, int4 = f"{prefix}-optimized-fp32", f"{prefix}-optimized-int4"
@@ -53,9 +59,21 @@ def evaluate_targets(medians: dict, plan) -> list[dict]:
             ("peak RSS, fp32 process vs Optimum's (<= 0.5x)", fp32, "optimum-fp32", "peak_rss_mb", 2.0),
             ("cold start to first token vs Optimum's (<= 0.5x)", fp32, "optimum-fp32", "cold_start_s", 2.0),
         ]
+        for metric in prefills:
+            length = metric.split("@")[1]
+            checks += [
+                (f"fp32 TTFT (prefill {length}) vs Optimum fp32", fp32, "optimum-fp32", metric, 1.5),
+                (f"int4 TTFT (prefill {length}) vs Optimum int4", int4, "optimum-int4", metric, 1.5),
+            ]
+        title = "int4 short decode, fraction of the read bandwidth"
+        checks.append((title, int4, "bandwidth", short, INT4_BANDWIDTH_TARGET))
     targets = []
     for title, variant, peer, metric, required in checks:
-        measured = ratio(medians, variant, peer, metric)
+        if peer == "bandwidth":
+            entry = ((bandwidth or {}).get("variants") or {}).get(variant) or {}
+            measured = entry["percent"] / 100 if "percent" in entry else math.nan
+        else:
+            measured = ratio(medians, variant, peer, metric)
         targets.append(
             {
                 "target": title,
@@ -92,6 +110,19 @@ def markdown_table(results: dict, plan) -> str:
             if variant != peer:
                 cells = [_format(ratio(medians, variant, peer, key)) for key, _ in metrics]
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    bandwidth = results.get("bandwidth")
+    if bandwidth:
+        lines += [
+            "",
+            f"Decode at the memory wall: measured read bandwidth {bandwidth['read_gb_s']:.1f} GB/s; "
+            f"bytes a step reads (weights + KV cache) at {plan.short[0]} tokens of context:",
+            "",
+            "| variant | MB read per token | decode tok/s | effective GB/s | % of read bandwidth |",
+            "|---|---|---|---|---|",
+        ]
+        for variant, entry in bandwidth["variants"].items():
+            cells = [entry["mb_per_token"], entry["tok_s"], entry["gb_s"], entry["percent"]]
+            lines.append(f"| {variant} | " + " | ".join(_format(cell) for cell in cells) + " |")
     lines += ["", "| target | variant | measured | required | met |", "|---|---|---|---|---|"]
     for target in results["targets"]:
         met = {True: "yes", False: "NO", None: "not measured"}[target["met"]]
@@ -103,26 +134,42 @@ def markdown_table(results: dict, plan) -> str:
 
 
 def write_chart(medians: dict, plan, path: Path) -> Path:
-    """Decode speed-up over Optimum fp32 (else the first peer run) against context length."""
+    """Two panels: decode tok/s against context length, and prefill (time to first token) tok/s
+    against prompt length; the headline variants (solid) against the peers (dashed), one color
+    each, and the legend below the plots, clear of the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    baseline = next((peer for peer in PEERS if peer in medians), next(iter(medians)))
     contexts = sorted({plan.short[0], plan.long[0], *(length for length, _ in plan.contexts)})
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for variant in medians:
-        speedups = [ratio(medians, variant, baseline, f"decode_tok_s@{n}") for n in contexts]
-        axis.plot(
-            contexts, speedups, marker="o", label=variant, linestyle="--" if variant == baseline else "-"
+    prompts = sorted({plan.long[0], *(length for length, _ in plan.contexts)})
+    drawn = [name for name in (*HEADLINE, *CHART_PEERS) if name in medians]
+    colors = plt.get_cmap("tab10").colors
+    figure, (decode, prefill) = plt.subplots(1, 2, figsize=(11, 4.8))
+    for index, variant in enumerate(drawn):
+        style = dict(
+            color=colors[index % len(colors)],
+            marker="o",
+            linestyle="--" if variant in CHART_PEERS else "-",
+            label=variant,
         )
-    axis.set_xlabel("context length (tokens before decoding)")
-    axis.set_ylabel(f"decode speed-up over {baseline}")
-    axis.set_title(f"GPT-Neo {plan.shape}, CPU, batch 1: decode tok/s relative to {baseline}")
-    axis.grid(True, alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
+        values = medians[variant]
+        decode.plot(contexts, [values.get(f"decode_tok_s@{n}", math.nan) for n in contexts], **style)
+        prefill.plot(prompts, [values.get(f"prefill_tok_s@{n}", math.nan) for n in prompts], **style)
+    for axis, title, xlabel in (
+        (decode, "decode (batch 1)", "context length (tokens before decoding)"),
+        (prefill, "prefill = time to first token", "prompt length (tokens)"),
+    ):
+        axis.set_title(title)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("tokens per second")
+        axis.set_yscale("log")
+        axis.grid(True, alpha=0.3, which="both")
+    figure.suptitle(f"GPT-Neo {plan.shape}, CPU: ours (solid) against the peers (dashed)")
+    handles, labels = decode.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.12, 1, 0.95))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

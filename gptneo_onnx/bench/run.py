@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from gptneo_onnx.bench.bandwidth import bytes_per_token, percent_of_limit, read_bandwidth
 from gptneo_onnx.bench.models import OUR_VARIANTS, build_all
 from gptneo_onnx.bench.report import evaluate_targets, markdown_table, write_chart
 from gptneo_onnx.bench.worker import Worker, child_env
@@ -118,6 +119,20 @@ def measure_cold(plan: Plan, name: str, kind: str, path: Path) -> dict[str, list
     return samples
 
 
+def bandwidth_use(medians: dict, plan: Plan, paths: dict[str, Path], limit: float) -> dict:
+    """Each variant's short decode as read bandwidth: bytes per token x tok/s, and % of `limit`."""
+    context = plan.short[0]
+    variants = {}
+    for name, path in paths.items():
+        per_token = bytes_per_token(path, context)
+        rate = medians[name].get(f"decode_tok_s@{context}")
+        if per_token is None or not rate:
+            continue
+        gb_s, percent = percent_of_limit(per_token, rate, limit)
+        variants[name] = {"mb_per_token": per_token / 1e6, "tok_s": rate, "gb_s": gb_s, "percent": percent}
+    return {"read_gb_s": limit / 1e9, "context": context, "variants": variants}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gptneo-onnx bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape and short scenarios (smoke test)")
@@ -150,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
             work, plan.shape, exports_needed, lambda text: (bar.set_postfix_str(text), bar.update())
         )
     vocab = json.loads((artifacts.checkpoint / "config.json").read_text())["vocab_size"]
+    limit = read_bandwidth()  # before the workers start, while the benchmark itself is idle
     workers: dict[str, Worker] = {}
     try:
         for name in tqdm(variants, desc="loading systems", unit="process"):
@@ -174,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
         "samples": samples,
         "medians": medians,
     }
-    results["targets"] = evaluate_targets(medians, plan)
+    paths = {name: artifacts.exports[VARIANTS[name][0]] for name in variants}
+    results["bandwidth"] = bandwidth_use(medians, plan, paths, limit)
+    results["targets"] = evaluate_targets(medians, plan, results["bandwidth"])
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results, plan)
     (args.out / "table.md").write_text(table + "\n")

@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_decoding_arguments(generate)
     generate.add_argument("--token-ids", action="store_true", help='prompts are token ids: "12,5,99"')
     generate.add_argument("--no-stream", action="store_true", help="print when done instead of streaming")
+    generate.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="N",
+        dest="prompt_lookup_num_tokens",
+        help="prompt-lookup decoding: draft N tokens per step from the context (one prompt)",
+    )
     _add_common_arguments(generate)
     generate.set_defaults(handler=run_generate)
 
@@ -172,6 +179,7 @@ def _decoding_options(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     options = {name: getattr(args, name) for name in names}
     options.update(early_stopping=early, truncate=args.truncate or None)
+    options["prompt_lookup_num_tokens"] = getattr(args, "prompt_lookup_num_tokens", None)
     return options
 
 

@@ -27,6 +27,10 @@ FLAVORS = ("portable", "optimized")
 # onnxruntime prepacks each lm_head slice and frees its mapped pages before the next, so the
 # load-time peak holds one slice of the table, not all of it (125m: 707 -> 566 MB peak RSS).
 LM_HEAD_SLICE_BYTES = 24 << 20
+# causal-lm: an input with a default (an initializer of the same name): the lm_head runs on the
+# last N positions only (0 = every position, the default, so Optimum's IO and behaviour stay).
+NUM_LOGITS_TO_KEEP = "num_logits_to_keep"
+INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -163,13 +167,18 @@ def head_outputs(
 ) -> list[str]:
     """The task head on the final hidden state; logits leave the graph in float32."""
     if task == "causal-lm":
-        # lm_head is tied to wte: reuse the embedding table, stored once. (B, S, E) -> (B, S, V)
+        # Only the last `num_logits_to_keep` positions (0: all) reach the lm_head: (B, S, E) -> (B, K, E).
+        # Slice starts at -K, clamped to the sequence; -0 is 0, every position.
+        start = g.op("Neg", [g.op("Reshape", [NUM_LOGITS_TO_KEEP, g.const([1])])])
+        hidden = g.op("Slice", [hidden, start, g.const([INT64_MAX]), g.const([1])])
+        # lm_head is tied to wte: reuse the embedding table, stored once. (B, K, E) -> (B, K, V)
         # With external data it is read through slices of its rows (see GraphBuilder.row_views).
         flat = g.op("Reshape", [hidden, g.const([-1, config.hidden_size])])
         slices = g.row_views("transformer.wte.weight", LM_HEAD_SLICE_BYTES)
         parts = [g.op("Gemm", [flat, table], transB=1) for table in slices]
         logits = parts[0] if len(parts) == 1 else g.op("Concat", parts, axis=-1)
-        shape = g.op("Concat", [g.op("Shape", [input_ids]), g.const([config.vocab_size])], axis=0)
+        kept = g.op("Slice", [g.op("Shape", [hidden]), g.const([0]), g.const([2])])  # [B, K]
+        shape = g.op("Concat", [kept, g.const([config.vocab_size])], axis=0)
         return [to_float32(g, g.op("Reshape", [logits, shape]), dtype)]
     if task == "base":
         return [hidden]
@@ -238,6 +247,10 @@ def build_graph(
     g = GraphBuilder(f"gptneo_{task.replace('-', '_')}", external_data=external_data)
     for spec in inputs:
         g.add_input(spec.name, spec.dtype, spec.shape)
+    if task == "causal-lm":
+        # Listed after the initializer-free inputs: a runtime that does not know it leaves it out.
+        g.add_input(NUM_LOGITS_TO_KEEP, np.int64, [])
+        g.weights[NUM_LOGITS_TO_KEEP] = np.array(0, np.int64)  # rank 0 (`weight` makes arrays 1-D)
     past = None
     if task == "causal-lm":
         position_ids = "position_ids"

@@ -20,7 +20,7 @@ from gptneo_onnx.contract import (
     sha256_of,
 )
 from gptneo_onnx.export.graph_builder import OPSET
-from gptneo_onnx.export.graphs import IOSpec
+from gptneo_onnx.export.graphs import NUM_LOGITS_TO_KEEP, IOSpec
 from gptneo_onnx.export.layers import local_cache_window
 from gptneo_onnx.export.output_folder import write_json
 
@@ -103,10 +103,18 @@ def io_roles(task: str, inputs: list[IOSpec]) -> dict:
         "position_ids": "position_ids" if "position_ids" in names else None,
         "local_attention_mask": LOCAL_ATTENTION_MASK if LOCAL_ATTENTION_MASK in names else None,
         "logits": "logits" if causal else None,
+        "num_logits_to_keep": NUM_LOGITS_TO_KEEP if causal else None,
         "padding_side": "left",
         "attention_mask_columns": "past_and_new" if causal else "sequence",
         "position_ids_rule": "cumsum_minus_one" if causal else "in_graph",
     }
+
+
+def optional_inputs(task: str) -> list[dict]:
+    """Graph inputs with a default value (initializers of the same name): a runtime may leave them out."""
+    if task != "causal-lm":
+        return []
+    return [{"name": NUM_LOGITS_TO_KEEP, "dtype": "int64", "shape": [], "default": 0}]
 
 
 def local_window_entry(window: int) -> dict:
@@ -198,6 +206,7 @@ def build_manifest(
         },
         "inputs": [asdict(spec) for spec in inputs],
         "outputs": [asdict(spec) for spec in outputs],
+        "optional_inputs": optional_inputs(task),
         "io": io_roles(task, inputs),
         "cache": cache,
         "model": {

@@ -15,10 +15,12 @@ import numpy as np
 
 from gptneo_onnx.contract import position_ids_from_mask
 from gptneo_onnx.runtime.beam_search import BeamStep, beam_search
+from gptneo_onnx.runtime.cache_memory import cache_limit, check_cache_size
 from gptneo_onnx.runtime.encoding import (
     Prompt,
     as_batch,
     check_length,
+    check_logits_to_keep,
     check_position_ids,
     check_token_ids,
     encode_prompts,
@@ -27,8 +29,9 @@ from gptneo_onnx.runtime.encoding import (
 )
 from gptneo_onnx.runtime.errors import GenerationConfigError, InputError
 from gptneo_onnx.runtime.generation import GenerationConfig, GenerationResult, StopCheck, TokenStep, decode
-from gptneo_onnx.runtime.kv_cache import CacheSpec, KVCache, cache_class, check_cache_size, host_cache_limit
+from gptneo_onnx.runtime.kv_cache import CacheSpec, KVCache, cache_class
 from gptneo_onnx.runtime.model import Model
+from gptneo_onnx.runtime.prompt_lookup import prompt_lookup_decode
 from gptneo_onnx.runtime.providers import gpu_attention_advice
 from gptneo_onnx.runtime.streaming import final_text, stop_checker, stream_text
 
@@ -54,12 +57,6 @@ class CausalLM(Model):
         need more (default: 3/4 of physical memory when the cache lives on the host; none on a
         GPU, where onnxruntime reports a failed allocation itself)."""
         super().__init__(*args)
-        if max_cache_bytes is not None and (
-            not isinstance(max_cache_bytes, int) or isinstance(max_cache_bytes, bool) or max_cache_bytes < 1
-        ):
-            raise InputError(
-                f"max_cache_bytes must be a positive number of bytes or None, got {max_cache_bytes!r}"
-            )
         self.layers = self.manifest.cache_layers
         self.io = self.manifest.io  # graph names by role
         # IO binding keeps the cache on the GPU; `io_binding=True` forces it on CPU too (for tests).
@@ -79,10 +76,7 @@ class CausalLM(Model):
             warnings.warn(advice, stacklevel=3)
         if cache_mode == "shared-buffer":
             self.io_binding = True  # the buffers are bound as both input and output
-        on_host = self.cache_spec.on_host
-        self.max_cache_bytes = (
-            max_cache_bytes if max_cache_bytes is not None else (host_cache_limit() if on_host else None)
-        )
+        self.max_cache_bytes = cache_limit(max_cache_bytes, self.cache_spec.on_host)
 
     # ---- one step ---------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
@@ -98,8 +92,11 @@ class CausalLM(Model):
         position_ids: np.ndarray | None = None,
         past: KVCache | None = None,
         capacity: int | None = None,
+        num_logits_to_keep: int = 0,
     ) -> tuple[np.ndarray, KVCache]:
-        """Run the graph on new tokens; returns logits (B, S, V) float32 and the grown cache.
+        """Run the graph on new tokens; returns logits (B, S, V) float32 and the grown cache
+        (`num_logits_to_keep` K > 0: the last K positions only, (B, min(K, S), V); on a past, the
+        step may verify drafts, so a windowed cache keeps K - 1 rows spare for `drop_newest`).
 
         `attention_mask` covers past + new tokens. `position_ids` default to the sidecar rule
         (cumsum(mask) - 1, clipped at 0, for the new tokens). `past` is advanced in place and
@@ -129,8 +126,9 @@ class CausalLM(Model):
             position_ids = check_position_ids(
                 position_ids, (batch, length), self.manifest.max_position_embeddings
             )
+        keep = check_logits_to_keep(num_logits_to_keep)
         if past_length and length > 1 and batch > (self._multi_token_step_max_batch or batch):
-            return self._forward_by_rows(input_ids, attention_mask, position_ids, past)
+            return self._forward_by_rows(input_ids, attention_mask, position_ids, past, keep)
         if past is None:
             if capacity is not None and not (isinstance(capacity, int) and capacity >= length):
                 raise InputError(
@@ -142,10 +140,14 @@ class CausalLM(Model):
             self.io["attention_mask"]: attention_mask,
             self.io["position_ids"]: position_ids,
         }
-        return past.run(self.session, inputs, attention_mask), past
+        if keep and self.cache_spec.num_logits_to_keep:  # format x.2 graphs take it
+            inputs[self.cache_spec.num_logits_to_keep] = np.array(keep, np.int64)
+        spare = min(keep, length) - 1 if past_length and keep else 0
+        logits = past.run(self.session, inputs, attention_mask, spare)
+        return (logits[:, -keep:] if keep else logits), past  # older graphs return every position
 
     def _forward_by_rows(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: KVCache
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: KVCache, keep: int
     ) -> tuple[np.ndarray, KVCache]:
         """A multi-token step on top of a past, one batch row at a time: the graph's fused attention
         takes only batch 1 there (the sidecar's `multi_token_step_max_batch`)."""
@@ -155,8 +157,8 @@ class CausalLM(Model):
                 "shared-buffer cache can't split; load it with cache_mode='concat'"
             )
         steps = [
-            self.forward(input_ids[rows], attention_mask[rows], position_ids[rows], past.select([row]))
-            for row in range(input_ids.shape[0])
+            self.forward(ids[rows], mask[rows], positions[rows], past.select([row]), None, keep)
+            for row in range(ids.shape[0])
             for rows in [slice(row, row + 1)]
         ]
         caches = [cache for _, cache in steps]
@@ -180,15 +182,8 @@ class CausalLM(Model):
         config.check_token_ids(self.manifest.vocab_size)
         input_ids, attention_mask = self._prepare(as_batch(prompts), config)
         sequences = max(config.num_beams, config.num_return_sequences)
-        tokens = input_ids.shape[1] + config.max_new_tokens
-        check_cache_size(
-            self.cache_spec,
-            input_ids.shape[0],
-            sequences,
-            tokens,
-            config.max_new_tokens,
-            self.max_cache_bytes,
-        )
+        tokens, limit = input_ids.shape[1] + config.max_new_tokens, self.max_cache_bytes
+        check_cache_size(self.cache_spec, input_ids.shape[0], sequences, tokens, config.max_new_tokens, limit)
         stop_check = self.stop_check(config.stop_strings)
         return self._steps(input_ids, attention_mask, config, stop_check)
 
@@ -203,11 +198,16 @@ class CausalLM(Model):
         pad = config.pad_token_id if config.pad_token_id is not None else self.pad_token_id
         capacity = input_ids.shape[1] + config.max_new_tokens
 
+        def verify(ids: np.ndarray, mask: np.ndarray, cache: KVCache | None, keep: int = 1):
+            return self.forward(ids, mask, past=cache, capacity=capacity, num_logits_to_keep=keep)
+
         def step(ids: np.ndarray, mask: np.ndarray, cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
-            logits, cache = self.forward(ids, mask, past=cache, capacity=capacity)
+            logits, cache = verify(ids, mask, cache)  # the lm_head on the last position only
             return logits[:, -1], cache
 
-        if config.num_beams > 1:
+        if config.prompt_lookup_num_tokens:
+            steps = prompt_lookup_decode(verify, input_ids, attention_mask, config, eos, stop_check)
+        elif config.num_beams > 1:
             steps = beam_search(step, input_ids, attention_mask, config, eos, pad, stop_check)
         else:
             steps = decode(step, input_ids, attention_mask, config, eos, pad, stop_check)

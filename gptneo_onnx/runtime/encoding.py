@@ -232,6 +232,13 @@ def check_position_ids(position_ids: object, shape: tuple[int, int], max_positio
     return positions.astype(np.int64, copy=False)
 
 
+def check_logits_to_keep(value: object) -> int:
+    """`forward`'s num_logits_to_keep: an integer >= 0 (0: logits of every position)."""
+    if isinstance(value, bool) or not (isinstance(value, (int, np.integer)) and value >= 0):
+        raise InputError(f"num_logits_to_keep must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def check_length(
     rows: list[list[int]], max_new_tokens: int, max_positions: int, truncate: bool
 ) -> list[list[int]]:

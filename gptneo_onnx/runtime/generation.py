@@ -41,6 +41,7 @@ class GenerationConfig:
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
     truncate: bool = False
+    prompt_lookup_num_tokens: int | None = None  # draft tokens per step (runtime/prompt_lookup.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_strings, str):
@@ -125,6 +126,11 @@ class GenerationConfig:
             ),
             (self.pad_token_id is None or _is_int(self.pad_token_id), "pad_token_id must be a token id"),
             (_is_bool(self.truncate), "truncate must be True or False"),
+            (
+                self.prompt_lookup_num_tokens is None
+                or (_is_int(self.prompt_lookup_num_tokens) and self.prompt_lookup_num_tokens >= 1),
+                "prompt_lookup_num_tokens must be an integer >= 1 (or None: off)",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -4,7 +4,8 @@ A session builds a step's token inputs and calls `cache.run(session, inputs, att
 the cache adds its `feeds` (past tensors or bound buffers, and the local layers' mask), runs the
 graph, `absorb`s the presents and `trim`s the local layers' rows. Rows leave a running batch with
 `select`, join it with `extend` (left padding realigned, as TGI's CausalLMBatch filter and
-concatenate) and are reordered for beam search with `reorder`.
+concatenate), are reordered for beam search with `reorder`, and the newest rows (refused
+prompt-lookup drafts) go again with `drop_newest`.
 
 Layout: each value is (B, H, rows, D). Row t of a global layer is column t of the attention mask,
 left padding included; the local layers of a windowed export hold only the newest `local_rows`
@@ -19,16 +20,13 @@ columns (runtime/local_window.py).
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import onnxruntime as ort
 
-from gptneo_onnx.runtime.errors import GenerationConfigError, InputError
+from gptneo_onnx.runtime.errors import InputError
 from gptneo_onnx.runtime.local_window import LocalWindow
 from gptneo_onnx.runtime.manifest import Manifest
 
@@ -47,6 +45,7 @@ class CacheSpec:
     vocab_size: int
     local: LocalWindow | None = None
     device: Device = ("cpu", 0)
+    num_logits_to_keep: str | None = None  # the input (format x.2): logits of the last K positions only
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, device: Device = ("cpu", 0)) -> CacheSpec:
@@ -65,6 +64,7 @@ class CacheSpec:
             vocab_size=manifest.vocab_size,
             local=LocalWindow.from_cache(manifest.raw.get("cache") or {}),
             device=device,
+            num_logits_to_keep=manifest.io.get("num_logits_to_keep"),
         )
 
     @property
@@ -82,62 +82,28 @@ class CacheSpec:
     def is_local(self, name: str) -> bool:
         return self.local is not None and name in self.local.past_names
 
-
-def host_cache_limit() -> int | None:
-    """The default limit for a host-resident cache: 3/4 of the memory this process may use
-    (physical memory, or less under a cgroup limit or RLIMIT_AS). Past it the kernel's OOM
-    killer would end the process mid-generation, with no error at all."""
-    limits = []
-    with contextlib.suppress(ValueError, OSError, AttributeError):  # not a POSIX system that reports it
-        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        if soft != resource.RLIM_INFINITY:
-            limits.append(soft)
-    except (ImportError, OSError, ValueError):
-        pass
-    try:  # cgroup v2 (containers)
-        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if text.isdigit():
-            limits.append(int(text))
-    except OSError:
-        pass
-    return min(limits) * 3 // 4 if limits else None
+    def logits_rows(self, feeds: dict[str, Any], new: int) -> int:
+        """Positions the graph returns logits for: the last `num_logits_to_keep` if fed (0: all)."""
+        keep = int(feeds.get(self.num_logits_to_keep, 0)) if self.num_logits_to_keep else 0
+        return min(keep, new) if keep else new
 
 
-# Copies of one step's (rows, vocab) float32 logits alive at once (processors, log-softmax, beam top-k).
-LOGITS_STEP_COPIES = 4
-
-
-def check_cache_size(
-    spec: CacheSpec, prompts: int, sequences: int, tokens: int, new_tokens: int, limit: int | None
-) -> None:
-    """Refuse a generation whose memory would pass `limit` bytes, before anything is allocated:
-    `prompts` x `sequences` rows, each holding keys and values of every layer for up to `tokens`
-    tokens, plus the host logits every row needs (the prefill's, in onnxruntime and copied, and a
-    step's, through the processors and beam search)."""
-    rows = prompts * sequences
-    logits_row_bytes = spec.vocab_size * np.dtype(np.float32).itemsize
-    prompt_tokens = tokens - new_tokens
-    needed = rows * (
-        tokens * spec.bytes_per_token + logits_row_bytes * (2 * prompt_tokens + LOGITS_STEP_COPIES)
-    )
-    if limit is not None and needed > limit:
-        raise GenerationConfigError(
-            f"this generation needs {needed / 2**30:.1f} GiB for its KV cache and logits ({prompts} "
-            f"prompt(s) x {sequences} sequence(s) each x {tokens} tokens), over the limit of "
-            f"{limit / 2**30:.1f} GiB; lower the batch, num_beams, "
-            "num_return_sequences or max_new_tokens (or load with a larger max_cache_bytes)"
-        )
+def bind_host_inputs(binding: ort.IOBinding, feeds: dict[str, np.ndarray]) -> list[ort.OrtValue]:
+    """Bind host arrays as inputs. Through OrtValues: `bind_cpu_input` can't find inputs that
+    have a default (`num_logits_to_keep`). Keep the returned values until the run is done."""
+    values = [
+        ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C")) for array in feeds.values()
+    ]
+    for name, value in zip(feeds, values, strict=True):
+        binding.bind_ortvalue_input(name, value)
+    return values
 
 
 class KVCache:
     """One batch's past keys and values; `values` are keyed by the graph's past input names.
 
-    `run` advances the cache in place; `select`, `extend` and `reorder` return a new cache (the
-    old one may share buffers with it and should not be run again).
+    `run` and `drop_newest` change the cache in place; `select`, `extend` and `reorder` return a
+    new cache (the old one may share buffers with it and should not be run again).
     """
 
     mode: ClassVar[str]
@@ -192,14 +158,19 @@ class KVCache:
         return {} if local is None else {local.input: local.mask(attention_mask, self.local_rows, new)}
 
     def run(
-        self, session: ort.InferenceSession, inputs: dict[str, np.ndarray], attention_mask: np.ndarray
+        self,
+        session: ort.InferenceSession,
+        inputs: dict[str, np.ndarray],
+        attention_mask: np.ndarray,
+        spare: int = 0,
     ) -> np.ndarray:
-        """Run the graph on `inputs` (token ids, mask, positions) on top of this cache; returns the
-        logits (B, S, V) float32 and leaves the new rows in the cache."""
+        """Run the graph on `inputs` (token ids, mask, positions, optionally `num_logits_to_keep`)
+        on top of this cache; returns the logits (B, S or min(K, S), V) float32 and leaves the new
+        rows in the cache. `spare`: newest rows the caller may `drop_newest` after this step."""
         new = attention_mask.shape[1] - self.length
         logits, outputs = self.execute(session, {**inputs, **self.feeds(attention_mask, new)}, new)
         self.absorb(outputs, new)
-        self.trim()
+        self.trim(spare)
         return logits
 
     def execute(
@@ -214,18 +185,35 @@ class KVCache:
         self.length += new
         self.local_rows += new
 
-    def trim(self) -> None:
-        """Windowed local cache on the host: past `min_rows + slack`, keep the newest `min_rows`."""
+    def trim(self, spare: int = 0) -> None:
+        """Windowed local cache on the host: past `min_rows + spare + slack`, keep the newest
+        `min_rows + spare` (`spare` rows may be dropped again, and min_rows must remain)."""
         local = self.spec.local
-        if local is None or not self.spec.on_host or local.rows_to_keep(self.local_rows) == self.local_rows:
+        if local is None or not self.spec.on_host:
+            return
+        if local.rows_to_keep(self.local_rows, spare) == self.local_rows:
             return
         arrays = {name: value for name, value in self.host_arrays().items() if self.spec.is_local(name)}
-        self.local_rows = local.trim(arrays, self.local_rows, self.in_place)
+        self.local_rows = local.trim(arrays, self.local_rows, self.in_place, spare)
         self.store_local(arrays)
 
     def store_local(self, arrays: dict[str, np.ndarray]) -> None:
         """Keep the trimmed local arrays (concat modes replace their values)."""
         self.values.update(arrays)
+
+    def drop_newest(self, count: int) -> None:
+        """Forget the newest `count` rows of every row (prompt lookup's refused drafts), in place:
+        the caller drops their columns from its attention mask."""
+        if not (isinstance(count, int) and 0 <= count <= min(self.length, self.local_rows)):
+            raise InputError(f"count must be in [0, {min(self.length, self.local_rows)}], got {count!r}")
+        if count:
+            self.length -= count
+            self.local_rows -= count
+            self.cut(count)
+
+    def cut(self, count: int) -> None:
+        """Remove the newest `count` rows from each value (`length` is already lowered)."""
+        raise NotImplementedError
 
     # ---- rows leave, join, reorder ---------------------------------------------------------------
     def capacity(self) -> int | None:
@@ -289,6 +277,11 @@ class ConcatCache(KVCache):
     def host_arrays(self) -> dict[str, np.ndarray]:
         return dict(self.values)
 
+    def cut(self, count: int) -> None:  # noqa: D102
+        self.values = {
+            name: np.ascontiguousarray(a[:, :, : self.rows(name)]) for name, a in self.values.items()
+        }
+
     def execute(self, session, feeds, new):  # noqa: D102
         names = self.spec.output_names()
         outputs = session.run(names, {**feeds, **self.values})
@@ -320,20 +313,25 @@ class BoundConcatCache(KVCache):
 
     def execute(self, session, feeds, new):  # noqa: D102
         binding = session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        bound = bind_host_inputs(binding, feeds)
         for name, value in self.values.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(self.spec.logits, "cpu")
         for _, present in self.spec.names:
             binding.bind_output(present, *self.spec.device)
         session.run_with_iobinding(binding)
+        del bound
         outputs = binding.get_outputs()
         presents = {past: value for (past, _), value in zip(self.spec.names, outputs[1:])}
         return outputs[0].numpy().astype(np.float32, copy=False), presents
 
     def store_local(self, arrays: dict[str, np.ndarray]) -> None:
         self.values.update({name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()})
+
+    def cut(self, count: int) -> None:  # noqa: D102
+        # through the host (numpy() of a device value is a copy), as select does
+        arrays = {name: array[:, :, : self.rows(name)] for name, array in self.host_arrays().items()}
+        self.values = self.from_host(self.spec, arrays, self.length, self.local_rows).values
 
 
 class SharedBufferCache(KVCache):
@@ -382,15 +380,18 @@ class SharedBufferCache(KVCache):
             for past, present in self.spec.names:
                 binding.bind_ortvalue_input(past, self.values[past])
                 binding.bind_ortvalue_output(present, self.values[past])
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        logits = np.empty((self.batch, new, self.spec.vocab_size), np.float32)
+        bound = bind_host_inputs(binding, feeds)
+        logits = np.empty((self.batch, self.spec.logits_rows(feeds, new), self.spec.vocab_size), np.float32)
         binding.bind_ortvalue_output(self.spec.logits, ort.OrtValue.ortvalue_from_numpy(logits))
         session.run_with_iobinding(binding)
+        del bound
         return logits, {}
 
     def store_local(self, arrays: dict[str, np.ndarray]) -> None:
         pass  # trimmed in place
+
+    def cut(self, count: int) -> None:
+        pass  # the rows past `length` are written over by the next step
 
 
 def cache_class(mode: str, io_binding: bool) -> type[KVCache]:

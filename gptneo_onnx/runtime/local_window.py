@@ -45,16 +45,18 @@ class LocalWindow:
         """The local layers' mask: the columns of the `held` cached rows and the `new` tokens."""
         return attention_mask[:, attention_mask.shape[1] - (held + new) :]
 
-    def rows_to_keep(self, rows: int) -> int:
-        """How many of `rows` cached rows to keep: all, until they pass `min_rows + slack`."""
-        return self.min_rows if rows > self.min_rows + self.slack else rows
+    def rows_to_keep(self, rows: int, spare: int = 0) -> int:
+        """How many of `rows` cached rows to keep: all, until they pass `min_rows + spare + slack`.
+        `spare`: newest rows a caller may drop again (rejected drafts), kept beyond `min_rows`."""
+        floor = self.min_rows + spare
+        return floor if rows > floor + self.slack else rows
 
-    def trim(self, arrays: dict[str, np.ndarray], rows: int, in_place: bool) -> int:
+    def trim(self, arrays: dict[str, np.ndarray], rows: int, in_place: bool, spare: int = 0) -> int:
         """After a step that left `rows` rows in the local layers' caches, trim `arrays` (keyed
         by past name; other keys are left alone) as `rows_to_keep` says and return the rows now
         held. `in_place` (shared buffers): move the newest rows to the front of each buffer;
         otherwise (concat): replace each local array by a contiguous copy of its newest rows."""
-        keep = self.rows_to_keep(rows)
+        keep = self.rows_to_keep(rows, spare)
         if keep == rows:
             return rows
         for name in self.past_names:

@@ -110,6 +110,9 @@ def _is_int(value: Any) -> bool:
 
 def session_options(options: ProviderOptions) -> ort.SessionOptions:
     settings = ort.SessionOptions()
+    # Errors only: onnxruntime warns on every load that `num_logits_to_keep` (an input with a
+    # default, docs/sidecar.md) is not folded as a constant, which is the point of it.
+    settings.log_severity_level = 3
     check_options(options)
     if options.intra_op_threads is not None:
         settings.intra_op_num_threads = options.intra_op_threads

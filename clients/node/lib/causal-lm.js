@@ -27,9 +27,14 @@ const FLOAT_ARRAYS = { float32: Float32Array, float16: Uint16Array }; // float16
 const CACHE_MODES = ["auto", "concat", "shared-buffer"];
 
 export class CausalLM {
-  /** `cacheMode`: auto (shared-buffer when offered), concat or shared-buffer. */
-  constructor({ ort, sidecar, session, tokenizer, cacheMode = "auto" }) {
+  /**
+   * `cacheMode`: auto (shared-buffer when offered), concat or shared-buffer. `feedOptionalInputs`:
+   * feed `num_logits_to_keep` (format x.2) so the lm_head runs on the last position only;
+   * onnxruntime-node takes it, onnxruntime-web refuses feeds outside `session.inputNames`.
+   */
+  constructor({ ort, sidecar, session, tokenizer, cacheMode = "auto", feedOptionalInputs = false }) {
     this.ort = ort;
+    this.feedOptionalInputs = feedOptionalInputs;
     this.sidecar = sidecar;
     this.session = session;
     this.tokenizer = tokenizer;
@@ -159,6 +164,10 @@ export class CausalLM {
       const columns = cache.localRows + length; // the local layers' rows, then the new tokens
       const localMask = mask.flatMap((row) => row.slice(total - columns));
       feeds[local.input] = intTensor(ort, spec("attention_mask").dtype, localMask, [batch, columns]);
+    }
+    if (this.io.num_logits_to_keep && this.feedOptionalInputs) {
+      // format x.2: the lm_head runs on the last position only (this runner reads no other)
+      feeds[this.io.num_logits_to_keep] = new ort.Tensor("int64", BigInt64Array.from([1n]), []);
     }
     Object.assign(feeds, cache.pasts);
     let results;

@@ -11,7 +11,9 @@ import { loadSidecar } from "./sidecar.js";
 /** Load and verify an export folder; `cacheMode` is auto (shared-buffer when offered), concat or shared-buffer. */
 export async function loadCausalLM(folder, { verify = true, cacheMode = "auto", threads = null } = {}) {
   const sidecar = await loadSidecar(new NodeFolder(folder), { verify });
-  const options = { executionProviders: ["cpu"], graphOptimizationLevel: "all" };
+  // logSeverityLevel 3 (errors): onnxruntime warns on every load that `num_logits_to_keep`, an
+  // input with a default value (docs/sidecar.md), is not folded as a constant.
+  const options = { executionProviders: ["cpu"], graphOptimizationLevel: "all", logSeverityLevel: 3 };
   if (threads !== null) {
     if (threads < 0) throw new InputError(`--threads must be >= 0 (0 = onnxruntime's default), got ${threads}`);
     options.intraOpNumThreads = threads;
@@ -27,5 +29,5 @@ export async function loadCausalLM(folder, { verify = true, cacheMode = "auto", 
     );
   }
   const tokenizer = await loadTokenizer(sidecar);
-  return new CausalLM({ ort, sidecar, session, tokenizer, cacheMode });
+  return new CausalLM({ ort, sidecar, session, tokenizer, cacheMode, feedOptionalInputs: true });
 }
