@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gptneo_onnx.contract import MANIFEST_NAME, OWNER_FILE
+from gptneo_onnx.contract import MANIFEST_NAME, OWNER_FILE, STAGING_INFIX
 from gptneo_onnx.errors import ExportOutputError
 from gptneo_onnx.export.layout import GRAPH_FOLDER, GRAPH_FOLDER_FILES
 
@@ -89,7 +89,7 @@ def staged_output(output_dir: str | Path, overwrite: bool = False) -> Iterator[P
     if not into_existing:
         target.parent.mkdir(parents=True, exist_ok=True)
     check_writable(target if into_existing else target.parent)
-    staging = _fresh_folder(target if into_existing else target.parent, f".{target.name}.partial-")
+    staging = _fresh_folder(target if into_existing else target.parent, f".{target.name}{STAGING_INFIX}")
     try:
         _write_owner(staging)
         yield staging
@@ -164,7 +164,7 @@ def remove_abandoned_staging(target: Path) -> list[Path]:
     between the two renames leaves the previous export there, its only copy). Returns what was
     deleted."""
     removed = []
-    inside = sorted(target.glob(f".{target.name}.partial-*")) if target.is_dir() else []
+    inside = sorted(target.glob(f".{target.name}{STAGING_INFIX}*")) if target.is_dir() else []
     for folder in [*sorted(target.parent.glob(f".{target.name}.partial-*")), *inside]:
         owner_file = folder / OWNER_FILE
         if folder.is_symlink() or not folder.is_dir() or owner_file.is_symlink():

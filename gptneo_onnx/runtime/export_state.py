@@ -11,12 +11,11 @@ import re
 import warnings
 from pathlib import Path
 
-from gptneo_onnx.contract import MANIFEST_NAME, OWNER_FILE
+from gptneo_onnx.contract import MANIFEST_NAME, OWNER_FILE, STAGING_INFIX
 from gptneo_onnx.runtime.errors import ExportFolderError, UnvalidatedExportWarning
 
 # An export is written into `.NAME.partial-XXXX` holding `.owner`, then renamed (export/output_folder.py).
-STAGING_NAME = re.compile(r"^\..+\.partial-[0-9a-f]+$")
-STAGING_OWNER_FILE = OWNER_FILE
+STAGING_NAME = re.compile(rf"^\..+{re.escape(STAGING_INFIX)}[0-9a-f]+$")
 CHECKPOINT_WEIGHTS = (
     "model.safetensors",
     "pytorch_model.bin",
@@ -27,7 +26,7 @@ CHECKPOINT_WEIGHTS = (
 
 def is_staging_folder(folder: Path) -> bool:
     """A folder an export is still being written into (`.NAME.partial-*`, holding `.owner`)."""
-    return bool(STAGING_NAME.match(folder.name)) or (folder / STAGING_OWNER_FILE).exists()
+    return bool(STAGING_NAME.match(folder.name)) or (folder / OWNER_FILE).exists()
 
 
 def validation_status(raw: dict) -> str:
