@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 
 import pytest
 from runtime_helpers import export_tiny, train_tokenizer
@@ -19,6 +20,7 @@ from gptneo_onnx.serve import (
     RequestTooLarge,
     TokenEvent,
 )
+from gptneo_onnx.serve.engine import prefill_groups
 
 MODEL = {"vocab_size": 320, "initializer_range": 0.5}
 NO_EOS: list[int] = []  # rows that must run to max_new_tokens
@@ -222,3 +224,30 @@ def test_a_failing_step_ends_its_rows_with_an_error_and_the_engine_goes_on(folde
     again = list(engine.submit(EngineRequest([5, 6], config)))
     engine.stop()
     assert [e.token_id for e in again[:-1]] == model.generate([5, 6], config).sequences[0]
+
+
+def test_prefill_groups_keep_padding_and_size_bounded():
+    rows = [SimpleNamespace(prompt_length=n) for n in (64, 16, 16, 20, 2000, 30)]
+    groups = [[row.prompt_length for row in group] for group in prefill_groups(rows)]
+    # 4 x 30 padded tokens <= 1.5 x 82 real ones; 5 x 64 > 1.5 x 146; 2 x 2000 > 2048
+    assert groups == [[16, 16, 20, 30], [64], [2000]]
+
+
+def test_requests_admitted_together_share_prefill_runs(folders):
+    """8 requests waiting at start: fewer prefill runs than requests, every row as it is alone."""
+    model = CausalLM.load(folders["portable"], intra_op_threads=1)
+    requests = mixed_requests(model)
+    prefills: list[int] = []
+    forward = model.forward
+
+    def counting_forward(input_ids, attention_mask, *args, past=None, **options):
+        if past is None:
+            prefills.append(len(input_ids))
+        return forward(input_ids, attention_mask, *args, past=past, **options)
+
+    model.forward = counting_forward
+    results = run_all(Engine(model, EngineLimits(max_concurrent=8)), requests)
+    model.forward = forward
+    assert sum(prefills) == 8 and len(prefills) < 8 and max(prefills) > 1
+    for request, (tokens, _) in zip(requests, results):
+        assert tokens == expected(model, request)[0]

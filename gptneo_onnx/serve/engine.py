@@ -1,9 +1,12 @@
 """The serving engine: one thread owns a CausalLM and runs iteration-level continuous batching.
 
 Between two decode steps, finished, cancelled and timed-out rows leave the batch at once
-(`KVCache.select`, dropping the left padding no remaining row needs), and waiting requests are
-prefilled alone and join it (`KVCache.extend`, left padding realigned). Each row keeps its own
-sampling state (serve/row.py). Policies, for the serving benchmark:
+(`KVCache.select`, dropping the left padding no remaining row needs), and the waiting requests
+that take the free slots are prefilled together, in groups of similar length (one left-padded
+batch per group, logits of the last position only), and join it (`KVCache.extend`, left padding
+realigned). A prefill stalls every running row, and one run for several prompts costs far less
+than one run each. Each row keeps its own sampling state (serve/row.py). Policies, for the
+serving benchmark:
 - "continuous": rows join whenever a slot is free;
 - "static": a batch is formed from the waiting requests and runs until every row has finished
   (finished rows stay in the batch, as in a batched `generate`);
@@ -49,6 +52,10 @@ __all__ = [
 
 POLICIES = ("continuous", "static", "sequential")
 IDLE_WAIT_S = 0.05  # how often an idle engine looks at its queue's deadlines
+# A prefill group: at most this many padded tokens (the portable graph holds batch x heads x
+# length^2 attention scores per layer), and padding at most half of its real tokens.
+PREFILL_GROUP_TOKENS = 2048
+PREFILL_GROUP_PADDING = 1.5
 
 
 @dataclass
@@ -180,8 +187,7 @@ class Engine:
                 self._leave()  # first, so that the slots it frees are taken at once
                 with self._lock:
                     joining = self._admit()
-                for handle in joining:
-                    self._join(handle)
+                self._join(joining)
                 if self._rows:
                     self._step()
             except Exception as error:  # noqa: BLE001 - the batch fails, the engine goes on
@@ -237,32 +243,66 @@ class Engine:
         self._cache = self._cache.select(keep, drop, capacity)
         self._mask, self._next = mask[:, drop:], self._next[keep]
 
-    def _join(self, handle: RequestHandle) -> None:
-        """Prefill one request alone, emit its first token, and extend the batch with its row."""
-        model, config = self.model, handle.request.config
-        eos = self._eos if config.eos_token_id is None else config.eos_token_id
-        row = Row(handle, eos, model.tokenizer, model.stop_check(config.stop_strings))
-        if handle.cancelled.is_set():
-            return self._finish(row, "cancelled")
-        ids = np.asarray([handle.request.prompt_ids], np.int64)
+    def _join(self, handles: list[RequestHandle]) -> None:
+        """Prefill the admitted requests, emit their first tokens, and extend the batch with the
+        rows that go on."""
+        rows = []
+        for handle in handles:
+            config = handle.request.config
+            eos = self._eos if config.eos_token_id is None else config.eos_token_id
+            row = Row(handle, eos, self.model.tokenizer, self.model.stop_check(config.stop_strings))
+            if handle.cancelled.is_set():
+                self._finish(row, "cancelled")
+            else:
+                rows.append(row)
+        for group in prefill_groups(rows):
+            self._prefill(group)
+
+    def _prefill(self, rows: list[Row]) -> None:
+        """One left-padded prefill run for `rows`; the rows that go on join the running batch."""
+        prompts = [row.handle.request.prompt_ids for row in rows]
+        width = max(len(prompt) for prompt in prompts)
+        ids = np.zeros((len(rows), width), np.int64)
+        mask = np.zeros_like(ids)
+        for index, prompt in enumerate(prompts):
+            ids[index, width - len(prompt) :], mask[index, width - len(prompt) :] = prompt, 1
         try:
-            logits, cache = model.forward(
-                ids, np.ones_like(ids), capacity=ids.shape[1] + config.max_new_tokens
+            logits, cache = self.model.forward(
+                ids, mask, capacity=width + self._room(rows), num_logits_to_keep=1
             )
-            event, reason = row.advance(logits[0, -1])
-        except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
-            return self._finish(row, "error", f"{type(error).__name__}: {error}")
-        handle.put(event)
-        if reason is not None:
-            return self._finish(row, reason)
+        except Exception as error:  # noqa: BLE001 - these requests fail, the engine goes on
+            for row in rows:
+                self._finish(row, "error", f"{type(error).__name__}: {error}")
+            return
+        going_on, next_tokens = [], []
+        for index, row in enumerate(rows):
+            try:
+                event, reason = row.advance(logits[index, -1])
+            except Exception as error:  # noqa: BLE001 - NaN logits or no token left: this row fails
+                self._finish(row, "error", f"{type(error).__name__}: {error}")
+                continue
+            row.handle.put(event)
+            if reason is not None:
+                self._finish(row, reason)
+            else:
+                going_on.append(index)
+                next_tokens.append(event.token_id)
+        if not going_on:
+            return
+        rows = [rows[index] for index in going_on]
+        if len(going_on) < len(ids):
+            mask = mask[going_on]
+            drop = int(np.argmax(mask != 0, axis=1).min())
+            cache = cache.select(going_on, drop, cache.length - drop + self._room(rows))
+            mask = mask[:, drop:]
         if self._cache is None:
-            self._cache, self._mask = cache, np.ones_like(ids)
+            self._cache, self._mask = cache, mask
         else:
             length = max(self._cache.length, cache.length)
-            self._cache = self._cache.extend(cache, capacity=length + self._room([*self._rows, row]))
-            self._mask = np.concatenate([_left_pad(self._mask, length), _left_pad(np.ones_like(ids), length)])
-        self._next = np.append(self._next, event.token_id)
-        self._rows.append(row)
+            self._cache = self._cache.extend(cache, capacity=length + self._room([*self._rows, *rows]))
+            self._mask = np.concatenate([_left_pad(self._mask, length), _left_pad(mask, length)])
+        self._next = np.append(self._next, next_tokens)
+        self._rows.extend(rows)
 
     def _step(self) -> None:
         """One decode step for the whole batch; each live row takes its next token."""
@@ -310,6 +350,24 @@ class Engine:
             waiting, self._waiting = list(self._waiting), deque()
         for handle in waiting:
             handle.put(FinishEvent("cancelled", handle.prompt_tokens, 0, "", "the engine stopped"))
+
+
+def prefill_groups(rows: list[Row]) -> list[list[Row]]:
+    """Rows in groups of similar prompt length, shortest first: a group grows while its padded
+    tokens stay within PREFILL_GROUP_TOKENS (a longer prompt runs alone) and its padding within
+    PREFILL_GROUP_PADDING x its real tokens."""
+    groups: list[list[Row]] = []
+    real = 0
+    for row in sorted(rows, key=lambda row: row.prompt_length):
+        length = row.prompt_length
+        padded = (len(groups[-1]) + 1) * length if groups else 0
+        if groups and padded <= PREFILL_GROUP_TOKENS and padded <= PREFILL_GROUP_PADDING * (real + length):
+            groups[-1].append(row)
+            real += length
+        else:
+            groups.append([row])
+            real = length
+    return groups
 
 
 def _left_pad(mask: np.ndarray, length: int) -> np.ndarray:
