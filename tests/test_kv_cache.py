@@ -86,6 +86,19 @@ def test_rows_join_leave_and_reorder_like_fresh_runs(folders, flavor, mode, io_b
     batch.mask, batch.rows = batch.mask[keep][:, drop:], [batch.rows[i] for i in keep]
     batch.check(batch.step(rng.integers(3, 97, 3).tolist()))
 
+    # leave and join in one copy (a server's step): row 0 goes, a 6-token row comes in
+    joining = Batch(model, [rng.integers(3, 97, 6).tolist()])
+    keep = [2, 1]
+    drop = int(np.argmax(batch.mask[keep] != 0, axis=1).min())
+    batch.cache = batch.cache.regroup(keep, drop, [joining.cache])
+    masks = [batch.mask[keep][:, drop:], joining.mask]
+    length = max(mask.shape[1] for mask in masks)
+    assert batch.cache.length == length and batch.cache.batch == 3
+    batch.mask = np.concatenate([np.pad(m, ((0, 0), (length - m.shape[1], 0))) for m in masks])
+    batch.rows = [batch.rows[i] for i in keep] + joining.rows
+    for _ in range(3):
+        batch.check(batch.step(rng.integers(3, 97, 3).tolist()))
+
     # beam-search reorder: rows repeat and swap
     order = [2, 2, 0]
     batch.cache = batch.cache.reorder(order)

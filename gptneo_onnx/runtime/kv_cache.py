@@ -4,8 +4,8 @@ A session builds a step's token inputs and calls `cache.run(session, inputs, att
 the cache adds its `feeds` (past tensors or bound buffers, and the local layers' mask), runs the
 graph, `absorb`s the presents and `trim`s the local layers' rows. Rows leave a running batch with
 `select`, join it with `extend` (left padding realigned, as TGI's CausalLMBatch filter and
-concatenate), are reordered for beam search with `reorder`, and the newest rows (refused
-prompt-lookup drafts) go again with `drop_newest`.
+concatenate), or both in one copy with `regroup`; they are reordered for beam search with
+`reorder`, and the newest rows (refused prompt-lookup drafts) go again with `drop_newest`.
 
 Layout: each value is (B, H, rows, D). Row t of a global layer is column t of the attention mask,
 left padding included; the local layers of a windowed export hold only the newest `local_rows`
@@ -20,83 +20,13 @@ columns (runtime/local_window.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import onnxruntime as ort
 
+from gptneo_onnx.runtime.cache_spec import CacheSpec, bind_host_inputs
 from gptneo_onnx.runtime.errors import InputError
-from gptneo_onnx.runtime.local_window import LocalWindow
-from gptneo_onnx.runtime.manifest import Manifest
-
-Device = tuple[str, int]  # onnxruntime's device name and id: ("cpu", 0), ("cuda", 1)
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """What every cache of one export shares: IO names, shape, dtype, windowing and device."""
-
-    names: tuple[tuple[str, str], ...]  # (past input, present output), per layer key and value
-    num_heads: int
-    head_dim: int
-    dtype: np.dtype
-    logits: str  # the logits output
-    vocab_size: int
-    local: LocalWindow | None = None
-    device: Device = ("cpu", 0)
-    num_logits_to_keep: str | None = None  # the input (format x.2): logits of the last K positions only
-
-    @classmethod
-    def from_manifest(cls, manifest: Manifest, device: Device = ("cpu", 0)) -> CacheSpec:
-        names = tuple(
-            pair
-            for layer in manifest.cache_layers
-            for pair in ((layer.past_key, layer.present_key), (layer.past_value, layer.present_value))
-        )
-        model = manifest.model
-        return cls(
-            names=names,
-            num_heads=int(model["num_heads"]),
-            head_dim=int(model["head_dim"]),
-            dtype=np.dtype(manifest.cache_dtype),
-            logits=str(manifest.io["logits"]),
-            vocab_size=manifest.vocab_size,
-            local=LocalWindow.from_cache(manifest.raw.get("cache") or {}),
-            device=device,
-            num_logits_to_keep=manifest.io.get("num_logits_to_keep"),
-        )
-
-    @property
-    def on_host(self) -> bool:
-        return self.device[0] == "cpu"
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Cache bytes one row needs per token: keys and values of every layer."""
-        return len(self.names) * self.num_heads * self.head_dim * self.dtype.itemsize
-
-    def output_names(self) -> list[str]:
-        return [self.logits, *(present for _, present in self.names)]
-
-    def is_local(self, name: str) -> bool:
-        return self.local is not None and name in self.local.past_names
-
-    def logits_rows(self, feeds: dict[str, Any], new: int) -> int:
-        """Positions the graph returns logits for: the last `num_logits_to_keep` if fed (0: all)."""
-        keep = int(feeds.get(self.num_logits_to_keep, 0)) if self.num_logits_to_keep else 0
-        return min(keep, new) if keep else new
-
-
-def bind_host_inputs(binding: ort.IOBinding, feeds: dict[str, np.ndarray]) -> list[ort.OrtValue]:
-    """Bind host arrays as inputs. Through OrtValues: `bind_cpu_input` can't find inputs that
-    have a default (`num_logits_to_keep`). Keep the returned values until the run is done."""
-    values = [
-        ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C")) for array in feeds.values()
-    ]
-    for name, value in zip(feeds, values, strict=True):
-        binding.bind_ortvalue_input(name, value)
-    return values
 
 
 class KVCache:
@@ -223,16 +153,7 @@ class KVCache:
         """Keep these batch rows, in this order; `drop` leading columns (left padding of every kept
         row) go too, so the caller drops them from its attention mask. `capacity`: the new shared
         buffers' rows (default: as now); size it to what the rows still need."""
-        if not 0 <= drop <= self.length:
-            raise InputError(f"drop must be in [0, {self.length}], got {drop}")
-        rows = np.asarray(rows, dtype=np.int64)
-        length = self.length - drop
-        local_rows = min(self.local_rows, length)
-        arrays = {}
-        for name, array in self.host_arrays().items():
-            kept = local_rows if self.spec.is_local(name) else length
-            arrays[name] = np.ascontiguousarray(array[rows][:, :, array.shape[2] - kept :])
-        return self.from_host(self.spec, arrays, length, local_rows, capacity or self.capacity())
+        return self.regroup(rows, drop, (), capacity or self.capacity())
 
     def reorder(self, indices: list[int] | np.ndarray) -> KVCache:
         """Beam search: row i of the new cache is row `indices[i]` of this one."""
@@ -242,23 +163,46 @@ class KVCache:
         """These rows, then the others' rows: one batch `max(length)` columns long. A shorter cache's
         rows are left-padded with zeros; left-pad its attention mask by `length - its length`.
         `capacity`: the shared buffers' rows (default: the largest of the caches')."""
+        return self.regroup(range(self.batch), 0, others, capacity)
+
+    def regroup(
+        self,
+        rows: list[int] | range | np.ndarray,
+        drop: int = 0,
+        others: tuple[KVCache, ...] | list[KVCache] = (),
+        capacity: int | None = None,
+    ) -> KVCache:
+        """`select(rows, drop)` then `extend(*others)` in one copy: a server's batch, where rows
+        leave and join between two steps."""
         caches = [self, *others]
         if any(type(cache) is not type(self) or cache.spec != self.spec for cache in caches):
             raise InputError("extend joins caches of one model and one cache mode")
-        length = max(cache.length for cache in caches)
+        if not 0 <= drop <= self.length:
+            raise InputError(f"drop must be in [0, {self.length}], got {drop}")
+        rows = np.asarray(rows, dtype=np.int64)
+        own_length = self.length - drop
+        own_local = min(self.local_rows, own_length)
+        length = max([own_length, *(cache.length for cache in others)])
         # Local layers: the most rows any cache holds. Zero rows in front of an untrimmed cache
         # fall on its left padding; in front of a trimmed one (>= min_rows rows), outside the window.
-        local_rows = max(cache.local_rows for cache in caches)
-        hosts = [cache.host_arrays() for cache in caches]
+        local_rows = max([own_local, *(cache.local_rows for cache in others)])
+        own = self.host_arrays()
+        hosts = [cache.host_arrays() for cache in others]
         arrays = {}
         for name, _ in self.spec.names:
-            rows = local_rows if self.spec.is_local(name) else length
-            parts = [host[name] for host in hosts]
+            local = self.spec.is_local(name)
+            kept = own_local if local else own_length
+            array = own[name]
+            parts = [array[rows][:, :, array.shape[2] - kept :], *(host[name] for host in hosts)]
+            width = local_rows if local else length
+            if len(parts) == 1:
+                arrays[name] = np.ascontiguousarray(parts[0])
+                continue
             batch = sum(part.shape[0] for part in parts)
-            joined = np.zeros((batch, self.spec.num_heads, rows, self.spec.head_dim), self.spec.dtype)
+            joined = np.zeros((batch, self.spec.num_heads, width, self.spec.head_dim), self.spec.dtype)
             start = 0
             for part in parts:  # right-aligned: zero rows in front of the shorter ones
-                joined[start : start + part.shape[0], :, rows - part.shape[2] :] = part
+                joined[start : start + part.shape[0], :, width - part.shape[2] :] = part
                 start += part.shape[0]
             arrays[name] = joined
         capacity = capacity or max(cache.capacity() or 0 for cache in caches) or None

@@ -59,6 +59,16 @@ PREFILL_GROUP_PADDING = 1.5
 
 
 @dataclass
+class _Prefilled:
+    """Rows, their KV cache, attention mask and next input tokens: one part of the next batch."""
+
+    rows: list[Row]
+    cache: KVCache
+    mask: np.ndarray
+    next_tokens: np.ndarray
+
+
+@dataclass
 class EngineStats:
     running: int  # requests prefilled or in the batch
     waiting: int  # requests queued for a slot
@@ -184,10 +194,10 @@ class Engine:
                 if self._stopping:
                     return
             try:
-                self._leave()  # first, so that the slots it frees are taken at once
+                keep = self._leave()  # first, so that the slots it frees are taken at once
                 with self._lock:
                     joining = self._admit()
-                self._join(joining)
+                self._regroup(keep, self._join(joining))
                 if self._rows:
                     self._step()
             except Exception as error:  # noqa: BLE001 - the batch fails, the engine goes on
@@ -203,10 +213,11 @@ class Engine:
             if reason:
                 self._waiting.remove(handle)
                 handle.put(FinishEvent(reason, handle.prompt_tokens, 0, ""))
+        live = sum(not row.done for row in self._rows)  # finished rows leave with the joining ones
         if self.policy == "continuous":
-            free = self.limits.max_concurrent - len(self._rows)
+            free = self.limits.max_concurrent - live
         else:
-            free = 0 if self._rows else (1 if self.policy == "sequential" else self.limits.max_concurrent)
+            free = 0 if live else (1 if self.policy == "sequential" else self.limits.max_concurrent)
         joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         self._active += len(joining)
         return joining
@@ -219,8 +230,9 @@ class Engine:
             self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
             self._lock.notify_all()
 
-    def _leave(self) -> None:
-        """Cancelled and timed-out rows finish; finished rows leave the batch."""
+    def _leave(self) -> list[int] | None:
+        """Cancelled and timed-out rows finish; returns the rows that stay when some leave (None:
+        the batch is unchanged). They leave in `_regroup`, with the joining rows, in one copy."""
         now = time.monotonic()
         for row in self._rows:
             if row.done:
@@ -230,22 +242,12 @@ class Engine:
             elif row.handle.deadline is not None and now > row.handle.deadline:
                 self._finish(row, "timeout")
         keep = [i for i, row in enumerate(self._rows) if not row.done]
-        if self.policy == "static" and keep:
-            return  # a static batch runs until all of its rows have finished
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            return self._reset_batch()
-        mask = self._mask[keep]
-        drop = int(np.argmax(mask != 0, axis=1).min())  # left padding no kept row needs
-        self._rows = [self._rows[i] for i in keep]
-        capacity = self._cache.length - drop + self._room(self._rows)
-        self._cache = self._cache.select(keep, drop, capacity)
-        self._mask, self._next = mask[:, drop:], self._next[keep]
+        if (self.policy == "static" and keep) or len(keep) == len(self._rows):
+            return None  # a static batch runs until all of its rows have finished
+        return keep
 
-    def _join(self, handles: list[RequestHandle]) -> None:
-        """Prefill the admitted requests, emit their first tokens, and extend the batch with the
-        rows that go on."""
+    def _join(self, handles: list[RequestHandle]) -> list[_Prefilled]:
+        """Prefill the admitted requests and emit their first tokens; returns the rows that go on."""
         rows = []
         for handle in handles:
             config = handle.request.config
@@ -255,11 +257,10 @@ class Engine:
                 self._finish(row, "cancelled")
             else:
                 rows.append(row)
-        for group in prefill_groups(rows):
-            self._prefill(group)
+        return [part for group in prefill_groups(rows) for part in self._prefill(group)]
 
-    def _prefill(self, rows: list[Row]) -> None:
-        """One left-padded prefill run for `rows`; the rows that go on join the running batch."""
+    def _prefill(self, rows: list[Row]) -> list[_Prefilled]:
+        """One left-padded prefill run for `rows`; returns the rows that go on (none or one part)."""
         prompts = [row.handle.request.prompt_ids for row in rows]
         width = max(len(prompt) for prompt in prompts)
         ids = np.zeros((len(rows), width), np.int64)
@@ -273,7 +274,7 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - these requests fail, the engine goes on
             for row in rows:
                 self._finish(row, "error", f"{type(error).__name__}: {error}")
-            return
+            return []
         going_on, next_tokens = [], []
         for index, row in enumerate(rows):
             try:
@@ -288,21 +289,43 @@ class Engine:
                 going_on.append(index)
                 next_tokens.append(event.token_id)
         if not going_on:
-            return
+            return []
         rows = [rows[index] for index in going_on]
-        if len(going_on) < len(ids):
+        if len(going_on) < len(ids):  # some finished at their first token
             mask = mask[going_on]
             drop = int(np.argmax(mask != 0, axis=1).min())
             cache = cache.select(going_on, drop, cache.length - drop + self._room(rows))
             mask = mask[:, drop:]
-        if self._cache is None:
-            self._cache, self._mask = cache, mask
+        return [_Prefilled(rows, cache, mask, np.asarray(next_tokens, np.int64))]
+
+    def _regroup(self, keep: list[int] | None, joining: list[_Prefilled]) -> None:
+        """The next batch: the rows in `keep` (None: every row), dropping the left padding none of
+        them needs, then the joining rows; one KVCache.regroup, right-aligned."""
+        if keep is None:
+            if not joining:
+                return
+            keep = list(range(len(self._rows)))
+        parts, drop = list(joining), 0
+        if keep:
+            mask = self._mask[keep]
+            drop = int(np.argmax(mask != 0, axis=1).min())  # left padding no kept row needs
+            kept = [self._rows[i] for i in keep]
+            parts.insert(0, _Prefilled(kept, self._cache, mask[:, drop:], self._next[keep]))
+        if not parts:
+            return self._reset_batch()
+        rows = [row for part in parts for row in part.rows]
+        length = max(part.mask.shape[1] for part in parts)
+        capacity = length + self._room(rows)
+        others = [part.cache for part in joining]
+        if keep:
+            self._cache = self._cache.regroup(keep, drop, others, capacity)
+        elif len(others) == 1:
+            self._cache = others[0]  # one prefilled group: its cache as it is
         else:
-            length = max(self._cache.length, cache.length)
-            self._cache = self._cache.extend(cache, capacity=length + self._room([*self._rows, *rows]))
-            self._mask = np.concatenate([_left_pad(self._mask, length), _left_pad(mask, length)])
-        self._next = np.append(self._next, next_tokens)
-        self._rows.extend(rows)
+            self._cache = others[0].extend(*others[1:], capacity=capacity)
+        self._mask = np.concatenate([_left_pad(part.mask, length) for part in parts])
+        self._next = np.concatenate([part.next_tokens for part in parts])
+        self._rows = rows
 
     def _step(self) -> None:
         """One decode step for the whole batch; each live row takes its next token."""
