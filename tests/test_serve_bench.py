@@ -18,10 +18,10 @@ def test_quick_serving_bench_writes_its_results(tmp_path):
     main([*argv, "--work", str(tmp_path / "work"), "--output", str(output)])
     results = json.loads((output / "serving.json").read_text())
     planned = workload(QUICK, 2, SHAPES["tiny"]["vocab_size"])
-    expected_tokens = sum(tokens for requests in planned for _, tokens in requests)
+    expected_tokens = sum(tokens for _, tokens in planned)
     for policy in ("continuous", "sequential"):
         run = results["runs"][policy]["2"]
-        assert run["requests"] == sum(len(requests) for requests in planned)
+        assert run["requests"] == len(planned)
         assert run["output_tokens"] == expected_tokens  # min_tokens = max_tokens: exact lengths
         assert run["ttft_p50"] > 0 and run["tokens_per_second"] > 0
     assert (output / "serving.png").stat().st_size > 0

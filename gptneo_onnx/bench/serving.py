@@ -4,9 +4,10 @@
     gptneo-onnx bench-serve --quick    # tiny shape, seconds: a smoke test
 
 For each batching policy (continuous, static, one request at a time) a server runs in its own
-process, and the policies take turns at each client count; 1, 4, 8 and 16 clients stream
-completions of mixed prompt and output lengths (fixed seeds, token-id prompts, `min_tokens` =
-`max_tokens` so every request makes exactly its tokens). Reported: output tokens per second,
+process, and the policies take turns at each client count; 1, 4, 8 and 16 clients take turns
+over one shared list of 4 requests per client, streaming completions of mixed prompt and output
+lengths (fixed seeds, token-id prompts, `min_tokens` = `max_tokens` so every request makes
+exactly its tokens). Reported: output tokens per second,
 time to first token and inter-token latency (p50 / p99). Writes serving.json, serving.md and
 serving.png.
 """
@@ -44,22 +45,19 @@ class Plan:
     output_lengths: tuple[int, ...]
 
 
-FULL = Plan("125m", (1, 4, 8, 16), 2, (16, 32, 64), (8, 16, 32))
+FULL = Plan("125m", (1, 4, 8, 16), 4, (16, 32, 64), (8, 16, 32))
 QUICK = Plan("tiny", (1, 4), 2, (4, 12), (4, 8))
 
 
-def workload(plan: Plan, clients: int, vocab: int) -> list[list[tuple[list[int], int]]]:
-    """Per client, its (prompt ids, output length) requests; the same for every policy."""
+def workload(plan: Plan, clients: int, vocab: int) -> list[tuple[list[int], int]]:
+    """The (prompt ids, output length) requests for this client count; the same for every policy."""
     rng = random.Random(1000 + clients)
     return [
-        [
-            (
-                [rng.randrange(1, vocab) for _ in range(rng.choice(plan.prompt_lengths))],
-                rng.choice(plan.output_lengths),
-            )
-            for _ in range(max(plan.requests_per_client, 4 // clients))
-        ]
-        for _ in range(clients)
+        (
+            [rng.randrange(1, vocab) for _ in range(rng.choice(plan.prompt_lengths))],
+            rng.choice(plan.output_lengths),
+        )
+        for _ in range(max(plan.requests_per_client * clients, 4))
     ]
 
 
@@ -87,20 +85,23 @@ async def one_request(http: httpx.AsyncClient, prompt: list[int], tokens: int, s
     return {"start": start, "arrivals": arrivals, "tokens": usage["completion_tokens"]}
 
 
-async def drive(url: str, requests: list[list[tuple[list[int], int]]], bar) -> dict:
-    """Every client sends its requests one after another; all clients at once."""
-    limits = httpx.Limits(max_connections=len(requests) + 2)
+async def drive(url: str, requests: list[tuple[list[int], int]], clients: int, bar) -> dict:
+    """`clients` workers take the next request from one shared list until it is empty, as
+    vLLM's benchmark_serving with --max-concurrency: every client is busy until the list ends."""
+    limits = httpx.Limits(max_connections=clients + 2)
+    queue = list(enumerate(requests))[::-1]
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
 
-        async def client(index: int, items: list[tuple[list[int], int]]) -> list[dict]:
+        async def client() -> list[dict]:
             results = []
-            for number, (prompt, tokens) in enumerate(items):
-                results.append(await one_request(http, prompt, tokens, seed=index * 100 + number))
+            while queue:
+                number, (prompt, tokens) = queue.pop()
+                results.append(await one_request(http, prompt, tokens, seed=number))
                 bar.update(1)
             return results
 
         start = time.perf_counter()
-        per_client = await asyncio.gather(*(client(i, items) for i, items in enumerate(requests)))
+        per_client = await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - start
     results = [result for items in per_client for result in items]
     ttft = [r["arrivals"][0] - r["start"] for r in results if r["arrivals"]]
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny shape, 1 and 4 clients: a smoke test")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated batching policies")
     parser.add_argument("--clients", help="comma-separated client counts (default 1,4,8,16)")
-    parser.add_argument("--variant", default="ours-portable-fp32", choices=sorted(OUR_VARIANTS))
+    parser.add_argument("--variant", default="ours-optimized-fp32", choices=sorted(OUR_VARIANTS))
     parser.add_argument("--max-concurrent", type=int, default=8, help="server slots")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime threads")
     parser.add_argument(
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown policies {unknown}; expected some of {list(POLICIES)}")
     export = build_all(args.work, plan.shape, [args.variant], lambda message: None).exports[args.variant]
     vocab = SHAPES[plan.shape]["vocab_size"]
-    total = sum(sum(len(items) for items in workload(plan, c, vocab)) for c in plan.clients) * len(policies)
+    total = sum(len(workload(plan, c, vocab)) for c in plan.clients) * len(policies)
     runs: dict[str, dict[str, dict]] = {policy: {} for policy in policies}
     servers: dict[str, ServerProcess] = {}
     try:  # every policy's server is up at once (idle ones cost no CPU); they take turns per
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for policy in policies:
                     bar.set_postfix_str(f"{clients} clients, {policy}")
                     requests = workload(plan, clients, vocab)
-                    runs[policy][str(clients)] = asyncio.run(drive(servers[policy].url, requests, bar))
+                    run = drive(servers[policy].url, requests, clients, bar)
+                    runs[policy][str(clients)] = asyncio.run(run)
     finally:
         for server in servers.values():
             server.stop()
