@@ -26,3 +26,10 @@ def test_quick_serving_bench_writes_its_results(tmp_path):
         assert run["ttft_p50"] > 0 and run["tokens_per_second"] > 0
     assert (output / "serving.png").stat().st_size > 0
     assert "| continuous | 2 |" in (output / "serving.md").read_text()
+    # the ceiling: each policy's cost per token recomputed from the timed steps and prefills
+    ceiling, mean_out = results["ceiling"], sum(QUICK.output_lengths) / len(QUICK.output_lengths)
+    step, prefill = ceiling["step_ms"], ceiling["prefill_ms"]
+    sequential_ms = (prefill["1"] + (mean_out - 1) * step["1"]) / mean_out
+    continuous_ms = (prefill["8"] / 8 + (mean_out - 1) * step["8"] / 8) / mean_out
+    assert ceiling["ratio"]["sequential"] == pytest.approx(sequential_ms / continuous_ms)
+    assert ceiling["ratio"]["sequential"] > 1  # 8 tiny rows cost less than 8 single-row steps
