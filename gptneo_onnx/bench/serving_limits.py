@@ -51,9 +51,14 @@ def _step_seconds(model: CausalLM, batch: int, past: int) -> float:
     return _median_seconds(step, STEPS)
 
 
-def _prefill_seconds(model: CausalLM, batch: int, length: int) -> float:
+def _prefill_seconds(model: CausalLM, batch: int, length: int, capacity: int) -> float:
+    """A prefill as the engine runs one: the cache sized to the prompt and the longest output."""
     ids = np.ones((batch, length), np.int64)
-    return _median_seconds(lambda: model.forward(ids, np.ones_like(ids), num_logits_to_keep=1), PREFILLS)
+
+    def prefill() -> None:
+        model.forward(ids, np.ones_like(ids), capacity=capacity, num_logits_to_keep=1)
+
+    return _median_seconds(prefill, PREFILLS)
 
 
 def batching_ceiling(
@@ -65,7 +70,9 @@ def batching_ceiling(
     mean_out, longest = statistics.mean(output_lengths), max(output_lengths)
     past = prompt + round(mean_out / 2)
     step_1, step_b = _step_seconds(model, 1, past), _step_seconds(model, slots, past)
-    prefill_1, prefill_b = _prefill_seconds(model, 1, prompt), _prefill_seconds(model, slots, prompt)
+    capacity = prompt + longest
+    prefill_1 = _prefill_seconds(model, 1, prompt, capacity)
+    prefill_b = _prefill_seconds(model, slots, prompt, capacity)
     per_token = {
         "sequential": (prefill_1 + (mean_out - 1) * step_1) / mean_out,
         "continuous": (prefill_b / slots + (mean_out - 1) * step_b / slots) / mean_out,
