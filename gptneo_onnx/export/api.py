@@ -28,6 +28,7 @@ class ExportResult:
     manifest: dict
     report: dict | None
     files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
+    plan: ExportPlan | None = None  # the resolved options the export was made with
 
     def summary(self) -> str:
         quantization = (self.manifest.get("quantization") or {}).get("method")
@@ -137,7 +138,7 @@ def export(
         steps.close()
     if parity_error is not None:
         raise parity_error.moved_to(output_dir)
-    return ExportResult(output_dir, manifest, report, files)
+    return ExportResult(output_dir, manifest, report, files, plan)
 
 
 def _write_files(
