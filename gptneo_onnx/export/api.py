@@ -10,7 +10,7 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from gptneo_onnx.contract import OWNER_FILE
+from gptneo_onnx.contract import OWNER_FILE, TASKS
 from gptneo_onnx.errors import CheckpointError, ParityError
 from gptneo_onnx.export.graphs import build_graph
 from gptneo_onnx.export.layout import transformers_js_dtype
@@ -216,14 +216,7 @@ def _write_hf_files(
     load the folder too; `transformers.js_config.dtype` names the graph file's dtype (export/layout.py)."""
     config = model.config.to_dict()
     config["transformers.js_config"] = {"dtype": js_dtype}
-    architecture = {
-        "causal-lm": "GPTNeoForCausalLM",
-        "base": "GPTNeoModel",
-        "sequence-classification": "GPTNeoForSequenceClassification",
-        "token-classification": "GPTNeoForTokenClassification",
-        "question-answering": "GPTNeoForQuestionAnswering",
-    }[model.task]
-    config["architectures"] = [architecture]
+    config["architectures"] = [TASKS[model.task].hf_class]
     write_json(output_dir, "config.json", config)
     if generation_config:
         write_json(output_dir, "generation_config.json", generation_config)
