@@ -268,7 +268,7 @@ def validate_export(model: torch.nn.Module, export_dir: Path, manifest: dict, to
     session, load_error = None, None
     try:
         session = cpu_session(graph_path, "validation", " or pass validate=False")
-    except ImportError:
+    except ImportError:  # no onnxruntime: the install's to fix, not a fault of the graph
         raise
     except Exception as error:  # onnxruntime's own exception types: an invalid or unloadable graph
         load_error = f"onnxruntime could not load the graph ({type(error).__name__}: {error})"
