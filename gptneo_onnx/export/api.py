@@ -111,7 +111,7 @@ def export(
         validate=validate,
     )
     output_dir = Path(output_dir)
-    steps = tqdm(total=4 if validate else 3, desc="export", unit="step", disable=not progress)
+    steps = tqdm(total=4 if plan.validate else 3, desc="export", unit="step", disable=not progress)
     try:  # the bar ends its line even on errors and Ctrl-C, so the error message starts a new one
         with staged_output(output_dir, overwrite) as folder:
             manifest = _write_files(model, folder, plan, steps, tokenizer_file, generation_config)
