@@ -15,15 +15,16 @@ class ExportOutputError(ValueError):
 
 class ParityError(ValueError):
     """An export whose outputs differ from the reference beyond tolerance, or that failed to run
-    in validation. `report` is the parity_report.json that says where and by how much."""
+    in validation. `parity_report` is the report itself (what parity_report.json holds: where and
+    by how much); `report` is the path it was written to."""
 
-    def __init__(self, summary: str, report: Path):
+    def __init__(self, summary: str, report: Path, parity_report: dict):
         super().__init__(f"{summary}; see {report}")
-        self.summary, self.report = summary, Path(report)
+        self.summary, self.report, self.parity_report = summary, Path(report), parity_report
 
     def moved_to(self, folder: Path) -> ParityError:
         """The same error, pointing at the report in `folder` (the export once put in place)."""
-        return ParityError(self.summary, Path(folder) / self.report.name)
+        return ParityError(self.summary, Path(folder) / self.report.name, self.parity_report)
 
 
 class PromptLooksLikePathError(ValueError):

@@ -65,6 +65,8 @@ def test_verify_computes_the_quality_of_an_existing_export(tmp_path, capsys):
     quality = json.loads(capsys.readouterr().out)["quality"]
     assert quality["windows"] == 2 and quality["top1_agreement"] > 0.99
     assert abs(quality["perplexity_ratio"] - 1.0) < 1e-3  # a float32 export is the reference
+    recorded = json.loads((output / "gptneo_onnx.json").read_text())["quality"]  # the sidecar agrees
+    assert recorded["report"] == "quality_report.json" and recorded["perplexity"] == quality["perplexity"]
 
 
 def test_windowed_local_cache_flag_sets_the_sidecar_format(tmp_path, capsys):

@@ -13,7 +13,8 @@ import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from gptneo_onnx.export import export  # noqa: E402
-from gptneo_onnx.export.quantize import QuantizationError, block_quantize_rows, quality_report  # noqa: E402
+from gptneo_onnx.export.quality import quality_report  # noqa: E402
+from gptneo_onnx.export.quantize import QuantizationError, block_quantize_rows  # noqa: E402
 from gptneo_onnx.reference import from_transformers  # noqa: E402
 
 

@@ -190,36 +190,34 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from gptneo_onnx.export.validate import ParityError, Tolerance, validate_export
+    from gptneo_onnx.errors import ParityError
+    from gptneo_onnx.export.sidecar import QUALITY_REPORT
+    from gptneo_onnx.export.validate import validate_and_record
     from gptneo_onnx.reference.loading import from_pretrained, resolve_checkpoint
     from gptneo_onnx.runtime.manifest import check_files, read_manifest
 
     checked = read_manifest(args.export_dir)  # a damaged sidecar is one error line
     check_files(checked)  # and so is a damaged or missing file
-    manifest = checked.raw
-    _check_quality_options(args, manifest["task"], lambda message: _refuse(args, message))
+    _check_quality_options(args, checked.task, lambda message: _refuse(args, message))
     _check_writable(args.export_dir)
     folder = resolve_checkpoint(args.reference, args.revision)
-    model = from_pretrained(folder, task=manifest["task"])
-    quantization = (manifest.get("quantization") or {}).get("method")
-    tolerance = Tolerance.for_precision(manifest["precision"], quantization)
-    try:
-        report = validate_export(model, args.export_dir, manifest, tolerance)
+    model = from_pretrained(folder, task=checked.task)
+    try:  # the export's own validation step: the report, and the sidecar's record of it
+        report = validate_and_record(model, args.export_dir, checked.raw)
     except ParityError as error:
-        report = json.loads((args.export_dir / "parity_report.json").read_text())
-        report["error"] = str(error)
-    _record_validation(args.export_dir, manifest, report, quantized=quantization is not None)
+        report = {**error.parity_report, "error": str(error)}
     if args.quality:
-        from gptneo_onnx.export.output_folder import write_json
-        from gptneo_onnx.export.quantize import quality_report
+        from gptneo_onnx.export.quality import quality_report
+        from gptneo_onnx.export.sidecar import record_quality
 
         windows = _quality_windows(folder, model, args.quality_windows, args.parser)
-        write_json(args.export_dir, "quality_report.json", quality_report(args.export_dir, windows, model))
-    quality = _optional_json(args.export_dir / "quality_report.json")
+        record_quality(args.export_dir, checked.raw, quality_report(checked, windows, model))
+    quality = _optional_json(args.export_dir / QUALITY_REPORT)
+    quantized = checked.raw.get("quantization") is not None
     if args.json:
         print(json.dumps({"parity": report, "quality": quality}))
     else:
-        _print_verify_report(report, quality, quantized=quantization is not None)
+        _print_verify_report(report, quality, quantized=quantized)
     return 0 if report["passed"] else 1
 
 
@@ -235,14 +233,6 @@ def _check_writable(folder: Path) -> None:
             13, "verify rewrites parity_report.json and the sidecar there, and the folder is not "
             "writable; copy the export somewhere writable", str(folder)
         )  # fmt: skip
-
-
-def _record_validation(folder: Path, manifest: dict, report: dict, quantized: bool) -> None:
-    """The sidecar says what parity_report.json says: passed or failed (a failed export stops loading)."""
-    from gptneo_onnx.export.sidecar import validation_entry, write_manifest
-
-    manifest["validation"] = validation_entry(report, "passed" if report["passed"] else "failed", quantized)
-    write_manifest(folder, manifest)
 
 
 def _diff(value: float | None) -> str:

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from tqdm.auto import tqdm
 
-from gptneo_onnx.contract import OWNER_FILE
-from gptneo_onnx.errors import CheckpointError
-from gptneo_onnx.export.graphs import PRECISIONS, build_graph
-from gptneo_onnx.export.layout import external_data_file, graph_file, transformers_js_dtype
-from gptneo_onnx.export.optimized import optimization_summary
+from gptneo_onnx.contract import OWNER_FILE, TASKS
+from gptneo_onnx.errors import CheckpointError, ParityError
+from gptneo_onnx.export.graphs import build_graph
+from gptneo_onnx.export.layout import transformers_js_dtype
 from gptneo_onnx.export.output_folder import staged_output, write_json
-from gptneo_onnx.export.quantize import quality_report, quantize_graph
-from gptneo_onnx.export.sidecar import build_manifest, tokenizer_config, validation_entry, write_manifest
-from gptneo_onnx.export.validate import ParityError, Tolerance, validate_export
-
-QUALITY_REPORT = "quality_report.json"
-# Protobuf cannot hold more than 2 GiB; stay clear of it, since the graph itself adds bytes.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+from gptneo_onnx.export.plan import ExportPlan, plan_export
+from gptneo_onnx.export.quality import quality_report
+from gptneo_onnx.export.quantize import quantize_graph
+from gptneo_onnx.export.sidecar import build_manifest, record_quality, tokenizer_config, write_manifest
+from gptneo_onnx.export.validate import validate_and_record
 
 
 @dataclass
@@ -33,6 +28,7 @@ class ExportResult:
     manifest: dict
     report: dict | None
     files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
+    plan: ExportPlan | None = None  # the resolved options the export was made with
 
     def summary(self) -> str:
         quantization = (self.manifest.get("quantization") or {}).get("method")
@@ -91,61 +87,48 @@ def export(
     newest rows (sidecar format 2, docs/sidecar.md). None: on for `optimize`; off for the portable
     flavor, whose IO then stays exactly Optimum's (ORTModelForCausalLM loads it).
 
-    The folder is written beside `output_dir` and renamed into place when complete (see
-    export/output_folder.py): a crash leaves `output_dir` as it was. An export that fails its
-    parity validation is still put in place, for inspection, with `validation.passed` false in
-    its sidecar (the runtime refuses to load it), and ParityError is raised.
+    The options are resolved once into an ExportPlan (export/plan.py), which refuses combinations
+    that can't be exported before anything is built or written. The folder is written beside
+    `output_dir` and renamed into place when complete (see export/output_folder.py): a crash leaves
+    `output_dir` as it was. An export that fails its parity validation is still put in place, for
+    inspection, with `validation.passed` false in its sidecar (the runtime refuses to load it), and
+    ParityError is raised.
     """
     task = task or model.task
     if task != model.task:
         raise ValueError(f"the model is a {model.task} model; load it with task={task!r} to export {task}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if quantize is not None and precision != "float32":
-        raise ValueError(f"quantize needs precision='float32' weights to start from, got {precision!r}")
+    plan = plan_export(
+        model.config,
+        task,
+        sum(p.numel() for p in model.parameters()),
+        precision=precision,
+        optimize=optimize,
+        external_data=external_data,
+        quantize=quantize,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        windowed_local_cache=windowed_local_cache,
+        validate=validate,
+    )
     output_dir = Path(output_dir)
-    steps = tqdm(total=4 if validate else 3, desc="export", unit="step", disable=not progress)
+    steps = tqdm(total=4 if plan.validate else 3, desc="export", unit="step", disable=not progress)
     try:  # the bar ends its line even on errors and Ctrl-C, so the error message starts a new one
         with staged_output(output_dir, overwrite) as folder:
-            manifest = _write_files(
-                model,
-                folder,
-                task,
-                steps,
-                precision=precision,
-                tokenizer_file=tokenizer_file,
-                generation_config=generation_config,
-                external_data=external_data,
-                optimize=optimize,
-                quantize=quantize,
-                block_size=block_size,
-                accuracy_level=accuracy_level,
-                windowed_local_cache=optimize if windowed_local_cache is None else windowed_local_cache,
-            )
+            manifest = _write_files(model, folder, plan, steps, tokenizer_file, generation_config)
             report, parity_error = None, None
-            if validate:
+            if plan.validate:
                 steps.set_postfix_str("validating against the reference")
-                tolerance = Tolerance.for_precision(precision, quantize)
                 try:
-                    report = validate_export(model, folder, manifest, tolerance)
+                    report = validate_and_record(model, folder, manifest)
                 except ParityError as error:
-                    report, parity_error = json.loads((folder / "parity_report.json").read_text()), error
-                status = "passed" if report["passed"] else "failed"
-                manifest["validation"] = validation_entry(report, status, quantized=quantize is not None)
-                write_manifest(folder, manifest)
+                    report, parity_error = error.parity_report, error
                 steps.update()
-            else:
-                manifest["validation"] = validation_entry(None, "skipped")
-                write_manifest(folder, manifest)
-            if quality_windows is not None and task == "causal-lm" and parity_error is None:
+            if quality_windows is not None and plan.cached and parity_error is None:
                 steps.set_postfix_str("quality report")
-                quality = quality_report(folder, quality_windows, model)
-                write_json(folder, QUALITY_REPORT, quality)
-                manifest["quality"] = {
-                    "report": QUALITY_REPORT,
-                    **{key: quality[key] for key in ("perplexity", "reference_perplexity", "top1_agreement")},
-                }
-                write_manifest(folder, manifest)
+                from gptneo_onnx.runtime.manifest import Manifest  # onnxruntime, as the report needs
+
+                quality = quality_report(Manifest(folder, manifest), quality_windows, model)
+                record_quality(folder, manifest, quality)
             files = {
                 path.relative_to(folder).as_posix(): path.stat().st_size
                 for path in folder.rglob("*")
@@ -155,55 +138,36 @@ def export(
         steps.close()
     if parity_error is not None:
         raise parity_error.moved_to(output_dir)
-    return ExportResult(output_dir, manifest, report, files)
+    return ExportResult(output_dir, manifest, report, files, plan)
 
 
 def _write_files(
     model: torch.nn.Module,
     folder: Path,
-    task: str,
+    plan: ExportPlan,
     steps: tqdm,
-    *,
-    precision: str,
     tokenizer_file: str | Path | None,
     generation_config: dict | None,
-    external_data: bool | None,
-    optimize: bool,
-    quantize: str | None,
-    block_size: int,
-    accuracy_level: int,
-    windowed_local_cache: bool,
 ) -> dict:
-    """Build the graph and write every file into the (new, empty) `folder`; returns the manifest."""
-    flavor = "optimized" if optimize else "portable"
+    """Build the planned graph and write every file into the (new, empty) `folder`, the sidecar
+    last (validation pending); returns the manifest."""
     steps.set_postfix_str("building graph")
-    itemsize = np.dtype(PRECISIONS[precision]).itemsize
-    weight_bytes = sum(p.numel() for p in model.parameters()) * itemsize
-    use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
-    # Quantization rewrites the lm_head itself (untied, MatMulNBits): no slices for it.
-    graph, inputs, outputs = build_graph(
-        model, task, precision, flavor, use_external and quantize is None, windowed_local_cache
-    )
+    graph, inputs, outputs = build_graph(model, plan)
     steps.update()
 
     steps.set_postfix_str("writing files")
-    graph_name = graph_file(precision, quantize)
-    data_name = external_data_file(graph_name)
-    (folder / graph_name).parent.mkdir()
-    onnx.save_model(graph.to_model(folder / data_name if use_external else None), folder / graph_name)
+    (folder / plan.graph_file).parent.mkdir()
+    data_path = folder / plan.external_data_file if plan.external_data else None
+    onnx.save_model(graph.to_model(data_path), folder / plan.graph_file)
     del graph
     quantization = None
-    if quantize is not None:
-        steps.set_postfix_str(f"quantizing ({quantize})")
+    if plan.quantization is not None:
+        steps.set_postfix_str(f"quantizing ({plan.quantize})")
         quantization = quantize_graph(
-            folder / graph_name,
-            quantize,
-            block_size=block_size,
-            accuracy_level=accuracy_level,
-            external_data_file=Path(data_name).name if use_external else None,
+            folder / plan.graph_file, plan.quantization, data_path.name if data_path else None
         )
     tokenizer_name = _copy_tokenizer(tokenizer_file, folder, model.config.vocab_size)
-    _write_hf_files(model, folder, generation_config, transformers_js_dtype(precision, quantize))
+    _write_hf_files(model, folder, generation_config, transformers_js_dtype(plan.precision, plan.quantize))
     if tokenizer_name:
         write_json(folder, "tokenizer_config.json", tokenizer_config(model.config, folder / tokenizer_name))
     steps.update()
@@ -211,21 +175,13 @@ def _write_files(
     manifest = build_manifest(
         folder,
         model.config,
-        task,
+        plan,
         inputs,
         outputs,
-        graph_file=graph_name,
-        external_data=[data_name] if use_external else [],
-        precision=precision,
-        flavor=flavor,
         quantization=quantization,
         tokenizer_file=tokenizer_name,
         generation_config=generation_config,
     )
-    if optimize:
-        manifest["optimization"] = optimization_summary(model.config, task)
-        if manifest["cache"] is not None:
-            manifest["cache"]["modes"] = manifest["optimization"]["cache_modes"]
     write_manifest(folder, manifest)
     steps.update()
     return manifest
@@ -260,14 +216,7 @@ def _write_hf_files(
     load the folder too; `transformers.js_config.dtype` names the graph file's dtype (export/layout.py)."""
     config = model.config.to_dict()
     config["transformers.js_config"] = {"dtype": js_dtype}
-    architecture = {
-        "causal-lm": "GPTNeoForCausalLM",
-        "base": "GPTNeoModel",
-        "sequence-classification": "GPTNeoForSequenceClassification",
-        "token-classification": "GPTNeoForTokenClassification",
-        "question-answering": "GPTNeoForQuestionAnswering",
-    }[model.task]
-    config["architectures"] = [architecture]
+    config["architectures"] = [TASKS[model.task].hf_class]
     write_json(output_dir, "config.json", config)
     if generation_config:
         write_json(output_dir, "generation_config.json", generation_config)

@@ -11,8 +11,8 @@ from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.contract import LOCAL_ATTENTION_MASK, cache_names
 from gptneo_onnx.export import layers
 from gptneo_onnx.export.graph_builder import GraphBuilder
-from gptneo_onnx.export.layers import local_cache_window
-from gptneo_onnx.export.optimized import fused_body
+from gptneo_onnx.export.optimized import transformer_body_fused
+from gptneo_onnx.export.plan import ExportPlan
 
 BATCH, SEQUENCE, PAST, TOTAL = (
     "batch_size",
@@ -22,10 +22,9 @@ BATCH, SEQUENCE, PAST, TOTAL = (
 )
 # A windowed local cache (see export/optimized.py) holds its own number of rows.
 LOCAL_PAST, LOCAL_TOTAL = "local_past_sequence_length", "local_total_sequence_length"
-PRECISIONS = {"float32": np.float32, "float16": np.float16}
-FLAVORS = ("portable", "optimized")
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 # onnxruntime prepacks each lm_head slice and frees its mapped pages before the next, so the
-# load-time peak holds one slice of the table, not all of it (125m: 707 -> 566 MB peak RSS).
+# load-time peak holds one slice of the table, not a second copy of all of it.
 LM_HEAD_SLICE_BYTES = 24 << 20
 # causal-lm: an input with a default (an initializer of the same name): the lm_head runs on the
 # last N positions only (0 = every position, the default, so Optimum's IO and behaviour stay).
@@ -51,27 +50,25 @@ def numpy_weights(model: torch.nn.Module, dtype) -> dict[str, np.ndarray]:
     }
 
 
-def io_specs(
-    config: GPTNeoConfig, task: str, precision: str, windowed_local_cache: bool = False
-) -> tuple[list[IOSpec], list[IOSpec]]:
-    """The graph's inputs and outputs for a task: the export surface, declared as data.
+def io_specs(config: GPTNeoConfig, plan: ExportPlan) -> tuple[list[IOSpec], list[IOSpec]]:
+    """The graph's inputs and outputs for the plan's task: the export surface, declared as data.
 
-    `windowed_local_cache`: local layers' caches get their own length and mask input."""
-    if task == "causal-lm":
+    Layers with a windowed cache get their own cache length, and the graph the mask input for it."""
+    task, precision = plan.task, plan.precision
+    if plan.cached:
         inputs = [
             IOSpec("input_ids", "int64", [BATCH, SEQUENCE]),
             IOSpec("attention_mask", "int64", [BATCH, TOTAL]),
             IOSpec("position_ids", "int64", [BATCH, SEQUENCE]),
         ]
-        if windowed_local_cache:
+        if plan.windowed_local_cache:
             inputs.append(IOSpec(LOCAL_ATTENTION_MASK, "int64", [BATCH, LOCAL_TOTAL]))
         outputs = [IOSpec("logits", "float32", [BATCH, SEQUENCE, config.vocab_size])]
-        for layer in range(config.num_layers):
-            local = windowed_local_cache and config.layer_window(layer) is not None
-            past_length, total = (LOCAL_PAST, LOCAL_TOTAL) if local else (PAST, TOTAL)
+        for layer in plan.layers:
+            past_length, total = (LOCAL_PAST, LOCAL_TOTAL) if layer.windowed_cache else (PAST, TOTAL)
             cache_shape = [BATCH, config.num_heads, past_length, config.head_dim]
             present_shape = [BATCH, config.num_heads, total, config.head_dim]
-            names = cache_names(layer)
+            names = cache_names(layer.layer)
             inputs += [
                 IOSpec(names["past_key"], precision, cache_shape),
                 IOSpec(names["past_value"], precision, cache_shape),
@@ -101,19 +98,19 @@ def io_specs(
 def transformer_body(
     g: GraphBuilder,
     config: GPTNeoConfig,
+    plan: ExportPlan,
     weights: dict[str, np.ndarray],
     dtype,
     input_ids: str,
     attention_mask: str,
     position_ids: str,
     past: list[tuple[str, str]] | None,
-    local_attention_mask: str | None = None,
 ) -> tuple[str, list[tuple[str, str]]]:
     """Embeddings, the blocks and the final norm. Returns hidden (B, S, E) and per-layer K/V.
 
-    With `local_attention_mask`, local layers take their mask (and cache length) from it."""
+    Layers with a windowed cache (see the plan) take their mask from `local_attention_mask`."""
     query_length = g.op("Slice", [g.op("Shape", [input_ids]), g.const([1]), g.const([2])])  # [S]
-    biases = layers.attention_biases(g, config, attention_mask, local_attention_mask, query_length)
+    biases = layers.attention_biases(g, plan.layers, attention_mask, LOCAL_ATTENTION_MASK, query_length)
 
     tokens = g.op(
         "Gather", [g.weight("transformer.wte.weight", weights["transformer.wte.weight"]), input_ids]
@@ -224,47 +221,33 @@ def head_outputs(
     return [g.op("Squeeze", [g.op("GatherElements", [scores, gather_index], axis=1), g.const([1])])]
 
 
-def build_graph(
-    model: torch.nn.Module,
-    task: str,
-    precision: str = "float32",
-    flavor: str = "portable",
-    external_data: bool = False,
-    windowed_local_cache: bool = False,
-) -> tuple[GraphBuilder, list[IOSpec], list[IOSpec]]:
-    """The graph for `task` from the reference model `model`: `portable`, or `optimized` (fused ops).
-
-    `external_data`: the weights will be saved to an external file, so the tied lm_head can read
-    the embedding table through row slices that alias it. `windowed_local_cache`: local layers
-    take their own mask input (see `layers.local_cache_window`; causal-lm with local layers only)."""
-    if flavor not in FLAVORS:
-        raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}")
+def build_graph(model: torch.nn.Module, plan: ExportPlan) -> tuple[GraphBuilder, list[IOSpec], list[IOSpec]]:
+    """The graph the plan describes, from the reference model `model`: `portable`, or `optimized`
+    (fused ops). With the plan's lm_head row views (external data), the tied lm_head reads the
+    embedding table through row slices that alias it."""
     config: GPTNeoConfig = model.config
-    dtype = PRECISIONS[precision]
+    dtype = NUMPY_DTYPES[plan.precision]
     weights = numpy_weights(model, dtype)
-    windowed = windowed_local_cache and local_cache_window(config, task) is not None
-    inputs, outputs = io_specs(config, task, precision, windowed)
-    g = GraphBuilder(f"gptneo_{task.replace('-', '_')}", external_data=external_data)
+    inputs, outputs = io_specs(config, plan)
+    g = GraphBuilder(f"gptneo_{plan.task.replace('-', '_')}", external_data=plan.lm_head_row_views)
     for spec in inputs:
         g.add_input(spec.name, spec.dtype, spec.shape)
-    if task == "causal-lm":
+    past = None
+    if plan.cached:
         # Listed after the initializer-free inputs: a runtime that does not know it leaves it out.
         g.add_input(NUM_LOGITS_TO_KEEP, np.int64, [])
         g.weights[NUM_LOGITS_TO_KEEP] = np.array(0, np.int64)  # rank 0 (`weight` makes arrays 1-D)
-    past = None
-    if task == "causal-lm":
         position_ids = "position_ids"
         past = [(cache_names(i)["past_key"], cache_names(i)["past_value"]) for i in range(config.num_layers)]
     else:
         query_length = g.op("Slice", [g.op("Shape", ["input_ids"]), g.const([1]), g.const([2])])
         position_ids = layers.positions_from_mask(g, "attention_mask", query_length)
-    body = fused_body(task) if flavor == "optimized" else transformer_body
-    local_mask = LOCAL_ATTENTION_MASK if windowed else None
+    body = transformer_body_fused if plan.flavor == "optimized" else transformer_body
     hidden, presents = body(
-        g, config, weights, dtype, "input_ids", "attention_mask", position_ids, past, local_mask
+        g, config, plan, weights, dtype, "input_ids", "attention_mask", position_ids, past
     )
-    values = head_outputs(g, config, task, weights, hidden, "input_ids", dtype)
-    if task == "causal-lm":
+    values = head_outputs(g, config, plan.task, weights, hidden, "input_ids", dtype)
+    if plan.cached:
         values += [tensor for pair in presents for tensor in pair]
     for spec, value in zip(outputs, values, strict=True):
         g.add_output(value, spec.name, spec.dtype, spec.shape)

@@ -7,11 +7,12 @@ name of its output. Shapes: B batch, S new tokens, T total tokens, H heads, D he
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
-from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.export.graph_builder import INT64_MAX, GraphBuilder
+from gptneo_onnx.export.plan import LayerPlan
 
 FLOAT32_MIN = float(np.finfo(np.float32).min)
 
@@ -112,32 +113,12 @@ def positions_from_mask(g: GraphBuilder, attention_mask: str, query_length: str)
     return g.op("Slice", [positions, g.op("Neg", [query_length]), g.const([INT64_MAX]), g.const([1])])
 
 
-def local_cache_window(config: GPTNeoConfig, task: str = "causal-lm") -> int | None:
-    """The local layers' window when a causal-lm graph gives them their own mask input (the
-    windowed local cache, docs/sidecar.md), else None.
-
-    A local layer attends to the newest `window` tokens only, yet attention reads every cache row
-    it is given. With its own mask, `local_attention_mask`, covering just the rows its cache
-    holds plus the new tokens, a runner may keep only the newest `window - 1` past rows: keys
-    carry no position (GPT-Neo's positions are absolute embeddings), so a suffix that covers the
-    window attends exactly like the whole past."""
-    if task != "causal-lm":
-        return None
-    windows = {config.layer_window(i) for i in range(config.num_layers)} - {None}
-    if len(windows) != 1:  # no local layer (or, never in GPT-Neo, several window sizes)
-        return None
-    return windows.pop()
-
-
 def attention_biases(
-    g: GraphBuilder, config: GPTNeoConfig, attention_mask: str, local_mask: str | None, query_length: str
+    g: GraphBuilder, layers: Iterable[LayerPlan], attention_mask: str, local_mask: str, query_length: str
 ) -> dict[int | None, str]:
-    """The additive bias per window size; local windows read `local_mask` when there is one."""
-    windows = sorted({config.layer_window(i) for i in range(config.num_layers)}, key=lambda w: w or 0)
-    return {
-        w: attention_bias(g, local_mask if w is not None and local_mask else attention_mask, query_length, w)
-        for w in windows
-    }
+    """The additive bias per window size of `layers`; a layer with a windowed cache reads `local_mask`."""
+    masks = {layer.window: local_mask if layer.windowed_cache else attention_mask for layer in layers}
+    return {w: attention_bias(g, masks[w], query_length, w) for w in sorted(masks, key=lambda w: w or 0)}
 
 
 def attention_bias(g: GraphBuilder, attention_mask: str, query_length: str, window: int | None) -> str:

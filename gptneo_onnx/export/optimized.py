@@ -14,9 +14,10 @@
 - MLP: FastGelu (tanh GELU) or BiasGelu (erf GELU) with the c_fc bias folded in.
 
 Where GQA can't serve (CPU needs head_dim % 8 == 0), attention falls back to the portable ops
-inside the same graph; `optimization_summary` says which kernels a config gets.
+inside the same graph: the export plan (export/plan.py) gives each layer its kernel and the
+reason for a fallback, and `optimization_summary` writes them into the sidecar.
 
-Local layers take their mask from `local_attention_mask` (see `layers.local_cache_window`), so a
+Local layers take their mask from `local_attention_mask` (see `plan.local_cache_window`), so a
 runner may keep only their newest past rows; GQA on CPU reads every row it is given.
 """
 
@@ -25,8 +26,10 @@ from __future__ import annotations
 import numpy as np
 
 from gptneo_onnx.config import GPTNeoConfig
+from gptneo_onnx.contract import LOCAL_ATTENTION_MASK
 from gptneo_onnx.export import layers
 from gptneo_onnx.export.graph_builder import MS_DOMAIN, GraphBuilder
+from gptneo_onnx.export.plan import FUSED_ATTENTION, PORTABLE_ATTENTION, ExportPlan
 
 FUSED_GELU = {
     "gelu_new": "FastGelu",
@@ -40,28 +43,17 @@ FUSED_GELU = {
 NEGATIVE = {np.dtype("float32"): float(np.finfo(np.float32).min), np.dtype("float16"): -65504.0}
 
 
-def fused_attention_problem(config: GPTNeoConfig, task: str = "causal-lm") -> str | None:
-    """Why GroupQueryAttention can't serve this config and task, or None when it can."""
-    if config.head_dim % 8:
-        return f"head_dim {config.head_dim} is not a multiple of 8 (GroupQueryAttention on CPU needs it)"
-    if task == "question-answering":
-        # QA logits are compared at padded positions too. A padded query sees no real key; the
-        # reference then spreads softmax over all keys, GQA only over the causal ones.
-        return "question-answering scores padded positions, whose fully masked rows GQA computes differently"
-    return None
-
-
-def optimization_summary(config: GPTNeoConfig, task: str = "causal-lm") -> dict:
+def optimization_summary(config: GPTNeoConfig, plan: ExportPlan) -> dict:
     """The manifest's `optimization` object: which fused kernel each part of a block uses."""
-    problem = fused_attention_problem(config, task)
+    fused = plan.fused_attention
     return {
-        "attention": "GroupQueryAttention" if problem is None else "portable",
-        "attention_fallback_reason": problem,
+        "attention": FUSED_ATTENTION if fused else PORTABLE_ATTENTION,
+        "attention_fallback_reason": plan.attention_fallback_reason,
         "layer_norm": "SkipLayerNormalization",
         "activation": FUSED_GELU.get(config.activation_function, f"portable {config.activation_function}"),
-        "cache_modes": ["concat", "shared-buffer"] if problem is None else ["concat"],
+        "cache_modes": ["concat", "shared-buffer"] if fused else ["concat"],
         # GQA runs a multi-token step on top of a past one row at a time (see the module doc).
-        "multi_token_step_max_batch": 1 if problem is None else None,
+        "multi_token_step_max_batch": 1 if fused else None,
     }
 
 
@@ -134,40 +126,29 @@ def _portable_attention(g, config, qkv, past, bias, dtype):
     return layers.merge_heads(g, context, config.hidden_size), key, value
 
 
-def fused_body(task: str):
-    """The optimized `transformer_body` for `task` (see `fused_attention_problem`)."""
-
-    def body(g, config, weights, dtype, input_ids, attention_mask, position_ids, past, local_mask=None):
-        use_gqa = fused_attention_problem(config, task) is None
-        return transformer_body_fused(
-            g, config, weights, dtype, input_ids, attention_mask, position_ids, past, use_gqa, local_mask
-        )
-
-    return body
-
-
 def transformer_body_fused(
     g: GraphBuilder,
     config: GPTNeoConfig,
+    plan: ExportPlan,
     weights: dict[str, np.ndarray],
     dtype,
     input_ids: str,
     attention_mask: str,
     position_ids: str,
     past: list[tuple[str, str]] | None,
-    use_gqa: bool = True,
-    local_attention_mask: str | None = None,
 ) -> tuple[str, list[tuple[str, str]]]:
-    """Same contract as `graphs.transformer_body`, built on fused kernels. With
-    `local_attention_mask`, local layers take their mask from that input."""
+    """Same contract as `graphs.transformer_body`, built on fused kernels; each layer's attention
+    runs the kernel the plan gives it, and layers with a windowed cache read `local_attention_mask`."""
     eps = config.layer_norm_epsilon
-    use_gqa = use_gqa and fused_attention_problem(config) is None
-    if use_gqa:
+    fused = [layer for layer in plan.layers if layer.attention == FUSED_ATTENTION]
+    portable = [layer for layer in plan.layers if layer.attention != FUSED_ATTENTION]
+    if fused:
         shared = _GQAInputs(g, input_ids, attention_mask, dtype)
-        local = _GQAInputs(g, input_ids, local_attention_mask, dtype) if local_attention_mask else shared
-    else:
+        windowed = any(layer.windowed_cache for layer in fused)
+        local = _GQAInputs(g, input_ids, LOCAL_ATTENTION_MASK, dtype) if windowed else shared
+    if portable:
         query_length = g.op("Slice", [g.op("Shape", [input_ids]), g.const([1]), g.const([2])])
-        biases = layers.attention_biases(g, config, attention_mask, local_attention_mask, query_length)
+        biases = layers.attention_biases(g, portable, attention_mask, LOCAL_ATTENTION_MASK, query_length)
     tokens = g.op(
         "Gather", [g.weight("transformer.wte.weight", weights["transformer.wte.weight"]), input_ids]
     )
@@ -191,12 +172,12 @@ def transformer_body_fused(
         )
         qkv = g.op("MatMul", [normed, g.weight(f"{p}attn.qkv_proj.weight", qkv_weight.T)])
         layer_past = past[i] if past is not None else None
-        window = config.layer_window(i)
-        if use_gqa:
-            inputs = local if window is not None else shared
-            context, key, value = _gqa(g, inputs, qkv, layer_past, config, window)
+        layer = plan.layers[i]
+        if layer.attention == FUSED_ATTENTION:
+            inputs = local if layer.windowed_cache else shared
+            context, key, value = _gqa(g, inputs, qkv, layer_past, config, layer.window)
         else:
-            context, key, value = _portable_attention(g, config, qkv, layer_past, biases[window], dtype)
+            context, key, value = _portable_attention(g, config, qkv, layer_past, biases[layer.window], dtype)
         presents.append((key, value))
         attn_out = g.op(
             "MatMul", [context, g.weight(f"{p}attn.out_proj.weight", w["attn.out_proj.weight"].T)]

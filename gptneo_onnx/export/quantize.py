@@ -15,21 +15,18 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gptneo_onnx.contract import MANIFEST_NAME
 from gptneo_onnx.errors import QuantizationError
+from gptneo_onnx.export.plan import Quantization
 
-METHODS = {"int8": "int8-dynamic", "int4": "int4-weight-only"}
+__all__ = [
+    "QuantizationError",
+    "block_quantize_rows",
+    "quantize_embedding",
+    "quantize_graph",
+    "untie_lm_head",
+]
 EMBEDDING = "transformer.wte.weight"
 LM_HEAD = "lm_head.weight"
-
-
-def quantization_record(method: str, block_size: int, accuracy_level: int) -> dict:
-    """The manifest's `quantization` object (docs/sidecar.md)."""
-    if method not in METHODS:
-        raise QuantizationError(f"quantize must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "int8":
-        return {"method": METHODS[method], "embedding_block_size": block_size}
-    return {"method": METHODS[method], "block_size": block_size, "accuracy_level": accuracy_level}
 
 
 def untie_lm_head(model: onnx.ModelProto) -> bool:
@@ -112,17 +109,16 @@ def quantize_embedding(model: onnx.ModelProto, bits: int, block_size: int) -> bo
 
 
 def quantize_graph(
-    graph_path: Path,
-    method: str,
-    *,
-    block_size: int = 32,
-    accuracy_level: int = 4,
-    external_data_file: str | None = None,
+    graph_path: Path, quantization: Quantization, external_data_file: str | None = None
 ) -> dict:
-    """Quantize the graph at `graph_path` in place; returns the manifest `quantization` record."""
-    record = quantization_record(method, block_size, accuracy_level)
-    if block_size < 16 or block_size & (block_size - 1):
-        raise QuantizationError(f"block_size must be a power of two >= 16, got {block_size}")
+    """Quantize the graph at `graph_path` in place, as planned; returns the manifest `quantization`
+    record: the plan's, with what the quantizer changed."""
+    method, block_size, accuracy_level = (
+        quantization.method,
+        quantization.block_size,
+        quantization.accuracy_level,
+    )
+    record = quantization.record()
     try:
         import onnxruntime.quantization  # noqa: F401
     except ImportError as error:
@@ -191,95 +187,3 @@ def _count_ops(model: onnx.ModelProto) -> dict[str, int]:
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def _prefill_logits(session, manifest: dict, ids: np.ndarray) -> np.ndarray:
-    """Logits (B, S, V) of one prefill with an empty cache."""
-    batch, length = ids.shape
-    model = manifest["model"]
-    empty = np.zeros((batch, model["num_heads"], 0, model["head_dim"]), np.dtype(manifest["cache"]["dtype"]))
-    feed = {
-        "input_ids": ids,
-        "attention_mask": np.ones_like(ids),
-        "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), ids.shape).copy(),
-    }
-    local_window = manifest["cache"].get("local_window")
-    if local_window:  # a prefill: the local layers' rows are the new tokens too
-        feed[local_window["input"]] = feed["attention_mask"]
-    for layer in manifest["cache"]["layers"]:
-        feed[layer["past_key"]] = feed[layer["past_value"]] = empty
-    return session.run(["logits"], feed)[0].astype(np.float32)
-
-
-def _reference_logits(reference, windows: np.ndarray):
-    """Yield fp32 reference logits per window: `reference` is a torch model or an fp32 export folder."""
-    if isinstance(reference, (str, Path)):
-        session, manifest = _open_export(Path(reference))
-        for row in windows:
-            yield _prefill_logits(session, manifest, row[None])[0]
-        return
-    import torch
-
-    with torch.no_grad():
-        for row in windows:
-            ids = torch.from_numpy(np.ascontiguousarray(row[None]))
-            logits = reference(ids, torch.ones_like(ids))
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            yield logits[0].float().numpy()
-
-
-def _open_export(folder: Path):
-    import json
-
-    import onnxruntime as ort
-
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(folder / manifest["graph"]["file"]), options, providers=["CPUExecutionProvider"]
-    )
-    return session, manifest
-
-
-def quality_report(export_dir: str | Path, windows: np.ndarray, reference) -> dict:
-    """Perplexity and top-1 agreement of an export against fp32 on token `windows` (N, L).
-
-    `reference` is the fp32 reference model (torch) or the folder of an fp32 export. Each window
-    is one prefill; every position but the last predicts the next token.
-    """
-    export_dir = Path(export_dir)
-    windows = np.asarray(windows, dtype=np.int64)
-    if windows.ndim != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must be (n, length >= 2) token ids, got shape {windows.shape}")
-    session, manifest = _open_export(export_dir)
-    nll, reference_nll, same, kl, count = 0.0, 0.0, 0, 0.0, 0
-    for row, expected in zip(windows, _reference_logits(reference, windows), strict=True):
-        actual_logp = _log_softmax(_prefill_logits(session, manifest, row[None])[0][:-1])
-        expected_logp = _log_softmax(expected[:-1].astype(np.float32))
-        targets = row[1:]
-        positions = np.arange(len(targets))
-        nll -= float(actual_logp[positions, targets].sum())
-        reference_nll -= float(expected_logp[positions, targets].sum())
-        same += int((actual_logp.argmax(-1) == expected_logp.argmax(-1)).sum())
-        kl += float((np.exp(expected_logp) * (expected_logp - actual_logp)).sum())
-        count += len(targets)
-    perplexity, reference_perplexity = float(np.exp(nll / count)), float(np.exp(reference_nll / count))
-    return {
-        "export": manifest["quantization"] or {"method": None},
-        "precision": manifest["precision"],
-        "flavor": manifest["flavor"],
-        "windows": int(windows.shape[0]),
-        "window_length": int(windows.shape[1]),
-        "predicted_tokens": count,
-        "perplexity": perplexity,
-        "reference_perplexity": reference_perplexity,
-        "perplexity_ratio": perplexity / reference_perplexity,
-        "top1_agreement": same / count,
-        "mean_kl_divergence": kl / count,
-    }

@@ -19,10 +19,14 @@ from gptneo_onnx.contract import (
     cache_names,
     sha256_of,
 )
-from gptneo_onnx.export.graph_builder import OPSET
 from gptneo_onnx.export.graphs import NUM_LOGITS_TO_KEEP, IOSpec
-from gptneo_onnx.export.layers import local_cache_window
+from gptneo_onnx.export.optimized import optimization_summary
 from gptneo_onnx.export.output_folder import write_json
+from gptneo_onnx.export.plan import ExportPlan
+
+PARITY_REPORT = "parity_report.json"
+QUALITY_REPORT = "quality_report.json"
+QUALITY_FIELDS = ("perplexity", "reference_perplexity", "top1_agreement")
 
 GENERATION_DEFAULTS = {
     "max_new_tokens": 64,
@@ -90,18 +94,17 @@ def operator_domains(graph_path: Path) -> list[str]:
     return sorted({domain or DEFAULT_DOMAIN for domain in domains})
 
 
-def io_roles(task: str, inputs: list[IOSpec]) -> dict:
+def io_roles(plan: ExportPlan) -> dict:
     """The manifest's `io` object: which graph input/output plays which role, and the input rules.
 
     A foreign runtime reads names and semantics from here instead of assuming them.
     """
-    names = {spec.name for spec in inputs}
-    causal = task == "causal-lm"
+    causal = plan.cached
     return {
         "input_ids": "input_ids",
         "attention_mask": "attention_mask",
-        "position_ids": "position_ids" if "position_ids" in names else None,
-        "local_attention_mask": LOCAL_ATTENTION_MASK if LOCAL_ATTENTION_MASK in names else None,
+        "position_ids": "position_ids" if causal else None,
+        "local_attention_mask": LOCAL_ATTENTION_MASK if plan.windowed_local_cache else None,
         "logits": "logits" if causal else None,
         "num_logits_to_keep": NUM_LOGITS_TO_KEEP if causal else None,
         "padding_side": "left",
@@ -110,9 +113,9 @@ def io_roles(task: str, inputs: list[IOSpec]) -> dict:
     }
 
 
-def optional_inputs(task: str) -> list[dict]:
+def optional_inputs(plan: ExportPlan) -> list[dict]:
     """Graph inputs with a default value (initializers of the same name): a runtime may leave them out."""
-    if task != "causal-lm":
+    if not plan.cached:
         return []
     return [{"name": NUM_LOGITS_TO_KEEP, "dtype": "int64", "shape": [], "default": 0}]
 
@@ -154,61 +157,66 @@ def tokenizer_config(config: GPTNeoConfig, tokenizer_path: Path) -> dict:
     }
 
 
+def cache_entry(config: GPTNeoConfig, plan: ExportPlan) -> dict | None:
+    """The manifest's `cache` object (causal-lm): the layout, each layer's names and window, the
+    local window when the plan gives local layers their own, and the cache modes the graph serves."""
+    if not plan.cached:
+        return None
+    cache = {
+        "mode": "concat",
+        "layout": ["batch_size", "num_heads", "past_sequence_length", "head_dim"],
+        "dtype": plan.precision,
+        "layers": [
+            {
+                "layer": layer.layer,
+                "attention": config.attention_layers[layer.layer],
+                "window": layer.window,
+                **cache_names(layer.layer),
+            }
+            for layer in plan.layers
+        ],
+    }
+    if plan.windowed_local_cache:
+        cache["local_window"] = local_window_entry(plan.local_window)
+    if plan.flavor == "optimized":
+        cache["modes"] = optimization_summary(config, plan)["cache_modes"]
+    return cache
+
+
 def build_manifest(
     folder: Path,
     config: GPTNeoConfig,
-    task: str,
+    plan: ExportPlan,
     inputs: list[IOSpec],
     outputs: list[IOSpec],
     *,
-    graph_file: str,
-    external_data: list[str],
-    precision: str,
-    flavor: str = "portable",
     quantization: dict | None = None,
     tokenizer_file: str | None = None,
     generation_config: dict | None = None,
-    cache: dict | None = None,
 ) -> dict:
-    """The manifest as a dict; `cache` overrides the default concat-mode cache description."""
-    if task == "causal-lm" and cache is None:
-        cache = {
-            "mode": "concat",
-            "layout": ["batch_size", "num_heads", "past_sequence_length", "head_dim"],
-            "dtype": precision,
-            "layers": [
-                {
-                    "layer": i,
-                    "attention": config.attention_layers[i],
-                    "window": config.layer_window(i),
-                    **cache_names(i),
-                }
-                for i in range(config.num_layers)
-            ],
-        }
-    windowed = any(spec.name == LOCAL_ATTENTION_MASK for spec in inputs)
-    if windowed:
-        cache["local_window"] = local_window_entry(local_cache_window(config, task))
-    classification = task in ("sequence-classification", "token-classification")
-    return {
+    """The manifest of the export in `folder`, as the plan made it: every field but the outcome of
+    validation (`pending`, or `skipped` when the plan skips it) and of the quality report, which
+    `record_validation` and `record_quality` write in."""
+    classification = plan.task in ("sequence-classification", "token-classification")
+    manifest = {
         "format": "gptneo-onnx",
-        "format_version": WINDOWED_LOCAL_CACHE_VERSION if windowed else FORMAT_VERSION,
+        "format_version": WINDOWED_LOCAL_CACHE_VERSION if plan.windowed_local_cache else FORMAT_VERSION,
         "format_minor_version": FORMAT_MINOR_VERSION,
-        "task": task,
-        "flavor": flavor,
-        "precision": precision,
+        "task": plan.task,
+        "flavor": plan.flavor,
+        "precision": plan.precision,
         "quantization": quantization,
-        "opset": OPSET,
+        "opset": plan.opset,
         "graph": {
-            **file_entry(folder, graph_file),
-            "external_data": [file_entry(folder, f) for f in external_data],
-            "op_domains": operator_domains(folder / graph_file),
+            **file_entry(folder, plan.graph_file),
+            "external_data": [file_entry(folder, plan.external_data_file)] if plan.external_data else [],
+            "op_domains": operator_domains(folder / plan.graph_file),
         },
         "inputs": [asdict(spec) for spec in inputs],
         "outputs": [asdict(spec) for spec in outputs],
-        "optional_inputs": optional_inputs(task),
-        "io": io_roles(task, inputs),
-        "cache": cache,
+        "optional_inputs": optional_inputs(plan),
+        "io": io_roles(plan),
+        "cache": cache_entry(config, plan),
         "model": {
             "vocab_size": config.vocab_size,
             "hidden_size": config.hidden_size,
@@ -227,9 +235,12 @@ def build_manifest(
         "labels": {"id2label": {str(k): v for k, v in config.id2label.items()}} if classification else None,
         "generation": generation_defaults(generation_config),
         "tokenizer": tokenizer_entry(folder, tokenizer_file) if tokenizer_file else None,
-        "validation": validation_entry(None, "pending"),
+        "validation": validation_entry(None, "pending" if plan.validate else "skipped"),
         "tools": tool_versions(),
     }
+    if plan.flavor == "optimized":
+        manifest["optimization"] = optimization_summary(config, plan)
+    return manifest
 
 
 def validation_entry(report: dict | None, status: str, quantized: bool = False) -> dict:
@@ -245,7 +256,7 @@ def validation_entry(report: dict | None, status: str, quantized: bool = False) 
     if report is not None:
         entry.update(
             checked="runs" if quantized else "parity",
-            report="parity_report.json",
+            report=PARITY_REPORT,
             max_abs_diff=report["max_abs_diff"],
             top1_agreement=report["top1_agreement"],
         )
@@ -255,3 +266,20 @@ def validation_entry(report: dict | None, status: str, quantized: bool = False) 
 def write_manifest(folder: Path, manifest: dict) -> Path:
     """Write the sidecar atomically (a reader never sees half of it)."""
     return write_json(folder, MANIFEST_NAME, manifest)
+
+
+def record_validation(folder: Path, manifest: dict, report: dict) -> None:
+    """Write the outcome of a validation into the sidecar: what parity_report.json says, passed or
+    failed (a failed export stops loading)."""
+    status = "passed" if report["passed"] else "failed"
+    manifest["validation"] = validation_entry(
+        report, status, quantized=manifest.get("quantization") is not None
+    )
+    write_manifest(folder, manifest)
+
+
+def record_quality(folder: Path, manifest: dict, quality: dict) -> None:
+    """Write quality_report.json and its headline figures into the sidecar's `quality` object."""
+    write_json(folder, QUALITY_REPORT, quality)
+    manifest["quality"] = {"report": QUALITY_REPORT, **{key: quality[key] for key in QUALITY_FIELDS}}
+    write_manifest(folder, manifest)

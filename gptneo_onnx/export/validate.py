@@ -19,16 +19,19 @@ import torch
 
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.errors import ParityError
+from gptneo_onnx.export.export_runs import cpu_session, run_causal_lm, run_single_pass
 from gptneo_onnx.export.output_folder import write_json
-from gptneo_onnx.export.reference_runs import (
-    computing_in,
-    positions,
-    reference_causal_lm,
-    reference_single_pass,
-)
+from gptneo_onnx.export.reference_runs import computing_in, reference_causal_lm, reference_single_pass
+from gptneo_onnx.export.sidecar import PARITY_REPORT, record_validation
 
-__all__ = ["ParityError", "Tolerance", "parity_verdict", "validate_export", "validation_batch"]
-REPORT_FILE = "parity_report.json"
+__all__ = [
+    "ParityError",
+    "Tolerance",
+    "parity_verdict",
+    "validate_and_record",
+    "validate_export",
+    "validation_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -107,54 +110,6 @@ def validation_batch(config: GPTNeoConfig, seed: int = 0) -> tuple[np.ndarray, n
 def causal_lm_steps(length: int) -> tuple[int, ...]:
     """Prefill (empty past), then a one-token and a three-token step with a past."""
     return (length - 4, 1, 3)
-
-
-def _export_causal_lm(session, manifest: dict, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """The export's outputs, step by step. With a windowed local cache (`cache.local_window`), local
-    layers carry only the fewest past rows the sidecar allows, so that contract is checked too."""
-    cache = manifest["cache"]
-    model = manifest["model"]
-    batch = ids.shape[0]
-    empty = np.zeros((batch, model["num_heads"], 0, model["head_dim"]), dtype=np.dtype(cache["dtype"]))
-    past = {name: empty for layer in cache["layers"] for name in (layer["past_key"], layer["past_value"])}
-    local_window = cache.get("local_window")
-    windowed = {layer["layer"] for layer in cache["layers"] if local_window and layer.get("window")}
-    row_limit = (manifest.get("optimization") or {}).get("multi_token_step_max_batch")
-    names = [output.name for output in session.get_outputs()]
-    local_rows, start, outputs = 0, 0, {}
-    for step, size in enumerate(causal_lm_steps(ids.shape[1])):
-        chunk, step_mask = ids[:, start : start + size], mask[:, : start + size]
-        feed = {"input_ids": chunk, "attention_mask": step_mask, "position_ids": positions(step_mask, size)}
-        feed.update(past)
-        if local_window:
-            feed[local_window["input"]] = step_mask[:, step_mask.shape[1] - (local_rows + size) :]
-        by_rows = row_limit is not None and step > 0 and size > 1 and batch > row_limit
-        results = dict(zip(names, _run_by_rows(session, feed) if by_rows else session.run(None, feed)))
-        outputs.update({f"step{step}.{name}": value for name, value in results.items()})
-        if local_window:
-            local_rows = min(local_rows + size, local_window["min_rows"])
-        past = {
-            layer[past_name]: results[layer[present]][:, :, -local_rows:]
-            if layer["layer"] in windowed
-            else results[layer[present]]
-            for layer in cache["layers"]
-            for past_name, present in (("past_key", "present_key"), ("past_value", "present_value"))
-        }
-        start += size
-    return outputs
-
-
-def _run_by_rows(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """One session run per batch row, outputs stacked: for graphs whose multi-token steps with a
-    past take one row at a time (the sidecar's `multi_token_step_max_batch`)."""
-    batch = feed["input_ids"].shape[0]
-    rows = [session.run(None, {name: value[i : i + 1] for name, value in feed.items()}) for i in range(batch)]
-    return [np.concatenate(parts, axis=0) for parts in zip(*rows, strict=True)]
-
-
-def _export_single_pass(session, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(None, {"input_ids": ids, "attention_mask": mask})))
 
 
 def _reference(model: torch.nn.Module, manifest: dict, ids: np.ndarray, mask: np.ndarray, dtype: torch.dtype):
@@ -257,9 +212,9 @@ def parity_verdict(model: torch.nn.Module, session, manifest: dict, tolerance: T
         else:
             try:
                 if manifest["task"] == "causal-lm":
-                    actual = _export_causal_lm(session, manifest, ids, mask)
+                    actual = run_causal_lm(session, manifest, ids, mask, causal_lm_steps(ids.shape[1]))
                 else:
-                    actual = _export_single_pass(session, ids, mask)
+                    actual = run_single_pass(session, ids, mask)
             except Exception as error:  # onnxruntime raises its own exception types from run()
                 errors.append(f"the export failed to run in onnxruntime ({type(error).__name__}: {error})")
     truth = _reference(model, manifest, ids, mask, torch.float64)
@@ -306,22 +261,15 @@ def parity_verdict(model: torch.nn.Module, session, manifest: dict, tolerance: T
 def validate_export(model: torch.nn.Module, export_dir: Path, manifest: dict, tolerance: Tolerance) -> dict:
     """Run the saved export in ONNX Runtime (CPU) against `model`; write and return the report.
 
-    The report is written whatever fails. Raises ParityError when the export fails to load or run,
-    or an output is off beyond `tolerance`.
+    The report is written whatever fails. Raises ParityError, which carries the report, when the
+    export fails to load or run, or an output is off beyond `tolerance`.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError as error:
-        raise ImportError(
-            "validation runs the export in onnxruntime: install gptneo-onnx[cpu] or pass validate=False"
-        ) from error
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    graph_path = export_dir / manifest["graph"]["file"]
     session, load_error = None, None
     try:
-        session = ort.InferenceSession(
-            str(export_dir / manifest["graph"]["file"]), options, providers=["CPUExecutionProvider"]
-        )
+        session = cpu_session(graph_path, "validation", " or pass validate=False")
+    except ImportError:  # no onnxruntime: the install's to fix, not a fault of the graph
+        raise
     except Exception as error:  # onnxruntime's own exception types: an invalid or unloadable graph
         load_error = f"onnxruntime could not load the graph ({type(error).__name__}: {error})"
     verdict = parity_verdict(model, session, manifest, tolerance)
@@ -333,9 +281,25 @@ def validate_export(model: torch.nn.Module, export_dir: Path, manifest: dict, to
         "flavor": manifest["flavor"],
         **verdict,
     }
-    path = write_json(export_dir, REPORT_FILE, report)
+    path = write_json(export_dir, PARITY_REPORT, report)
     if not report["passed"]:
-        raise ParityError(_failure_summary(report), path)
+        raise ParityError(_failure_summary(report), path, report)
+    return report
+
+
+def validate_and_record(model: torch.nn.Module, export_dir: Path, manifest: dict) -> dict:
+    """The one validation step of `export` and `verify`: validate the export against `model` with
+    the tolerance its precision and quantization call for, write parity_report.json, and record the
+    outcome in the sidecar (a failed export stops loading). Returns the report; raises ParityError
+    (carrying it) once the failure is recorded."""
+    method = (manifest.get("quantization") or {}).get("method")
+    tolerance = Tolerance.for_precision(manifest["precision"], method)
+    try:
+        report = validate_export(model, export_dir, manifest, tolerance)
+    except ParityError as error:
+        record_validation(export_dir, manifest, error.parity_report)
+        raise
+    record_validation(export_dir, manifest, report)
     return report
 
 
