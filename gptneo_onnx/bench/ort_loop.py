@@ -50,7 +50,7 @@ class ExportDecoder:
         if not (Path(folder) / MANIFEST_NAME).is_file():  # the worker's log names what it could not read
             raise FileNotFoundError(f"{Path(folder) / MANIFEST_NAME} not found: not an export folder")
         self.manifest = load_manifest(folder, task="causal-lm", verify_hashes=False)
-        modes = (self.manifest.raw.get("cache") or {}).get("modes") or ["concat"]
+        modes = self.manifest.cache_modes
         if cache_mode not in modes:
             raise ValueError(f"export supports cache modes {modes}, not {cache_mode!r}")
         self.cache_class = cache_class(cache_mode, io_binding=False)

@@ -13,7 +13,6 @@ the worker prints {"ready": true} once loaded; then for each request {"rows", "l
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -36,11 +35,6 @@ def timed(generate, ids: np.ndarray, new_tokens: int) -> dict:
     return {"total_s": total, "first_token_s": stamps[0] - start, "decode_tok_s": decode}
 
 
-def child_env() -> dict[str, str]:
-    """The environment for a benchmark subprocess: this checkout first on the import path."""
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent.parent)}
-
-
 class Worker:
     """The parent's handle on a worker process."""
 
@@ -53,7 +47,6 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
-            env=child_env(),
         )
         self._read()  # {"ready": true}
 
