@@ -3,8 +3,9 @@
     python -m gptneo_onnx.bench.worker KIND PATH
 
 Each system gets a process of its own, as it would in deployment: what one system allocates
-can't change how another's memory is laid out (measured: the same onnxruntime session decodes
-up to ~15% faster or slower depending on what was loaded into the process before it). The
+can't change how another's memory is laid out (the same onnxruntime session decodes faster or
+slower depending on what was loaded into the process before it, so sharing a process would
+measure the order of loading, not the system). The
 parent still interleaves the systems scenario by scenario. Protocol, one JSON object per line:
 the worker prints {"ready": true} once loaded; then for each request {"rows", "length", "new",
 "seed", "vocab"} on stdin it prints `timed`'s result.

@@ -148,8 +148,9 @@ def create_session(graph_path: Path, options: ProviderOptions) -> tuple[ort.Infe
 
 def gpu_attention_advice(manifest: dict, provider: str) -> str | None:
     """A warning for fp32 fused attention on a GPU: onnxruntime's GroupQueryAttention has CUDA
-    kernels for fp16/bf16 only, so it runs fp32 GQA on the CPU (measured on an H200: 0.13x the
-    portable graph's decode rate after 1,500 tokens)."""
+    kernels for fp16/bf16 only, so it runs fp32 GQA on the CPU and copies the KV cache between
+    host and device on every step, which makes decoding slower than the portable graph and the
+    gap grows with the sequence (docs/runtime.md has the figures)."""
     attention = (manifest.get("optimization") or {}).get("attention")
     if provider not in ("cuda", "tensorrt") or attention != "GroupQueryAttention":
         return None
