@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from gptneo_onnx.contract import MANIFEST_NAME
 from gptneo_onnx.runtime.encoding import load_tokenizer
 from gptneo_onnx.runtime.errors import ExportFolderError
 from gptneo_onnx.runtime.export_state import warn_if_unvalidated
@@ -118,10 +119,10 @@ def _check_graph_io(manifest: Manifest, session: ort.InferenceSession) -> None:
     missing_outputs = [name for name in manifest.output_names if name not in graph_outputs]
     if missing_inputs or missing_outputs:
         raise ExportFolderError(
-            f"{manifest.graph_path.name} does not match {manifest.folder / 'gptneo_onnx.json'}: "
+            f"{manifest.graph_path.name} does not match {manifest.folder / MANIFEST_NAME}: "
             f"missing inputs {missing_inputs}, missing outputs {missing_outputs}; re-export the folder"
         )
-    logits = graph_outputs.get("logits")
+    logits = graph_outputs.get(manifest.io["logits"] or "")
     width = logits.shape[-1] if manifest.task == "causal-lm" and logits is not None and logits.shape else None
     if isinstance(width, int) and width != manifest.vocab_size:
         raise ExportFolderError(
