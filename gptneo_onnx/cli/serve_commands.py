@@ -97,13 +97,13 @@ def _serve(args: argparse.Namespace) -> int:
         value, least = getattr(args, name), 0 if name == "max_queue" else 1
         if value is not None and value < least:
             raise ServeSetupError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    options = provider_options(args)
+    check_options(options)  # threads or a device id out of range: one error line, before any export
     if args.export_dir is None:
         from gptneo_onnx.cli.defaults import default_export_dir
 
         args.export_dir = default_export_dir()
     load_manifest(args.export_dir)  # a bad folder is one error line, before anything listens
-    options = provider_options(args)
-    check_options(options)  # and so are threads or a device id out of range
     model_name = args.model_name or args.export_dir.resolve().name
     limits = EngineLimits(
         max_concurrent=args.max_concurrent,
