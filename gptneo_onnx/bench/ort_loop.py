@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from gptneo_onnx.contract import position_ids_from_mask
+from gptneo_onnx.contract import MANIFEST_NAME, position_ids_from_mask
 from gptneo_onnx.runtime.kv_cache import CacheSpec, cache_class
 from gptneo_onnx.runtime.manifest import load_manifest
 
@@ -47,6 +47,8 @@ class ExportDecoder:
         low_memory: bool = False,
     ):
         """`low_memory`: see `session_options`."""
+        if not (Path(folder) / MANIFEST_NAME).is_file():  # the worker's log names what it could not read
+            raise FileNotFoundError(f"{Path(folder) / MANIFEST_NAME} not found: not an export folder")
         self.manifest = load_manifest(folder, task="causal-lm", verify_hashes=False)
         modes = self.manifest.cache_modes
         if cache_mode not in modes:
