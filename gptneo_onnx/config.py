@@ -7,33 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ATTENTION_TYPES = ("global", "local")
+from gptneo_onnx.contract import ACTIVATIONS, UNSUPPORTED_ACTIVATIONS
 
-# Every activation name transformers' ACT2FN accepts for GPT-Neo's MLP, minus the ones with
-# learned parameters (prelu, xielu), which GPT-Neo checkpoints never use.
-ACTIVATIONS = (
-    "gelu",
-    "gelu_10",
-    "gelu_fast",
-    "gelu_new",
-    "gelu_python",
-    "gelu_pytorch_tanh",
-    "gelu_python_tanh",
-    "gelu_accurate",
-    "laplace",
-    "leaky_relu",
-    "linear",
-    "mish",
-    "quick_gelu",
-    "relu",
-    "relu2",
-    "relu6",
-    "sigmoid",
-    "silu",
-    "swish",
-    "tanh",
-)
-UNSUPPORTED_ACTIVATIONS = ("prelu", "xielu")
+ATTENTION_TYPES = ("global", "local")
 
 
 class ConfigError(ValueError):

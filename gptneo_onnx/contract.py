@@ -109,6 +109,35 @@ def cache_names(layer: int) -> dict[str, str]:
     }
 
 
+# ---- MLP activations -----------------------------------------------------------------------
+# Every activation name transformers' ACT2FN accepts for GPT-Neo's MLP, by the formula it
+# computes; the reference (torch) and the exporter (ONNX) each write every formula once. The
+# ones with learned parameters (prelu, xielu) are refused: GPT-Neo checkpoints never use them.
+ACTIVATIONS = {
+    "gelu": "gelu_erf",
+    "gelu_python": "gelu_erf",
+    "gelu_10": "gelu_erf_clipped_10",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_accurate": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+    "laplace": "laplace",
+    "leaky_relu": "leaky_relu",
+    "linear": "identity",
+    "mish": "mish",
+    "quick_gelu": "quick_gelu",
+    "relu": "relu",
+    "relu2": "relu_squared",
+    "relu6": "relu6",
+    "sigmoid": "sigmoid",
+    "silu": "silu",
+    "swish": "silu",
+    "tanh": "tanh",
+}
+UNSUPPORTED_ACTIVATIONS = ("prelu", "xielu")
+
+
 # ---- the position-id rule -------------------------------------------------------------------
 POSITION_IDS_RULE = "cumsum_minus_one"
 

@@ -1,7 +1,7 @@
 """The Python standard library's own sources as a code corpus: discovery, split, windows.
 
-Shared by `train_default_model.py` and `evaluate_default_model.py`. Run either script as
-`python scripts/<name>.py`, which puts `scripts/` on `sys.path` so this module imports.
+Shared by `scripts/train_default_model.py` and `scripts/evaluate_default_model.py` (run them
+with the package installed, `pip install -e .`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """GPU check (at most ~5 minutes): CUDA parity, IO-bound KV cache, TensorRT, decode vs Optimum.
 
-    python scripts/gpu_check.py --out gpu_check.json [--budget 290] [--skip-optimum]
+    python -m scripts.gpu_check --out gpu_check.json [--budget 290] [--skip-optimum]
+
+Run it from the repository root: `python -m` puts the root on the import path, so it runs on a
+machine where the package is not installed (`python scripts/gpu_check.py` needs it installed).
 
 Needs onnxruntime-gpu (CUDAExecutionProvider), torch and transformers; optimum-onnx for the
 Optimum comparison. Every section is timed and guarded: a failing or skipped section is recorded
@@ -19,11 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a file from anywhere: import the repo's packages
-    sys.path.insert(0, str(ROOT))
-
-from gptneo_onnx.bench.models import SHAPES  # noqa: E402  (the benchmark's gpt-neo-125m shape)
+from gptneo_onnx.bench.models import SHAPES  # the benchmark's gpt-neo-125m shape
 
 SMALL = dict(hidden_size=256, num_layers=4, num_heads=4, window_size=32, vocab_size=1024,
              max_position_embeddings=512, attention_types=[[["global", "local"], 2]])  # fmt: skip
@@ -89,7 +88,7 @@ class DeviceDecoder:
         self.manifest = load_manifest(folder, task="causal-lm", verify_hashes=False)
         self.session = cuda_session(self.manifest.graph_path, providers)
         self.spec = CacheSpec.from_manifest(self.manifest, device=(DEVICE["name"], 0))
-        shared = "shared-buffer" in (self.manifest.raw["cache"].get("modes") or [])
+        shared = "shared-buffer" in self.manifest.cache_modes
         self.cache_class = SharedBufferCache if shared else BoundConcatCache
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:

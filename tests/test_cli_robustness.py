@@ -485,7 +485,7 @@ def test_tokens_that_split_one_character_make_one_span(exports):
     """Byte-level BPE splits an emoji into several tokens with the same character offsets: they
     join one entity (or stay outside together), so no two spans share a character."""
     from gptneo_onnx.runtime import Model
-    from gptneo_onnx.runtime.heads import TaggedToken, group_entities
+    from gptneo_onnx.runtime.postprocess import TaggedToken, group_entities
 
     text = "🐍🐍 Paris"
     pieces = [

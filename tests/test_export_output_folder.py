@@ -101,7 +101,7 @@ class Crash(Exception):
 
 def crash_after(count, monkeypatch):
     """Make the external-data writer fail after `count` tensors: a crash mid-write."""
-    original, written = graph_builder._external_tensor, []
+    original, written = graph_builder.external_tensor, []
 
     def write(*args):
         if len(written) == count:
@@ -109,7 +109,7 @@ def crash_after(count, monkeypatch):
         written.append(args[0])
         return original(*args)
 
-    monkeypatch.setattr(graph_builder, "_external_tensor", write)
+    monkeypatch.setattr(graph_builder, "external_tensor", write)
 
 
 def test_a_crash_mid_write_leaves_nothing_loadable_and_a_re_export_recovers(tmp_path, monkeypatch):
@@ -130,7 +130,7 @@ import os, signal, sys
 from gptneo_onnx.export import export, graph_builder
 from gptneo_onnx.reference import from_pretrained
 
-original, written = graph_builder._external_tensor, []
+original, written = graph_builder.external_tensor, []
 
 def write(*args):
     if len(written) == 3:
@@ -138,7 +138,7 @@ def write(*args):
     written.append(args[0])
     return original(*args)
 
-graph_builder._external_tensor = write
+graph_builder.external_tensor = write
 export(from_pretrained(sys.argv[1]), sys.argv[2], external_data=True, overwrite=True, progress=False)
 """
 

@@ -30,13 +30,13 @@ def test_rows_are_kept_until_min_rows_plus_slack_then_cut_to_min_rows():
 def test_mask_is_the_tail_covering_held_rows_and_new_tokens():
     local = LocalWindow.from_cache(CACHE)
     mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    np.testing.assert_array_equal(local.mask(mask, held=3, new=1), mask[:, 2:])
-    np.testing.assert_array_equal(local.mask(mask, held=0, new=6), mask)
+    np.testing.assert_array_equal(local.mask(mask, local_rows=3, new=1), mask[:, 2:])
+    np.testing.assert_array_equal(local.mask(mask, local_rows=0, new=6), mask)
 
 
 def test_move_newest_to_front_handles_overlapping_rows():
     local = LocalWindow.from_cache(CACHE)
     buffer = np.arange(2 * 3 * 12 * 2, dtype=np.float32).reshape(2, 3, 12, 2)
     expected = buffer[:, :, 3:10].copy()  # 10 rows held, keep the newest 7: rows 3..9 (overlap 3..6)
-    local.move_newest_to_front(buffer, rows=10, keep=7)
+    local.move_newest_to_front(buffer, local_rows=10, keep=7)
     np.testing.assert_array_equal(buffer[:, :, :7], expected)

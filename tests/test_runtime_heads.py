@@ -16,7 +16,7 @@ from gptneo_onnx.runtime import (
     SequenceClassifier,
     TokenClassifier,
 )
-from gptneo_onnx.runtime.heads import (
+from gptneo_onnx.runtime.postprocess import (
     TaggedToken,
     best_answer_span,
     group_entities,

@@ -75,10 +75,10 @@ def test_min_new_tokens_and_min_length_match_transformers():
         )
         ours = LogitsProcessor(do_sample=False, min_new_tokens=min_new, eos_token_ids=eos)
         np.testing.assert_array_equal(ours(input_ids, scores, prompt_length), expected)
-    for min_length in (5, 6, 7):
+    for min_length in (5, 6, 7):  # a minimum total length is min_new_tokens counted from 0
         expected = hf_apply(hf.MinLengthLogitsProcessor(min_length, eos), scores, input_ids)
-        ours = LogitsProcessor(do_sample=False, min_length=min_length, eos_token_ids=eos)
-        np.testing.assert_array_equal(ours(input_ids, scores, 6), expected)
+        ours = LogitsProcessor(do_sample=False, min_new_tokens=min_length, eos_token_ids=eos)
+        np.testing.assert_array_equal(ours(input_ids, scores, 0), expected)
 
 
 def test_processor_chain_matches_transformers_order():

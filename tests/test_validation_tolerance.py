@@ -215,16 +215,16 @@ def test_a_reference_unstable_in_float32_caps_the_bound():
     """Hand-computed: when the float32 reference is itself 30% of the range off float64 (a model
     numerically chaotic in float32), the bound stops at 1% of the range instead of passing anything."""
     from gptneo_onnx.export.reference_runs import Output
-    from gptneo_onnx.export.validate import _judge, _rounding
+    from gptneo_onnx.export.validate import judge_output, reference_rounding
 
     truth = {"logits": Output(np.array([[10.0, 0.0, -10.0]]), None, top1=True, group="logits")}
     unstable = {"logits": Output(np.array([[7.0, 0.0, -10.0]]), None, top1=True, group="logits")}
-    rounding, scale = _rounding(truth, unstable)
+    rounding, scale = reference_rounding(truth, unstable)
     assert (rounding, scale) == ({"logits": 3.0}, {"logits": 10.0})
     tolerance = Tolerance.for_precision("float32")
     within_cap = np.array([[9.95, 0.0, -10.0]])  # off by 0.05 < 1% of 10
-    check = _judge("logits", truth["logits"], 3.0, 10.0, within_cap, tolerance, tolerance.floor_atol)
+    check = judge_output("logits", truth["logits"], 3.0, 10.0, within_cap, tolerance, tolerance.floor_atol)
     assert check["passed"] and check["rounding_capped"] and check["max_allowed"] == pytest.approx(0.1)
     beyond = np.array([[9.0, 0.0, -10.0]])  # 1.0 off: far inside 8 x 3.0, beyond the cap
-    check = _judge("logits", truth["logits"], 3.0, 10.0, beyond, tolerance, tolerance.floor_atol)
+    check = judge_output("logits", truth["logits"], 3.0, 10.0, beyond, tolerance, tolerance.floor_atol)
     assert not check["passed"] and "numerically unstable" in check["reason"]

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gptneo_onnx.contract import MANIFEST_NAME
+from gptneo_onnx.runtime.manifest import Manifest, read_manifest
+
 # Far larger than any last-level cache: every pass reads from memory.
 PROBE_BYTES = 512 << 20
 # Inputs 0 of these ops are tables read one row per token, not whole.
@@ -57,18 +60,16 @@ def weight_bytes_per_token(graph: Path) -> int:
     return total
 
 
-def kv_bytes_per_token(manifest: dict, context: int) -> int:
+def kv_bytes_per_token(manifest: Manifest, context: int) -> int:
     """KV-cache bytes one decode step reads at `context` tokens: keys and values of every layer
     (local layers of a windowed cache hold at most min_rows + slack rows)."""
-    model, cache = manifest["model"], manifest["cache"]
-    itemsize = np.dtype(cache.get("dtype", "float32")).itemsize
-    local = cache.get("local_window")
+    itemsize = np.dtype(manifest.cache_dtype).itemsize
+    local = manifest.local_window
+    most_local_rows = context if local is None else min(context, local.min_rows + local.slack)
     total = 0
-    for layer in cache["layers"]:
-        rows = context
-        if local and layer.get("window"):
-            rows = min(context, local["min_rows"] + max(1, local["window"] // 4))
-        total += 2 * rows * model["num_heads"] * model["head_dim"] * itemsize
+    for layer in manifest.cache_layers:
+        rows = most_local_rows if layer.window else context
+        total += 2 * rows * manifest.model["num_heads"] * manifest.model["head_dim"] * itemsize
     return total
 
 
@@ -78,10 +79,9 @@ def bytes_per_token(folder: Path, context: int) -> int | None:
     or None for PyTorch checkpoints."""
     import json
 
-    if (folder / "gptneo_onnx.json").is_file():
-        manifest = json.loads((folder / "gptneo_onnx.json").read_text())
-        weights = weight_bytes_per_token(folder / manifest["graph"]["file"])
-        return weights + kv_bytes_per_token(manifest, context)
+    if (folder / MANIFEST_NAME).is_file():
+        manifest = read_manifest(folder)
+        return weight_bytes_per_token(manifest.graph_path) + kv_bytes_per_token(manifest, context)
     if (folder / "model.onnx").is_file():
         config = json.loads((folder / "config.json").read_text())
         kv = 2 * context * config["hidden_size"] * 4 * config["num_layers"]

@@ -23,10 +23,10 @@ from gptneo_onnx.runtime.manifest import load_manifest
 
 def session_options(threads: int | None = None, low_memory: bool = False) -> ort.SessionOptions:
     """`low_memory` disables weight prepacking: MLAS then keeps no packed copy of each MatMul
-    weight and external-data weights stay memory-mapped. Since the lm_head reads the embedding
-    through aliased row slices, prepacking no longer raises the peak (125m fp32: 582.7 MB with it,
-    582.5 MB without) and it makes fp32 decode faster, so it stays on by default. Quantized graphs
-    need it (MatMulNBits runs ~40x slower without)."""
+    weight and external-data weights stay memory-mapped. It stays on by default: the lm_head reads
+    the embedding through aliased row slices, which prepacking does not copy, so it costs no
+    memory, and packed weights make fp32 decode faster. Quantized graphs need it: MatMulNBits'
+    fast CPU kernels run on prepacked blocks (docs/performance.md)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -50,7 +50,7 @@ class ExportDecoder:
         if not (Path(folder) / MANIFEST_NAME).is_file():  # the worker's log names what it could not read
             raise FileNotFoundError(f"{Path(folder) / MANIFEST_NAME} not found: not an export folder")
         self.manifest = load_manifest(folder, task="causal-lm", verify_hashes=False)
-        modes = (self.manifest.raw.get("cache") or {}).get("modes") or ["concat"]
+        modes = self.manifest.cache_modes
         if cache_mode not in modes:
             raise ValueError(f"export supports cache modes {modes}, not {cache_mode!r}")
         self.cache_class = cache_class(cache_mode, io_binding=False)

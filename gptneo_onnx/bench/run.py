@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from gptneo_onnx.bench.bandwidth import bytes_per_token, percent_of_limit, read_bandwidth
 from gptneo_onnx.bench.models import OUR_VARIANTS, build_all
 from gptneo_onnx.bench.report import evaluate_targets, markdown_table, write_chart
-from gptneo_onnx.bench.worker import Worker, child_env
+from gptneo_onnx.bench.worker import Worker
 
 # variant -> (export it uses, runner kind)
 VARIANTS = {
@@ -106,11 +106,10 @@ def measure_warm(
 def measure_cold(plan: Plan, name: str, kind: str, path: Path) -> dict[str, list[float]]:
     """Spawn-to-first-token and peak RSS of a fresh process serving `path`."""
     samples: dict[str, list[float]] = {"cold_start_s": [], "peak_rss_mb": []}
-    env = child_env()
     for _ in range(plan.cold_repeats):
         command = [sys.executable, "-m", "gptneo_onnx.bench.cold", kind, str(path), *map(str, plan.cold)]
         spawned = time.time()
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if done.returncode:
             raise RuntimeError(f"cold start of {name} failed:\n{done.stderr[-2000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])

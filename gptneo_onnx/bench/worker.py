@@ -3,8 +3,9 @@
     python -m gptneo_onnx.bench.worker KIND PATH
 
 Each system gets a process of its own, as it would in deployment: what one system allocates
-can't change how another's memory is laid out (measured: the same onnxruntime session decodes
-up to ~15% faster or slower depending on what was loaded into the process before it). The
+can't change how another's memory is laid out (the same onnxruntime session decodes faster or
+slower depending on what was loaded into the process before it, so sharing a process would
+measure the order of loading, not the system). The
 parent still interleaves the systems scenario by scenario. Protocol, one JSON object per line:
 the worker prints {"ready": true} once loaded; then for each request {"rows", "length", "new",
 "seed", "vocab"} on stdin it prints `timed`'s result.
@@ -13,7 +14,6 @@ the worker prints {"ready": true} once loaded; then for each request {"rows", "l
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -36,11 +36,6 @@ def timed(generate, ids: np.ndarray, new_tokens: int) -> dict:
     return {"total_s": total, "first_token_s": stamps[0] - start, "decode_tok_s": decode}
 
 
-def child_env() -> dict[str, str]:
-    """The environment for a benchmark subprocess: this checkout first on the import path."""
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent.parent)}
-
-
 class Worker:
     """The parent's handle on a worker process."""
 
@@ -53,7 +48,6 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
-            env=child_env(),
         )
         self._read()  # {"ready": true}
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from gptneo_onnx.cli.defaults import DEFAULT_PROMPT
 from gptneo_onnx.cli.parsing import add_command, bounded_int, unescape
+from gptneo_onnx.cli.provider_flags import add_provider_flags, provider_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -109,24 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
-    group = parser.add_argument_group("execution provider")
-    group.add_argument(
-        "--provider",
-        default="auto",
-        help="auto (TensorRT > CUDA > CPU, what this install has), cpu, cuda, tensorrt",
-    )
-    group.add_argument("--device-id", type=bounded_int(0), default=0, help="GPU index (CUDA and TensorRT)")
-    group.add_argument("--trt-fp16", action="store_true", help="TensorRT: build fp16 engines")
-    group.add_argument("--trt-engine-cache", type=Path, default=None, help="TensorRT: engine cache folder")
-    group.add_argument(
-        "--threads", type=bounded_int(1), default=None,
-        help="intra-op threads, at most 4 per core (default: onnxruntime's, one per core)",
-    )  # fmt: skip
-    group.add_argument(
-        "--optimization-level", choices=("disable", "basic", "extended", "all"), default="all",
-        help="onnxruntime graph optimization level",
-    )  # fmt: skip
-    group.add_argument("--no-verify", action="store_true", help="skip the sha256 checks (faster start)")
+    add_provider_flags(parser)
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 checks (faster start)")
 
 
 def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,16 +139,7 @@ def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, export_dir: Path | str, model_class: Any) -> Any:
-    return model_class.load(
-        export_dir,
-        provider=args.provider,
-        device_id=args.device_id,
-        trt_fp16=args.trt_fp16,
-        trt_engine_cache_dir=args.trt_engine_cache,
-        intra_op_threads=args.threads,
-        graph_optimization_level=args.optimization_level,
-        verify_hashes=not args.no_verify,
-    )
+    return model_class.load(export_dir, options=provider_options(args), verify_hashes=not args.no_verify)
 
 
 def _print_json(payload: dict[str, Any]) -> None:

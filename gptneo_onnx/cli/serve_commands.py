@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from gptneo_onnx.cli.parsing import add_command, bounded_int
+from gptneo_onnx.cli.provider_flags import add_provider_flags, provider_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,15 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="batching: continuous (default), static batches, or one request at a time",
     )  # fmt: skip
     parser.add_argument(
-        "--threads",
-        type=bounded_int(1, 4 * (os.cpu_count() or 1)),
-        help="onnxruntime intra-op threads per replica",
-    )
-    parser.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
-    parser.add_argument(
         "--replicas", type=bounded_int(1, 64), help="run N replicas on Ray Serve (the ray extra)"
     )
     parser.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://head:10001)")
+    add_provider_flags(parser)  # --threads is per replica
     parser.set_defaults(handler=run_serve)
 
     bench = subparsers.add_parser(
@@ -95,11 +91,14 @@ def _serve(args: argparse.Namespace) -> int:
             f"serving needs the serve extra: pip install 'gptneo-onnx[serve]' ({error})"
         ) from None
     from gptneo_onnx.runtime import load_manifest
+    from gptneo_onnx.runtime.providers import check_options
 
     for name in ("max_concurrent", "max_queue", "replicas", "threads"):
         value, least = getattr(args, name), 0 if name == "max_queue" else 1
         if value is not None and value < least:
             raise ServeSetupError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    options = provider_options(args)
+    check_options(options)  # threads or a device id out of range: one error line, before any export
     if args.export_dir is None:
         from gptneo_onnx.cli.defaults import default_export_dir
 
@@ -113,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_total_tokens=args.max_total_tokens,
         request_timeout=args.request_timeout,
     )
-    load_options = {"provider": args.provider, "intra_op_threads": args.threads}
+    load_options = asdict(options)  # plain keywords of Model.load, sent as is to Ray replicas
     if args.replicas is not None or args.ray_address is not None:
         try:
             from gptneo_onnx.serve.ray_app import run_on_ray

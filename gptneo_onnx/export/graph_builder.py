@@ -64,7 +64,7 @@ class GraphBuilder:
         array = self.weights[name]
         row_bytes = array[0].nbytes
         # Slices start on page boundaries so onnxruntime can map them (the weight itself is
-        # page-aligned in the file, see _external_tensor).
+        # page-aligned in the file, see external_tensor).
         rows_per_page = PAGE // np.gcd(row_bytes, PAGE)
         rows = max(rows_per_page, max_bytes // row_bytes // rows_per_page * rows_per_page)
         if not self.external_data or rows >= len(array):
@@ -99,7 +99,7 @@ class GraphBuilder:
                 if handle is None or array.nbytes < 1024:
                     initializers.append(numpy_helper.from_array(array, name))
                     continue
-                initializers.append(_external_tensor(name, array, handle, external_data_file.name))
+                initializers.append(external_tensor(name, array, handle, external_data_file.name))
         finally:
             if handle:
                 handle.close()
@@ -115,7 +115,7 @@ class GraphBuilder:
         return model
 
 
-def _external_tensor(name: str, array: np.ndarray, handle, location: str) -> TensorProto:
+def external_tensor(name: str, array: np.ndarray, handle, location: str) -> TensorProto:
     """A TensorProto whose bytes go to the open external-data file: page-aligned when large (so
     onnxruntime can map it), else 64-byte aligned."""
     padding = (-handle.tell()) % (PAGE if array.nbytes >= PAGE else 64)

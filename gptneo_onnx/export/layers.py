@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from gptneo_onnx import contract
 from gptneo_onnx.export.graph_builder import INT64_MAX, GraphBuilder
 from gptneo_onnx.export.plan import LayerPlan
 
@@ -53,28 +54,25 @@ def _silu(g: GraphBuilder, x: str, dtype, beta: float = 1.0) -> str:
     return g.op("Mul", [x, g.op("Sigmoid", [scaled])])
 
 
-ACTIVATIONS = {
-    "gelu": _gelu_erf,
-    "gelu_python": _gelu_erf,
-    "gelu_10": lambda g, x, t: g.op("Clip", [_gelu_erf(g, x, t), g.const(-10.0, t), g.const(10.0, t)]),
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_accurate": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_python_tanh": _gelu_tanh,
+FORMULAS = {  # contract.ACTIVATIONS' formulas as ONNX ops
+    "gelu_erf": _gelu_erf,
+    "gelu_erf_clipped_10": lambda g, x, t: g.op(
+        "Clip", [_gelu_erf(g, x, t), g.const(-10.0, t), g.const(10.0, t)]
+    ),
+    "gelu_tanh": _gelu_tanh,
     "laplace": _laplace,
     "leaky_relu": lambda g, x, t: g.op("LeakyRelu", [x], alpha=0.01),
-    "linear": lambda g, x, t: x,
+    "identity": lambda g, x, t: x,
     "mish": lambda g, x, t: g.op("Mul", [x, g.op("Tanh", [g.op("Softplus", [x])])]),
     "quick_gelu": lambda g, x, t: _silu(g, x, t, beta=1.702),
     "relu": lambda g, x, t: g.op("Relu", [x]),
-    "relu2": lambda g, x, t: g.op("Mul", [g.op("Relu", [x]), g.op("Relu", [x])]),
+    "relu_squared": lambda g, x, t: g.op("Mul", [g.op("Relu", [x]), g.op("Relu", [x])]),
     "relu6": lambda g, x, t: g.op("Clip", [x, g.const(0.0, t), g.const(6.0, t)]),
     "sigmoid": lambda g, x, t: g.op("Sigmoid", [x]),
     "silu": _silu,
-    "swish": _silu,
     "tanh": lambda g, x, t: g.op("Tanh", [x]),
 }
+ACTIVATIONS = {name: FORMULAS[formula] for name, formula in contract.ACTIVATIONS.items()}
 
 
 def mlp(g: GraphBuilder, x: str, weights: dict, activation: str, dtype, name: str) -> str:

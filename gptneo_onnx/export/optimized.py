@@ -25,20 +25,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from gptneo_onnx import contract
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.contract import LOCAL_ATTENTION_MASK
 from gptneo_onnx.export import layers
 from gptneo_onnx.export.graph_builder import MS_DOMAIN, GraphBuilder
 from gptneo_onnx.export.plan import FUSED_ATTENTION, PORTABLE_ATTENTION, ExportPlan
 
-FUSED_GELU = {
-    "gelu_new": "FastGelu",
-    "gelu_fast": "FastGelu",
-    "gelu_accurate": "FastGelu",
-    "gelu_pytorch_tanh": "FastGelu",
-    "gelu_python_tanh": "FastGelu",
-    "gelu": "BiasGelu",
-    "gelu_python": "BiasGelu",
+FUSED_GELU = {  # the two GELU formulas have fused com.microsoft kernels
+    name: {"gelu_tanh": "FastGelu", "gelu_erf": "BiasGelu"}[formula]
+    for name, formula in contract.ACTIVATIONS.items()
+    if formula in ("gelu_tanh", "gelu_erf")
 }
 NEGATIVE = {np.dtype("float32"): float(np.finfo(np.float32).min), np.dtype("float16"): -65504.0}
 

@@ -121,7 +121,7 @@ def _reference(model: torch.nn.Module, manifest: dict, ids: np.ndarray, mask: np
         return reference_single_pass(model, manifest, ids, mask)
 
 
-def _rounding(truth: dict, rounding_run: dict | None) -> tuple[dict[str, float], dict[str, float]]:
+def reference_rounding(truth: dict, rounding_run: dict | None) -> tuple[dict[str, float], dict[str, float]]:
     """The largest |rounding run - float64 run| of each group of outputs, and the group's largest
     |value|. 0 (the floor alone) without a rounding run, or where it overflowed (an fp16 reference
     can): never an unbounded bound."""
@@ -136,7 +136,7 @@ def _rounding(truth: dict, rounding_run: dict | None) -> tuple[dict[str, float],
     return rounding, scale
 
 
-def _judge(
+def judge_output(
     name: str,
     truth,
     rounding: float,
@@ -225,9 +225,11 @@ def parity_verdict(model: torch.nn.Module, session, manifest: dict, tolerance: T
     if tolerance.floor_relative_to_logit_range:
         logits = [out.select(out.values) for out in truth.values() if out.top1]
         floor_atol *= max([1.0] + [float(np.abs(x).max()) for x in logits if x.size])
-    rounding, scale = _rounding(truth, rounding_run)
+    rounding, scale = reference_rounding(truth, rounding_run)
     checks = [
-        _judge(name, out, rounding[out.group], scale[out.group], actual.get(name), tolerance, floor_atol)
+        judge_output(
+            name, out, rounding[out.group], scale[out.group], actual.get(name), tolerance, floor_atol
+        )
         for name, out in truth.items()
     ]
     positions = sum(check.get("top1_positions", 0) for check in checks)

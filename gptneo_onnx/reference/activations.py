@@ -1,4 +1,4 @@
-"""GPT-Neo's MLP activations, by transformers' ACT2FN names, written out in plain torch."""
+"""GPT-Neo's MLP activations in plain torch: each formula of contract.ACTIVATIONS written once."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from gptneo_onnx.contract import ACTIVATIONS
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -23,25 +25,20 @@ def laplace(x: torch.Tensor, mu: float = 0.707107, sigma: float = 0.282095) -> t
     return 0.5 * (1.0 + torch.erf((x - mu) / (sigma * math.sqrt(2.0))))
 
 
-ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": gelu_erf,
-    "gelu_python": gelu_erf,
-    "gelu_10": lambda x: torch.clamp(gelu_erf(x), -10.0, 10.0),
-    "gelu_new": gelu_tanh,
-    "gelu_fast": gelu_tanh,
-    "gelu_accurate": gelu_tanh,
-    "gelu_pytorch_tanh": gelu_tanh,
-    "gelu_python_tanh": gelu_tanh,
+FORMULAS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_erf": gelu_erf,
+    "gelu_erf_clipped_10": lambda x: torch.clamp(gelu_erf(x), -10.0, 10.0),
+    "gelu_tanh": gelu_tanh,
     "laplace": laplace,
     "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
-    "linear": lambda x: x,
+    "identity": lambda x: x,
     "mish": lambda x: x * torch.tanh(F.softplus(x)),
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "relu": F.relu,
-    "relu2": lambda x: torch.square(F.relu(x)),
+    "relu_squared": lambda x: torch.square(F.relu(x)),
     "relu6": lambda x: torch.clamp(x, 0.0, 6.0),
     "sigmoid": torch.sigmoid,
     "silu": F.silu,
-    "swish": F.silu,
     "tanh": torch.tanh,
 }
+ACTIVATION_FUNCTIONS = {name: FORMULAS[formula] for name, formula in ACTIVATIONS.items()}

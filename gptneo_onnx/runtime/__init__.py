@@ -24,6 +24,7 @@ from gptneo_onnx.runtime.generation import (
     check_finite,
     seeded_rng,
 )
+from gptneo_onnx.runtime.head_models import Embedder, QuestionAnswerer, SequenceClassifier, TokenClassifier
 from gptneo_onnx.runtime.kv_cache import (
     BoundConcatCache,
     CacheSpec,
@@ -33,10 +34,9 @@ from gptneo_onnx.runtime.kv_cache import (
 )
 from gptneo_onnx.runtime.manifest import Manifest, load_manifest
 from gptneo_onnx.runtime.model import Model
-from gptneo_onnx.runtime.providers import available_providers
+from gptneo_onnx.runtime.providers import ProviderOptions, available_providers
 from gptneo_onnx.runtime.sampling import log_softmax, sample
 from gptneo_onnx.runtime.streaming import IncrementalDecoder, StopStringFilter, stream_text
-from gptneo_onnx.runtime.tasks import Embedder, QuestionAnswerer, SequenceClassifier, TokenClassifier
 
 __all__ = [
     "BoundConcatCache",
@@ -55,6 +55,7 @@ __all__ = [
     "Model",
     "NumericalError",
     "ProviderError",
+    "ProviderOptions",
     "QuestionAnswerer",
     "RuntimeModelError",
     "SequenceClassifier",

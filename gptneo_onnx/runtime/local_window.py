@@ -41,31 +41,34 @@ class LocalWindow:
     def slack(self) -> int:
         return max(1, self.window // 4)
 
-    def mask(self, attention_mask: np.ndarray, held: int, new: int) -> np.ndarray:
-        """The local layers' mask: the columns of the `held` cached rows and the `new` tokens."""
-        return attention_mask[:, attention_mask.shape[1] - (held + new) :]
+    def mask(self, attention_mask: np.ndarray, local_rows: int, new: int) -> np.ndarray:
+        """The local layers' mask: the columns of their `local_rows` cached rows and the `new` tokens."""
+        return attention_mask[:, attention_mask.shape[1] - (local_rows + new) :]
 
-    def rows_to_keep(self, rows: int, spare: int = 0) -> int:
-        """How many of `rows` cached rows to keep: all, until they pass `min_rows + spare + slack`.
-        `spare`: newest rows a caller may drop again (rejected drafts), kept beyond `min_rows`."""
+    def rows_to_keep(self, local_rows: int, spare: int = 0) -> int:
+        """How many of the `local_rows` cached rows to keep: all, until they pass `min_rows +
+        spare + slack`. `spare`: newest rows a caller may drop again (rejected drafts), kept
+        beyond `min_rows`."""
         floor = self.min_rows + spare
-        return floor if rows > floor + self.slack else rows
+        return floor if local_rows > floor + self.slack else local_rows
 
-    def trim(self, arrays: dict[str, np.ndarray], rows: int, in_place: bool, spare: int = 0) -> int:
-        """After a step that left `rows` rows in the local layers' caches, trim `arrays` (keyed
-        by past name; other keys are left alone) as `rows_to_keep` says and return the rows now
-        held. `in_place` (shared buffers): move the newest rows to the front of each buffer;
-        otherwise (concat): replace each local array by a contiguous copy of its newest rows."""
-        keep = self.rows_to_keep(rows, spare)
-        if keep == rows:
-            return rows
+    def trim(self, arrays: dict[str, np.ndarray], local_rows: int, in_place: bool, spare: int = 0) -> int:
+        """After a step that left `local_rows` rows in the local layers' caches, trim `arrays`
+        (keyed by past name; other keys are left alone) as `rows_to_keep` says and return the
+        local rows now in them. `in_place` (shared buffers): move the newest rows to the front of
+        each buffer; otherwise (concat): replace each local array by a contiguous copy of its
+        newest rows."""
+        keep = self.rows_to_keep(local_rows, spare)
+        if keep == local_rows:
+            return local_rows
         for name in self.past_names:
             if in_place:
-                self.move_newest_to_front(arrays[name], rows, keep)
+                self.move_newest_to_front(arrays[name], local_rows, keep)
             else:
-                arrays[name] = np.ascontiguousarray(arrays[name][:, :, rows - keep : rows])
+                arrays[name] = np.ascontiguousarray(arrays[name][:, :, local_rows - keep : local_rows])
         return keep
 
-    def move_newest_to_front(self, buffer: np.ndarray, rows: int, keep: int) -> None:
-        """In a (B, H, capacity, D) buffer holding `rows` rows, make the newest `keep` the first."""
-        buffer[:, :, :keep] = buffer[:, :, rows - keep : rows]  # numpy copies overlapping ranges safely
+    def move_newest_to_front(self, buffer: np.ndarray, local_rows: int, keep: int) -> None:
+        """In a (B, H, capacity, D) buffer holding `local_rows` rows, make the newest `keep` the first."""
+        # numpy copies overlapping ranges safely
+        buffer[:, :, :keep] = buffer[:, :, local_rows - keep : local_rows]

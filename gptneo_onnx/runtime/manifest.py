@@ -27,6 +27,7 @@ from gptneo_onnx.runtime.export_state import (
     is_staging_folder,
     warn_if_unvalidated,
 )
+from gptneo_onnx.runtime.local_window import LocalWindow
 
 # The fields this runtime needs, per object, with their JSON types (docs/sidecar.md).
 TOP_FIELDS = {
@@ -159,6 +160,16 @@ class Manifest:
     @property
     def cache_dtype(self) -> str:
         return (self.raw.get("cache") or {}).get("dtype", "float32")
+
+    @property
+    def cache_modes(self) -> list[str]:
+        """The KV-cache modes the graph offers (concat, shared-buffer); concat when unsaid."""
+        return list((self.raw.get("cache") or {}).get("modes") or ["concat"])
+
+    @property
+    def local_window(self) -> LocalWindow | None:
+        """The windowed local cache (format 2), or None when the local layers cache every row."""
+        return LocalWindow.from_cache(self.raw.get("cache") or {})
 
 
 def load_manifest(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from gptneo_onnx.contract import MANIFEST_NAME
 from gptneo_onnx.runtime.encoding import load_tokenizer
 from gptneo_onnx.runtime.errors import ExportFolderError
 from gptneo_onnx.runtime.export_state import warn_if_unvalidated
@@ -50,39 +53,28 @@ class Model:
     def load(
         cls,
         export_dir: str | Path,
-        provider: str = "auto",
         *,
-        device_id: int = 0,
-        trt_fp16: bool = False,
-        trt_engine_cache_dir: str | Path | None = None,
-        cuda_tf32: bool = False,
-        intra_op_threads: int | None = None,
-        graph_optimization_level: str = "all",
+        options: ProviderOptions | None = None,
         verify_hashes: bool = True,
-        **task_options: Any,
+        **keywords: Any,
     ) -> Model:
-        """Load an export folder on `provider` (auto, cpu, cuda, tensorrt).
+        """Load an export folder with `options` (a ProviderOptions: provider auto, cpu, cuda or
+        tensorrt, and its settings). Each ProviderOptions field can also be given as a keyword
+        (`provider="cpu"`, `intra_op_threads=2`, `cuda_tf32=True`), over `options`; the other
+        keywords go to the task class (e.g. CausalLM's `cache_mode`).
 
         Called on a task class (e.g. `CausalLM.load`), the folder must hold that task.
-        `cuda_tf32=True` lets CUDA use TF32 matmuls (faster on Ampere and later; off by default
-        because it moves fp32 logits ~1e-3 away from the reference).
         `verify_hashes=False` skips the sha256 checks of the files (faster start for big exports).
         """
+        provider_keywords, task_options = ProviderOptions.split(keywords)
+        options = replace(options or ProviderOptions(), **provider_keywords)
         manifest = load_manifest(
             export_dir, task=cls.task, verify_hashes=verify_hashes, warn_unvalidated=False
         )
         target = _TASK_CLASSES.get(manifest.task)
         if target is None:
             raise ExportFolderError(f"no runtime class for task {manifest.task!r}")
-        options = ProviderOptions(
-            provider=provider,
-            device_id=device_id,
-            trt_fp16=trt_fp16,
-            trt_engine_cache_dir=trt_engine_cache_dir,
-            cuda_tf32=cuda_tf32,
-            intra_op_threads=intra_op_threads,
-            graph_optimization_level=graph_optimization_level,
-        )
+        _check_task_options(target, task_options)
         session, running = create_session(manifest.graph_path, options)
         _check_graph_io(manifest, session)
         tokenizer = load_tokenizer(manifest.tokenizer_path, manifest.vocab_size)
@@ -102,6 +94,22 @@ class Model:
         return f"{type(self).__name__}({str(self.manifest.folder)!r}, provider={self.provider!r})"
 
 
+def _check_task_options(target: type[Model], task_options: dict[str, Any]) -> None:
+    """Every keyword must be a ProviderOptions field or one of the task class's own options."""
+    accepted = [
+        name
+        for name, parameter in inspect.signature(target.__init__).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(task_options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"{target.__name__}.load() got unknown option(s) {', '.join(unknown)}; provider options are "
+            f"{', '.join(ProviderOptions.names())}"
+            + (f", {target.__name__}'s own {', '.join(accepted)}" if accepted else "")
+        )
+
+
 def _check_graph_io(manifest: Manifest, session: ort.InferenceSession) -> None:
     """The graph's input and output names must be the ones the manifest promises, and a causal
     LM's logits as wide as the manifest's vocab_size (token ids are checked against it)."""
@@ -111,10 +119,10 @@ def _check_graph_io(manifest: Manifest, session: ort.InferenceSession) -> None:
     missing_outputs = [name for name in manifest.output_names if name not in graph_outputs]
     if missing_inputs or missing_outputs:
         raise ExportFolderError(
-            f"{manifest.graph_path.name} does not match {manifest.folder / 'gptneo_onnx.json'}: "
+            f"{manifest.graph_path.name} does not match {manifest.folder / MANIFEST_NAME}: "
             f"missing inputs {missing_inputs}, missing outputs {missing_outputs}; re-export the folder"
         )
-    logits = graph_outputs.get("logits")
+    logits = graph_outputs.get(manifest.io["logits"] or "")
     width = logits.shape[-1] if manifest.task == "causal-lm" and logits is not None and logits.shape else None
     if isinstance(width, int) and width != manifest.vocab_size:
         raise ExportFolderError(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
+from gptneo_onnx.provider_options import GRAPH_OPTIMIZATION_LEVELS, ProviderOptions
 from gptneo_onnx.runtime.errors import ExportFolderError, ProviderError
 
 # Our short names, in `auto`'s order of preference, and onnxruntime's names for them.
@@ -18,25 +18,14 @@ PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
 }
 SHORT_NAMES = {ort_name: short for short, ort_name in PROVIDER_NAMES.items()}
-OPTIMIZATION_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
-
-@dataclass(frozen=True)
-class ProviderOptions:
-    """How to run a graph: provider, its options, and session settings."""
-
-    provider: str = "auto"
-    device_id: int = 0
-    trt_fp16: bool = False
-    trt_engine_cache_dir: str | Path | None = None
-    cuda_tf32: bool = False  # TF32 matmuls on CUDA: faster, but ~1e-3 off fp32 (fails fp32 parity)
-    intra_op_threads: int | None = None
-    graph_optimization_level: str = "all"
+_LEVEL = ort.GraphOptimizationLevel
+_ORT_LEVELS = (
+    _LEVEL.ORT_DISABLE_ALL,
+    _LEVEL.ORT_ENABLE_BASIC,
+    _LEVEL.ORT_ENABLE_EXTENDED,
+    _LEVEL.ORT_ENABLE_ALL,
+)
+OPTIMIZATION_LEVELS = dict(zip(GRAPH_OPTIMIZATION_LEVELS, _ORT_LEVELS, strict=True))  # in the same order
 
 
 def available_providers() -> list[str]:
@@ -159,8 +148,9 @@ def create_session(graph_path: Path, options: ProviderOptions) -> tuple[ort.Infe
 
 def gpu_attention_advice(manifest: dict, provider: str) -> str | None:
     """A warning for fp32 fused attention on a GPU: onnxruntime's GroupQueryAttention has CUDA
-    kernels for fp16/bf16 only, so it runs fp32 GQA on the CPU (measured on an H200: 0.13x the
-    portable graph's decode rate after 1,500 tokens)."""
+    kernels for fp16/bf16 only, so it runs fp32 GQA on the CPU and copies the KV cache between
+    host and device on every step, which makes decoding slower than the portable graph and the
+    gap grows with the sequence (docs/runtime.md has the figures)."""
     attention = (manifest.get("optimization") or {}).get("attention")
     if provider not in ("cuda", "tensorrt") or attention != "GroupQueryAttention":
         return None

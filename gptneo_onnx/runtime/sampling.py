@@ -181,7 +181,7 @@ def sample_without_replacement(scores: np.ndarray, count: int, rng: SplitMix64) 
 class LogitsProcessor:
     """The processors `generate` applies, in transformers' order.
 
-    Penalty, then EOS suppression for min_length/min_new_tokens, then (when sampling)
+    Penalty, then EOS suppression for min_new_tokens, then (when sampling)
     temperature, top-k and top-p.
     """
 
@@ -194,7 +194,6 @@ class LogitsProcessor:
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
         min_new_tokens: int = 0,
-        min_length: int = 0,
         eos_token_ids: list[int] | None = None,
         min_tokens_to_keep: int = 1,
     ):
@@ -204,7 +203,6 @@ class LogitsProcessor:
         self.top_p = top_p
         self.repetition_penalty = repetition_penalty
         self.min_new_tokens = min_new_tokens
-        self.min_length = min_length
         self.eos_token_ids = list(eos_token_ids or [])
         self.min_tokens_to_keep = min_tokens_to_keep
 
@@ -213,7 +211,7 @@ class LogitsProcessor:
         if self.repetition_penalty != 1.0:
             scores = apply_repetition_penalty(input_ids, scores, self.repetition_penalty)
         length = input_ids.shape[-1]
-        if length < self.min_length or length - prompt_length < self.min_new_tokens:
+        if length - prompt_length < self.min_new_tokens:
             scores = suppress_tokens(scores, self.eos_token_ids)
         if self.do_sample:
             if self.temperature != 1.0:

@@ -1,6 +1,6 @@
 """Post-processing for the single-pass heads: raw logits in, what a user wants out.
 
-Pure numpy; the task classes in `tasks.py` feed these with the graph's outputs.
+Pure numpy; the head classes in `head_models.py` feed these with the graph's outputs.
 """
 
 from __future__ import annotations

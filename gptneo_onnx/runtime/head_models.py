@@ -21,14 +21,14 @@ from gptneo_onnx.runtime.encoding import (
     left_pad,
 )
 from gptneo_onnx.runtime.errors import InputError
-from gptneo_onnx.runtime.heads import (
+from gptneo_onnx.runtime.model import Model
+from gptneo_onnx.runtime.postprocess import (
     best_answer_span,
     group_entities,
     label_scores,
     pool_hidden_states,
     tag_tokens,
 )
-from gptneo_onnx.runtime.model import Model
 
 
 def _is_int(value: object) -> bool:
