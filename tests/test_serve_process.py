@@ -105,3 +105,15 @@ def test_ray_serve_two_replicas_answer_and_leave_nothing_behind(export):
     while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants):
         assert time.monotonic() < deadline, [p.cmdline() for p in descendants if p.is_running()]
         time.sleep(0.2)
+
+
+def test_ray_config_args_take_every_provider_option():
+    """`serve deploy` config files set any ProviderOptions field, as the CLI flags do."""
+    pytest.importorskip("ray")
+    from gptneo_onnx.runtime import ProviderOptions
+    from gptneo_onnx.serve.ray_app import provider_options
+
+    args = {"export_dir": "x", "threads": 2, "provider": "cpu", "cuda_tf32": True, "replicas": 3}
+    options = provider_options(args)
+    assert options == {"intra_op_threads": 2, "provider": "cpu", "cuda_tf32": True}
+    assert ProviderOptions(**options).cuda_tf32 is True  # every key is a field

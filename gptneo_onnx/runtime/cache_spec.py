@@ -43,7 +43,7 @@ class CacheSpec:
             dtype=np.dtype(manifest.cache_dtype),
             logits=str(manifest.io["logits"]),
             vocab_size=manifest.vocab_size,
-            local=LocalWindow.from_cache(manifest.raw.get("cache") or {}),
+            local=manifest.local_window,
             device=device,
             num_logits_to_keep=manifest.io.get("num_logits_to_keep"),
         )

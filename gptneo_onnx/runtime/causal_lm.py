@@ -63,7 +63,7 @@ class CausalLM(Model):
         self.io_binding = self.provider in ("cuda", "tensorrt") if io_binding is None else io_binding
         device = ("cuda", self.options.device_id) if self.provider in ("cuda", "tensorrt") else ("cpu", 0)
         self.cache_spec = CacheSpec.from_manifest(self.manifest, device)
-        modes = (self.manifest.raw.get("cache") or {}).get("modes") or ["concat"]
+        modes = self.manifest.cache_modes
         if cache_mode == "auto":
             cache_mode = "shared-buffer" if "shared-buffer" in modes else "concat"
         if cache_mode not in modes:

@@ -14,12 +14,14 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
+from gptneo_onnx.runtime import ProviderOptions
 from gptneo_onnx.serve.engine import EngineLimits
 
 DEPLOYMENT_NAME = "gptneo-onnx"
@@ -65,8 +67,9 @@ def deployment_app(
 def build(args: dict[str, Any]) -> serve.Application:
     """The application builder for `serve run` / `serve deploy` config files.
 
-    args: export_dir (required), model_name, replicas, policy, threads, shutdown_timeout, and the
-    limits max_concurrent, max_queue, max_input_tokens, max_total_tokens, request_timeout.
+    args: export_dir (required), model_name, replicas, policy, threads, shutdown_timeout, the
+    limits max_concurrent, max_queue, max_input_tokens, max_total_tokens, request_timeout, and
+    any ProviderOptions field (provider, device_id, cuda_tf32, ...).
     """
     if "export_dir" not in args:
         raise ValueError("the application's args need export_dir (the export folder on every node)")
@@ -78,7 +81,7 @@ def build(args: dict[str, Any]) -> serve.Application:
         args.get("model_name") or folder.name,
         limits,
         args.get("policy", "continuous"),
-        {"intra_op_threads": args.get("threads")},
+        provider_options(args),
         replicas=int(args.get("replicas", 1)),
         shutdown_timeout=float(args.get("shutdown_timeout", 30.0)),
     )
@@ -130,3 +133,11 @@ def run_on_ray(
             serve.delete(APP_NAME)
         ray.shutdown()
     return 0
+
+
+def provider_options(args: dict[str, Any]) -> dict[str, Any]:
+    """Model.load's provider keywords from a config file's args (`threads`: intra_op_threads)."""
+    options = {field.name: args[field.name] for field in fields(ProviderOptions) if field.name in args}
+    if "threads" in args:
+        options["intra_op_threads"] = args["threads"]
+    return options
