@@ -241,7 +241,7 @@ def test_windowed_local_cache_stays_bounded_and_matches_transformers(
     binding = model.io_binding
     local = model.manifest.raw["cache"]["local_window"]
     assert local == {"input": "local_attention_mask", "window": 4, "min_rows": 3}
-    local_names = {layer.past_key for layer in model.layers if layer.window}
+    local_names = {layer.past_key for layer in model.manifest.cache_layers if layer.window}
     ids = np.random.default_rng(0).integers(3, MODEL["vocab_size"], size=(2, 40))
     mask = np.ones_like(ids)
     mask[1, :6] = 0

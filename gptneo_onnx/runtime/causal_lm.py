@@ -29,7 +29,7 @@ from gptneo_onnx.runtime.encoding import (
 )
 from gptneo_onnx.runtime.errors import GenerationConfigError, InputError
 from gptneo_onnx.runtime.generation import GenerationConfig, GenerationResult, StopCheck, TokenStep, decode
-from gptneo_onnx.runtime.kv_cache import CacheSpec, KVCache, cache_class
+from gptneo_onnx.runtime.kv_cache import CacheSpec, KVCache, cache_class, resolve_cache_mode
 from gptneo_onnx.runtime.model import Model
 from gptneo_onnx.runtime.prompt_lookup import prompt_lookup_decode
 from gptneo_onnx.runtime.providers import gpu_attention_advice
@@ -57,18 +57,12 @@ class CausalLM(Model):
         need more (default: 3/4 of physical memory when the cache lives on the host; none on a
         GPU, where onnxruntime reports a failed allocation itself)."""
         super().__init__(*args)
-        self.layers = self.manifest.cache_layers
         self.io = self.manifest.io  # graph names by role
         # IO binding keeps the cache on the GPU; `io_binding=True` forces it on CPU too (for tests).
         self.io_binding = self.provider in ("cuda", "tensorrt") if io_binding is None else io_binding
         device = ("cuda", self.options.device_id) if self.provider in ("cuda", "tensorrt") else ("cpu", 0)
         self.cache_spec = CacheSpec.from_manifest(self.manifest, device)
-        modes = self.manifest.cache_modes
-        if cache_mode == "auto":
-            cache_mode = "shared-buffer" if "shared-buffer" in modes else "concat"
-        if cache_mode not in modes:
-            raise InputError(f"cache_mode {cache_mode!r} is not offered by this export; it offers {modes}")
-        self.cache_mode = cache_mode
+        self.cache_mode = cache_mode = resolve_cache_mode(cache_mode, self.manifest.cache_modes)
         optimization = self.manifest.raw.get("optimization") or {}
         self._multi_token_step_max_batch = optimization.get("multi_token_step_max_batch")
         advice = gpu_attention_advice(self.manifest.raw, self.provider)
@@ -106,15 +100,11 @@ class CausalLM(Model):
         if past is not None and not isinstance(past, KVCache):
             raise InputError(f"past must be a KVCache from this model's forward, got {type(past).__name__}")
         past_length = 0 if past is None else past.length
+        manifest = self.manifest
         input_ids, attention_mask = step_inputs(
-            input_ids, attention_mask, past_length, self.manifest.vocab_size
+            input_ids, attention_mask, past_length, manifest.vocab_size, manifest.max_position_embeddings
         )
         batch, length = input_ids.shape
-        if past_length + length > self.manifest.max_position_embeddings:
-            raise InputError(
-                f"{past_length + length} tokens exceed max_position_embeddings "
-                f"({self.manifest.max_position_embeddings})"
-            )
         if past is not None and (past.spec != self.cache_spec or past.batch != batch):
             raise InputError(
                 "past must be the KVCache returned by this model's previous forward call, for the "
@@ -123,9 +113,7 @@ class CausalLM(Model):
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, length)
         else:
-            position_ids = check_position_ids(
-                position_ids, (batch, length), self.manifest.max_position_embeddings
-            )
+            position_ids = check_position_ids(position_ids, (batch, length), manifest.max_position_embeddings)
         keep = check_logits_to_keep(num_logits_to_keep)
         if past_length and length > 1 and batch > (self._multi_token_step_max_batch or batch):
             return self._forward_by_rows(input_ids, attention_mask, position_ids, past, keep)

@@ -184,12 +184,13 @@ def integer_array(values: object, name: str) -> np.ndarray:
 
 
 def step_inputs(
-    input_ids: object, attention_mask: object, past_length: int, vocab_size: int
+    input_ids: object, attention_mask: object, past_length: int, vocab_size: int, max_positions: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check one forward step's (input_ids, attention_mask); both come back as int64 arrays.
 
-    input_ids: (batch, new) integers in the vocabulary, batch and new >= 1. attention_mask:
-    (batch, past + new), only 0s and 1s (any numeric or bool dtype), at least one 1 per row.
+    input_ids: (batch, new) integers in the vocabulary, batch and new >= 1, past + new at most
+    `max_positions`. attention_mask: (batch, past + new), only 0s and 1s (any numeric or bool
+    dtype), at least one 1 per row.
     """
     ids = integer_array(input_ids, "input_ids")
     if ids.ndim != 2 or 0 in ids.shape:
@@ -198,6 +199,10 @@ def step_inputs(
             f"got shape {ids.shape}"
         )
     check_token_ids(ids, vocab_size)
+    if past_length + ids.shape[1] > max_positions:
+        raise InputError(
+            f"{past_length + ids.shape[1]} tokens exceed max_position_embeddings ({max_positions})"
+        )
     try:
         mask = np.asarray(attention_mask)
     except ValueError as error:

@@ -343,3 +343,12 @@ def cache_class(mode: str, io_binding: bool) -> type[KVCache]:
     if mode == "shared-buffer":
         return SharedBufferCache
     return BoundConcatCache if io_binding else ConcatCache
+
+
+def resolve_cache_mode(requested: str, offered: list[str]) -> str:
+    """The cache mode to run: `auto` takes shared buffers where the export offers them."""
+    if requested == "auto":
+        return "shared-buffer" if "shared-buffer" in offered else "concat"
+    if requested not in offered:
+        raise InputError(f"cache_mode {requested!r} is not offered by this export; it offers {offered}")
+    return requested
