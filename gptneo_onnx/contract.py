@@ -40,6 +40,19 @@ RUNTIME_DOMAINS = (DEFAULT_DOMAIN, "com.microsoft")
 FLAVORS = ("portable", "optimized")
 PRECISIONS = ("float32", "float16")
 
+# Quantization (onnxruntime's quantizers): the exporter's rules, the CLI's flags, the sidecar's record.
+QUANTIZATION_METHODS = {"int8": "int8-dynamic", "int4": "int4-weight-only"}
+DEFAULT_BLOCK_SIZE = 32
+BLOCK_SIZE_RULE = "a power of two >= 16"
+ACCURACY_LEVELS = range(5)  # MatMulNBits accuracy_level: 0 (as the weights) to 4 (int8 compute)
+ACCURACY_LEVEL_RULE = f"{ACCURACY_LEVELS.start} to {ACCURACY_LEVELS.stop - 1}"
+DEFAULT_ACCURACY_LEVEL = 4
+
+
+def is_block_size(value: object) -> bool:
+    """Whether `value` is a valid quantization block size (BLOCK_SIZE_RULE)."""
+    return isinstance(value, int) and value >= 16 and not value & (value - 1)
+
 
 # ---- tasks --------------------------------------------------------------------------------
 @dataclass(frozen=True)

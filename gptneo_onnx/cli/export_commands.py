@@ -7,11 +7,18 @@ import json
 from pathlib import Path
 
 from gptneo_onnx.cli.parsing import UsageError, add_command, bounded_int
-from gptneo_onnx.contract import TASK_NAMES
+from gptneo_onnx.contract import (
+    ACCURACY_LEVEL_RULE,
+    ACCURACY_LEVELS,
+    BLOCK_SIZE_RULE,
+    DEFAULT_ACCURACY_LEVEL,
+    DEFAULT_BLOCK_SIZE,
+    QUANTIZATION_METHODS,
+    TASK_NAMES,
+    is_block_size,
+)
 
 TASK_CHOICES = TASK_NAMES
-DEFAULT_BLOCK_SIZE = 32
-DEFAULT_ACCURACY_LEVEL = 4
 DEFAULT_QUALITY_WINDOWS = 32
 QUALITY_WINDOW_TOKENS = 512
 
@@ -43,16 +50,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--optimize", action="store_true", help="ONNX Runtime fused ops (GroupQueryAttention with the window)"
     )
     export.add_argument(
-        "--quantize", choices=("int8", "int4"), help="int8 dynamic or int4 weight-only (MatMulNBits)"
+        "--quantize",
+        choices=tuple(QUANTIZATION_METHODS),
+        help="int8 dynamic or int4 weight-only (MatMulNBits)",
     )
     export.add_argument(
         "--block-size", type=int, default=None,
-        help=f"with --quantize: weights per quantization block, a power of two from 16 to 256 "
+        help=f"with --quantize: weights per quantization block, {BLOCK_SIZE_RULE} "
         f"(default {DEFAULT_BLOCK_SIZE})",
     )  # fmt: skip
     export.add_argument(
         "--accuracy-level", type=int, default=None,
-        help=f"with --quantize int4: MatMulNBits accuracy_level, 0 to 4 (default {DEFAULT_ACCURACY_LEVEL})",
+        help=f"with --quantize int4: MatMulNBits accuracy_level, {ACCURACY_LEVEL_RULE} "
+        f"(default {DEFAULT_ACCURACY_LEVEL})",
     )  # fmt: skip
     _add_quality_arguments(export, "write quality_report.json")
     export.add_argument(
@@ -107,13 +117,13 @@ def check_export_options(args: argparse.Namespace, parser: argparse.ArgumentPars
     if args.block_size is not None:
         if not args.quantize:
             refuse("--block-size applies to --quantize int8/int4 only")
-        if not 16 <= args.block_size <= 256 or args.block_size & (args.block_size - 1):
-            refuse(f"--block-size must be a power of two from 16 to 256, got {args.block_size}")
+        if not is_block_size(args.block_size):
+            refuse(f"--block-size must be {BLOCK_SIZE_RULE}, got {args.block_size}")
     if args.accuracy_level is not None:
         if args.quantize != "int4":
             refuse("--accuracy-level applies to --quantize int4 only")
-        if not 0 <= args.accuracy_level <= 4:
-            refuse(f"--accuracy-level must be 0 to 4 (MatMulNBits), got {args.accuracy_level}")
+        if args.accuracy_level not in ACCURACY_LEVELS:
+            refuse(f"--accuracy-level must be {ACCURACY_LEVEL_RULE} (MatMulNBits), got {args.accuracy_level}")
     _check_quality_options(args, args.task, refuse)
     if args.revision and Path(args.model).is_dir():
         refuse(f"--revision pins a hub checkpoint, but {args.model} is a local folder; drop --revision")

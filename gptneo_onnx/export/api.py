@@ -10,7 +10,7 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from gptneo_onnx.contract import OWNER_FILE, TASKS
+from gptneo_onnx.contract import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, OWNER_FILE, TASKS
 from gptneo_onnx.errors import CheckpointError, ParityError
 from gptneo_onnx.export.graphs import build_graph
 from gptneo_onnx.export.layout import transformers_js_dtype
@@ -70,8 +70,8 @@ def export(
     progress: bool = True,
     optimize: bool = False,
     quantize: str | None = None,
-    block_size: int = 32,
-    accuracy_level: int = 4,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     quality_windows=None,
     overwrite: bool = False,
     windowed_local_cache: bool | None = None,

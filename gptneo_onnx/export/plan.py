@@ -13,7 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gptneo_onnx.config import GPTNeoConfig
-from gptneo_onnx.contract import FLAVORS, PRECISIONS, TASKS
+from gptneo_onnx.contract import (
+    ACCURACY_LEVEL_RULE,
+    ACCURACY_LEVELS,
+    BLOCK_SIZE_RULE,
+    DEFAULT_ACCURACY_LEVEL,
+    DEFAULT_BLOCK_SIZE,
+    FLAVORS,
+    PRECISIONS,
+    QUANTIZATION_METHODS,
+    TASKS,
+    is_block_size,
+)
 from gptneo_onnx.errors import QuantizationError
 from gptneo_onnx.export.graph_builder import OPSET
 from gptneo_onnx.export.layout import external_data_file, graph_file
@@ -21,7 +32,6 @@ from gptneo_onnx.export.layout import external_data_file, graph_file
 # Protobuf cannot hold more than 2 GiB; stay clear of it, since the graph itself adds bytes.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 WEIGHT_BYTES = {"float32": 4, "float16": 2}
-QUANTIZATION_METHODS = {"int8": "int8-dynamic", "int4": "int4-weight-only"}
 FUSED_ATTENTION, PORTABLE_ATTENTION = "GroupQueryAttention", "portable"
 
 
@@ -135,8 +145,8 @@ def plan_export(
     optimize: bool = False,
     external_data: bool | None = None,
     quantize: str | None = None,
-    block_size: int = 32,
-    accuracy_level: int = 4,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     windowed_local_cache: bool | None = None,
     validate: bool = True,
 ) -> ExportPlan:
@@ -191,8 +201,10 @@ def _quantization(method: str | None, precision: str, block_size: int, accuracy_
         raise QuantizationError(f"quantize must be one of {', '.join(QUANTIZATION_METHODS)}, got {method!r}")
     if precision != "float32":
         raise ValueError(f"quantize needs precision='float32' weights to start from, got {precision!r}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise QuantizationError(f"block_size must be a power of two >= 16, got {block_size}")
-    if method == "int4" and not 0 <= accuracy_level <= 4:
-        raise QuantizationError(f"accuracy_level must be 0 to 4 (MatMulNBits), got {accuracy_level}")
+    if not is_block_size(block_size):
+        raise QuantizationError(f"block_size must be {BLOCK_SIZE_RULE}, got {block_size}")
+    if method == "int4" and accuracy_level not in ACCURACY_LEVELS:
+        raise QuantizationError(
+            f"accuracy_level must be {ACCURACY_LEVEL_RULE} (MatMulNBits), got {accuracy_level}"
+        )
     return Quantization(method, block_size, accuracy_level)
