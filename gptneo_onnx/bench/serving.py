@@ -217,10 +217,16 @@ def write_chart(results: dict, path: Path) -> None:
         latency.plot(
             clients, [(run["ttft_p50"] or 0) * 1000 for run in levels.values()], marker="o", label=policy
         )
+    ceiling = results.get("ceiling")
+    if ceiling:  # what continuous batching could make with every slot busy (bench/serving_limits.py)
+        best = ceiling["tokens_per_second"]["continuous"]
+        throughput.axhline(best, linestyle="--", color="gray", label="ceiling, every slot busy")
+        throughput.set_ylim(0, best * 1.4)  # room above the ceiling for the legend
     throughput.set(xlabel="concurrent clients", ylabel="output tokens / s", title="Throughput")
     latency.set(xlabel="concurrent clients", ylabel="ms", title="Time to first token (p50)")
+    throughput.legend(loc="upper left", ncols=2)
+    latency.legend(loc="upper left")
     for axes in (throughput, latency):
-        axes.legend()
         axes.grid(alpha=0.3)
     figure.suptitle(f"gptneo-onnx serve, {results['shape']} shape, {results['threads']} threads")
     figure.tight_layout()
