@@ -20,7 +20,7 @@ from gptneo_onnx.serve import (
     RequestTooLarge,
     TokenEvent,
 )
-from gptneo_onnx.serve.engine import prefill_groups
+from gptneo_onnx.serve.batch_layout import prefill_groups
 
 MODEL = {"vocab_size": 320, "initializer_range": 0.5}
 NO_EOS: list[int] = []  # rows that must run to max_new_tokens

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gptneo_onnx.contract import MANIFEST_NAME, position_ids_from_mask
-from gptneo_onnx.runtime.kv_cache import CacheSpec, cache_class
+from gptneo_onnx.runtime.kv_cache import CacheSpec, cache_class, resolve_cache_mode
 from gptneo_onnx.runtime.manifest import load_manifest
 
 
@@ -50,9 +50,7 @@ class ExportDecoder:
         if not (Path(folder) / MANIFEST_NAME).is_file():  # the worker's log names what it could not read
             raise FileNotFoundError(f"{Path(folder) / MANIFEST_NAME} not found: not an export folder")
         self.manifest = load_manifest(folder, task="causal-lm", verify_hashes=False)
-        modes = self.manifest.cache_modes
-        if cache_mode not in modes:
-            raise ValueError(f"export supports cache modes {modes}, not {cache_mode!r}")
+        cache_mode = resolve_cache_mode(cache_mode, self.manifest.cache_modes)
         self.cache_class = cache_class(cache_mode, io_binding=False)
         self.spec = CacheSpec.from_manifest(self.manifest)
         self.session = ort.InferenceSession(

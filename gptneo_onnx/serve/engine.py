@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptneo_onnx.runtime import CausalLM, GenerationConfigError, InputError, KVCache
+from gptneo_onnx.serve.batch_layout import left_pad, prefill_groups, shared_padding
 from gptneo_onnx.serve.requests import (
     Draining,
     EngineLimits,
@@ -52,10 +53,6 @@ __all__ = [
 
 POLICIES = ("continuous", "static", "sequential")
 IDLE_WAIT_S = 0.05  # how often an idle engine looks at its queue's deadlines
-# A prefill group: at most this many padded tokens (the portable graph holds batch x heads x
-# length^2 attention scores per layer), and padding at most half of its real tokens.
-PREFILL_GROUP_TOKENS = 2048
-PREFILL_GROUP_PADDING = 1.5
 
 
 @dataclass
@@ -277,23 +274,16 @@ class Engine:
             return []
         going_on, next_tokens = [], []
         for index, row in enumerate(rows):
-            try:
-                event, reason = row.advance(logits[index, -1])
-            except Exception as error:  # noqa: BLE001 - NaN logits or no token left: this row fails
-                self._finish(row, "error", f"{type(error).__name__}: {error}")
-                continue
-            row.handle.put(event)
-            if reason is not None:
-                self._finish(row, reason)
-            else:
+            token = self._advance(row, logits[index, -1])
+            if token is not None:
                 going_on.append(index)
-                next_tokens.append(event.token_id)
+                next_tokens.append(token)
         if not going_on:
             return []
         rows = [rows[index] for index in going_on]
         if len(going_on) < len(ids):  # some finished at their first token
             mask = mask[going_on]
-            drop = int(np.argmax(mask != 0, axis=1).min())
+            drop = shared_padding(mask)
             cache = cache.select(going_on, drop, cache.length - drop + self._room(rows))
             mask = mask[:, drop:]
         return [_Prefilled(rows, cache, mask, np.asarray(next_tokens, np.int64))]
@@ -308,7 +298,7 @@ class Engine:
         parts, drop = list(joining), 0
         if keep:
             mask = self._mask[keep]
-            drop = int(np.argmax(mask != 0, axis=1).min())  # left padding no kept row needs
+            drop = shared_padding(mask)
             kept = [self._rows[i] for i in keep]
             parts.insert(0, _Prefilled(kept, self._cache, mask[:, drop:], self._next[keep]))
         if not parts:
@@ -323,7 +313,7 @@ class Engine:
             self._cache = others[0]  # one prefilled group: its cache as it is
         else:
             self._cache = others[0].extend(*others[1:], capacity=capacity)
-        self._mask = np.concatenate([_left_pad(part.mask, length) for part in parts])
+        self._mask = np.concatenate([left_pad(part.mask, length) for part in parts])
         self._next = np.concatenate([part.next_tokens for part in parts])
         self._rows = rows
 
@@ -336,15 +326,23 @@ class Engine:
         for index, row in enumerate(self._rows):
             if row.done:  # a finished row of a static batch: it runs on, its tokens unused
                 continue
-            try:
-                event, reason = row.advance(logits[index, -1])
-            except Exception as error:  # noqa: BLE001 - NaN logits or no token left: this row fails
-                self._finish(row, "error", f"{type(error).__name__}: {error}")
-                continue
-            row.handle.put(event)
-            self._next[index] = event.token_id
-            if reason is not None:
-                self._finish(row, reason)
+            token = self._advance(row, logits[index, -1])
+            if token is not None:
+                self._next[index] = token
+
+    def _advance(self, row: Row, logits: np.ndarray) -> int | None:
+        """The row takes its next token from its last-position logits and emits it; returns the
+        token while the row goes on, None once it has finished (stop, length or error)."""
+        try:
+            event, reason = row.advance(logits)
+        except Exception as error:  # noqa: BLE001 - NaN logits or no token left: this row fails
+            self._finish(row, "error", f"{type(error).__name__}: {error}")
+            return None
+        row.handle.put(event)
+        if reason is not None:
+            self._finish(row, reason)
+            return None
+        return event.token_id
 
     @staticmethod
     def _room(rows: list[Row]) -> int:
@@ -373,25 +371,3 @@ class Engine:
             waiting, self._waiting = list(self._waiting), deque()
         for handle in waiting:
             handle.put(FinishEvent("cancelled", handle.prompt_tokens, 0, "", "the engine stopped"))
-
-
-def prefill_groups(rows: list[Row]) -> list[list[Row]]:
-    """Rows in groups of similar prompt length, shortest first: a group grows while its padded
-    tokens stay within PREFILL_GROUP_TOKENS (a longer prompt runs alone) and its padding within
-    PREFILL_GROUP_PADDING x its real tokens."""
-    groups: list[list[Row]] = []
-    real = 0
-    for row in sorted(rows, key=lambda row: row.prompt_length):
-        length = row.prompt_length
-        padded = (len(groups[-1]) + 1) * length if groups else 0
-        if groups and padded <= PREFILL_GROUP_TOKENS and padded <= PREFILL_GROUP_PADDING * (real + length):
-            groups[-1].append(row)
-            real += length
-        else:
-            groups.append([row])
-            real = length
-    return groups
-
-
-def _left_pad(mask: np.ndarray, length: int) -> np.ndarray:
-    return np.pad(mask, ((0, 0), (length - mask.shape[1], 0)))

@@ -1,0 +1,46 @@
+"""How the engine lays out rows: prefill groups of similar length, and left-padded masks."""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+# A prefill group: at most this many padded tokens (the portable graph holds batch x heads x
+# length^2 attention scores per layer), and padding at most half of its real tokens.
+PREFILL_GROUP_TOKENS = 2048
+PREFILL_GROUP_PADDING = 1.5
+
+
+class Prompted(Protocol):
+    prompt_length: int
+
+
+R = TypeVar("R", bound=Prompted)
+
+
+def prefill_groups(rows: list[R]) -> list[list[R]]:
+    """Rows in groups of similar prompt length, shortest first: a group grows while its padded
+    tokens stay within PREFILL_GROUP_TOKENS (a longer prompt runs alone) and its padding within
+    PREFILL_GROUP_PADDING x its real tokens."""
+    groups: list[list[R]] = []
+    real = 0
+    for row in sorted(rows, key=lambda row: row.prompt_length):
+        length = row.prompt_length
+        padded = (len(groups[-1]) + 1) * length if groups else 0
+        if groups and padded <= PREFILL_GROUP_TOKENS and padded <= PREFILL_GROUP_PADDING * (real + length):
+            groups[-1].append(row)
+            real += length
+        else:
+            groups.append([row])
+            real = length
+    return groups
+
+
+def shared_padding(mask: np.ndarray) -> int:
+    """Leading columns that are padding in every row: no row needs them."""
+    return int(np.argmax(mask != 0, axis=1).min())
+
+
+def left_pad(mask: np.ndarray, length: int) -> np.ndarray:
+    return np.pad(mask, ((0, 0), (length - mask.shape[1], 0)))
