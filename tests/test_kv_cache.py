@@ -107,6 +107,33 @@ def test_rows_join_leave_and_reorder_like_fresh_runs(folders, flavor, mode, io_b
         batch.check(batch.step(rng.integers(3, 97, 3).tolist()))
 
 
+def test_shared_buffer_rows_move_inside_their_buffers_while_they_fit(folders):
+    """A server's regroup (rows leave, one joins) reuses the buffers, holes filled by the last
+    row; a batch larger than the buffers gets new ones. The logits stay those of fresh forwards."""
+    model = CausalLM.load(folders / "optimized", cache_mode="shared-buffer", intra_op_threads=1)
+    rng = np.random.default_rng(1)
+    batch = Batch(model, [rng.integers(3, 97, n).tolist() for n in (5, 9, 3, 7)])
+    batch.check(batch.step(rng.integers(3, 97, 4).tolist()))
+    before = batch.cache.host_arrays()
+
+    keep = [0, 3, 2]  # row 1 leaves; row 3 takes its place
+    joining = Batch(model, [rng.integers(3, 97, 4).tolist()])
+    batch.cache = batch.cache.regroup(keep, 0, [joining.cache])
+    after = batch.cache.host_arrays()
+    assert all(np.shares_memory(after[name], before[name]) for name in after)
+    length = batch.cache.length
+    pad = np.pad(joining.mask, ((0, 0), (length - joining.mask.shape[1], 0)))
+    batch.mask = np.concatenate([batch.mask[keep], pad])
+    batch.rows = [batch.rows[i] for i in keep] + joining.rows
+    for _ in range(3):
+        batch.check(batch.step(rng.integers(3, 97, 4).tolist()))
+
+    others = [Batch(model, [rng.integers(3, 97, 2).tolist()]) for _ in range(2)]
+    grown = batch.cache.extend(*(other.cache for other in others))  # 6 rows: past the buffers' 4
+    assert grown.batch == 6
+    assert not any(np.shares_memory(grown.host_arrays()[name], after[name]) for name in after)
+
+
 def test_caches_of_different_models_or_modes_do_not_join(folders):
     concat = CausalLM.load(folders / "optimized", cache_mode="concat")
     shared = CausalLM.load(folders / "optimized", cache_mode="shared-buffer")

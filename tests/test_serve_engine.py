@@ -20,7 +20,7 @@ from gptneo_onnx.serve import (
     RequestTooLarge,
     TokenEvent,
 )
-from gptneo_onnx.serve.batch_layout import prefill_groups
+from gptneo_onnx.serve.batch_layout import cache_capacity, fill_holes, prefill_groups
 
 MODEL = {"vocab_size": 320, "initializer_range": 0.5}
 NO_EOS: list[int] = []  # rows that must run to max_new_tokens
@@ -224,6 +224,14 @@ def test_a_failing_step_ends_its_rows_with_an_error_and_the_engine_goes_on(folde
     again = list(engine.submit(EngineRequest([5, 6], config)))
     engine.stop()
     assert [e.token_id for e in again[:-1]] == model.generate([5, 6], config).sequences[0]
+
+
+def test_rows_that_stay_keep_their_places_and_capacity_grows_in_steps():
+    assert fill_holes([0, 1, 2, 4, 5, 6, 7]) == [0, 1, 2, 7, 4, 5, 6]  # one row moves, not four
+    assert fill_holes([3, 5]) == [3, 5]
+    assert fill_holes([1, 2, 3]) == [3, 1, 2]
+    assert fill_holes([]) == []
+    assert [cache_capacity(n) for n in (1, 256, 257, 600)] == [256, 256, 512, 768]
 
 
 def test_prefill_groups_keep_padding_and_size_bounded():

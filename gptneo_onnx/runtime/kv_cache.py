@@ -20,6 +20,7 @@ columns (runtime/local_window.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -174,27 +175,35 @@ class KVCache:
     ) -> KVCache:
         """`select(rows, drop)` then `extend(*others)` in one copy: a server's batch, where rows
         leave and join between two steps."""
-        caches = [self, *others]
-        if any(type(cache) is not type(self) or cache.spec != self.spec for cache in caches):
+        return self._copied(self._layout(rows, drop, others), others, capacity)
+
+    def _layout(self, rows, drop: int, others) -> _Layout:
+        """Checks a regroup and works out the new batch's columns."""
+        if any(type(cache) is not type(self) or cache.spec != self.spec for cache in [self, *others]):
             raise InputError("extend joins caches of one model and one cache mode")
         if not 0 <= drop <= self.length:
             raise InputError(f"drop must be in [0, {self.length}], got {drop}")
-        rows = np.asarray(rows, dtype=np.int64)
         own_length = self.length - drop
         own_local = min(self.local_rows, own_length)
-        length = max([own_length, *(cache.length for cache in others)])
         # Local layers: the most rows any cache holds. Zero rows in front of an untrimmed cache
         # fall on its left padding; in front of a trimmed one (>= min_rows rows), outside the window.
-        local_rows = max([own_local, *(cache.local_rows for cache in others)])
+        return _Layout(
+            rows=np.asarray(rows, dtype=np.int64),
+            own_length=own_length,
+            own_local=own_local,
+            length=max([own_length, *(cache.length for cache in others)]),
+            local_rows=max([own_local, *(cache.local_rows for cache in others)]),
+        )
+
+    def _copied(self, layout: _Layout, others, capacity: int | None) -> KVCache:
+        """The regrouped batch in new arrays."""
         own = self.host_arrays()
         hosts = [cache.host_arrays() for cache in others]
         arrays = {}
         for name, _ in self.spec.names:
-            local = self.spec.is_local(name)
-            kept = own_local if local else own_length
+            kept, width = layout.widths(self.spec.is_local(name))
             array = own[name]
-            parts = [array[rows][:, :, array.shape[2] - kept :], *(host[name] for host in hosts)]
-            width = local_rows if local else length
+            parts = [array[layout.rows][:, :, array.shape[2] - kept :], *(host[name] for host in hosts)]
             if len(parts) == 1:
                 arrays[name] = np.ascontiguousarray(parts[0])
                 continue
@@ -205,8 +214,23 @@ class KVCache:
                 joined[start : start + part.shape[0], :, width - part.shape[2] :] = part
                 start += part.shape[0]
             arrays[name] = joined
-        capacity = capacity or max(cache.capacity() or 0 for cache in caches) or None
-        return self.from_host(self.spec, arrays, length, local_rows, capacity)
+        capacity = capacity or max(cache.capacity() or 0 for cache in [self, *others]) or None
+        return self.from_host(self.spec, arrays, layout.length, layout.local_rows, capacity)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A regroup: the kept batch rows (in their new order) and the columns before and after."""
+
+    rows: np.ndarray
+    own_length: int  # columns of the kept rows (left padding dropped)
+    own_local: int  # local-layer rows of the kept rows
+    length: int  # the new batch's columns
+    local_rows: int  # the new batch's local-layer rows
+
+    def widths(self, local: bool) -> tuple[int, int]:
+        """(kept rows' filled rows, the new batch's) of a local or a global value."""
+        return (self.own_local, self.local_rows) if local else (self.own_length, self.length)
 
 
 class ConcatCache(KVCache):
@@ -280,22 +304,28 @@ class BoundConcatCache(KVCache):
 
 class SharedBufferCache(KVCache):
     """One (B, H, capacity, D) buffer per tensor, bound as both past and present once per cache
-    and written in place; a step rebinds only the token inputs and the logits."""
+    and written in place; a step rebinds only the token inputs and the logits.
+
+    On the CPU, rows that leave and join move inside the same buffers where they fit (`regroup`):
+    the buffers keep the most rows and columns the batch has had, and the values view their first
+    `batch` rows. A fresh buffer costs a page fault per 4 KiB written, about as much as the copy.
+    """
 
     mode = "shared-buffer"
 
     in_place = True
 
-    def __init__(self, spec, values, length=0, local_rows=None):  # noqa: D107
+    def __init__(self, spec, values, length=0, local_rows=None, buffers=None):  # noqa: D107
         super().__init__(spec, values, length, local_rows)
         self._binding: ort.IOBinding | None = None
+        self._buffers: dict[str, np.ndarray] | None = buffers  # on the CPU: what the values view
 
     @classmethod
     def from_host(cls, spec, arrays, length, local_rows, capacity=None):  # noqa: D102
         capacity = capacity or length
         if capacity < length:
             raise InputError(f"capacity {capacity} is below the {length} cached tokens")
-        values = {}
+        values, buffers = {}, {}
         for name, array in arrays.items():
             batch = array.shape[0]
             # np.zeros per buffer (not one copied): the OS maps pages as rows are written, so
@@ -303,7 +333,8 @@ class SharedBufferCache(KVCache):
             buffer = np.zeros((batch, spec.num_heads, capacity, spec.head_dim), spec.dtype)
             buffer[:, :, : array.shape[2]] = array
             values[name] = ort.OrtValue.ortvalue_from_numpy(buffer, *spec.device)
-        return cls(spec, values, length, local_rows)
+            buffers[name] = buffer
+        return cls(spec, values, length, local_rows, buffers if spec.on_host else None)
 
     def capacity(self) -> int:
         return int(next(iter(self.values.values())).shape()[2])
@@ -311,6 +342,44 @@ class SharedBufferCache(KVCache):
     def host_arrays(self) -> dict[str, np.ndarray]:
         # numpy() of a CPU OrtValue is a view of it: trimming on the host works in place.
         return {name: value.numpy()[:, :, : self.rows(name)] for name, value in self.values.items()}
+
+    def regroup(self, rows, drop=0, others=(), capacity=None):  # noqa: D102
+        layout = self._layout(rows, drop, others)
+        if not self._fits_in_place(layout, others, capacity):
+            return self._copied(layout, others, capacity)
+        batch = len(layout.rows) + sum(other.batch for other in others)
+        hosts = [other.host_arrays() for other in others]
+        values = {}
+        for name, buffer in self._buffers.items():
+            kept, width = layout.widths(self.spec.is_local(name))
+            source = self.rows(name) - kept  # the kept rows' first column
+            target = width - kept  # right-aligned in the new batch
+            # Row i of the new batch comes from row rows[i] >= i, never one written already.
+            for index, row in enumerate(layout.rows):
+                if index != row or source != target:
+                    buffer[index, :, target:width] = buffer[row, :, source : source + kept]
+                buffer[index, :, :target] = 0
+            start = len(layout.rows)
+            for host in hosts:
+                part = host[name]
+                end, pad = start + part.shape[0], width - part.shape[2]
+                buffer[start:end, :, pad:width] = part
+                buffer[start:end, :, :pad] = 0
+                start = end
+            values[name] = ort.OrtValue.ortvalue_from_numpy(buffer[:batch])
+        return type(self)(self.spec, values, layout.length, layout.local_rows, self._buffers)
+
+    def _fits_in_place(self, layout: _Layout, others, capacity: int | None) -> bool:
+        """Whether the new batch fits this cache's buffers, moving each row at most once."""
+        if self._buffers is None or any(other is self for other in others):
+            return False
+        buffer = next(iter(self._buffers.values()))
+        batch = len(layout.rows) + sum(other.batch for other in others)
+        rows_ok = bool(np.all(layout.rows >= np.arange(len(layout.rows)))) and (
+            not len(layout.rows) or int(layout.rows.max()) < self.batch
+        )
+        columns = max(capacity or 0, layout.length)
+        return rows_ok and batch <= buffer.shape[0] and columns <= buffer.shape[2]
 
     def execute(self, session, feeds, new):  # noqa: D102
         if self.length + new > self.capacity():

@@ -1,4 +1,5 @@
-"""How the engine lays out rows: prefill groups of similar length, and left-padded masks."""
+"""How the engine lays out rows: prefill groups of similar length, left-padded masks, the order
+of the rows that stay and the cache's columns."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import numpy as np
 # length^2 attention scores per layer), and padding at most half of its real tokens.
 PREFILL_GROUP_TOKENS = 2048
 PREFILL_GROUP_PADDING = 1.5
+# Cache columns grow in steps of this many: a shared-buffer cache moves rows in place while they
+# fit (KVCache.regroup) and is copied into new buffers only when it has to grow.
+CAPACITY_STEP = 256
 
 
 class Prompted(Protocol):
@@ -44,3 +48,16 @@ def shared_padding(mask: np.ndarray) -> int:
 
 def left_pad(mask: np.ndarray, length: int) -> np.ndarray:
     return np.pad(mask, ((0, 0), (length - mask.shape[1], 0)))
+
+
+def fill_holes(keep: list[int]) -> list[int]:
+    """The rows that stay, in the order that moves the fewest: a row below len(keep) keeps its
+    place, and the rows past it fill the places of the rows that left."""
+    staying = {row for row in keep if row < len(keep)}
+    movers = iter(row for row in keep if row >= len(keep))
+    return [row if row in staying else next(movers) for row in range(len(keep))]
+
+
+def cache_capacity(columns: int) -> int:
+    """The cache columns to ask for when `columns` are needed: rounded up to CAPACITY_STEP."""
+    return -(-columns // CAPACITY_STEP) * CAPACITY_STEP

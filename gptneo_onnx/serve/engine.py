@@ -25,7 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptneo_onnx.runtime import CausalLM, GenerationConfigError, InputError, KVCache
-from gptneo_onnx.serve.batch_layout import left_pad, prefill_groups, shared_padding
+from gptneo_onnx.serve.batch_layout import (
+    cache_capacity,
+    fill_holes,
+    left_pad,
+    prefill_groups,
+    shared_padding,
+)
 from gptneo_onnx.serve.requests import (
     Draining,
     EngineLimits,
@@ -266,7 +272,7 @@ class Engine:
             ids[index, width - len(prompt) :], mask[index, width - len(prompt) :] = prompt, 1
         try:
             logits, cache = self.model.forward(
-                ids, mask, capacity=width + self._room(rows), num_logits_to_keep=1
+                ids, mask, capacity=cache_capacity(width + self._room(rows)), num_logits_to_keep=1
             )
         except Exception as error:  # noqa: BLE001 - these requests fail, the engine goes on
             for row in rows:
@@ -284,17 +290,19 @@ class Engine:
         if len(going_on) < len(ids):  # some finished at their first token
             mask = mask[going_on]
             drop = shared_padding(mask)
-            cache = cache.select(going_on, drop, cache.length - drop + self._room(rows))
+            cache = cache.select(going_on, drop, cache_capacity(cache.length - drop + self._room(rows)))
             mask = mask[:, drop:]
         return [_Prefilled(rows, cache, mask, np.asarray(next_tokens, np.int64))]
 
     def _regroup(self, keep: list[int] | None, joining: list[_Prefilled]) -> None:
         """The next batch: the rows in `keep` (None: every row), dropping the left padding none of
-        them needs, then the joining rows; one KVCache.regroup, right-aligned."""
+        them needs, then the joining rows; one KVCache.regroup, right-aligned. The rows that stay
+        keep their places where they can (`fill_holes`), so a shared buffer moves few rows."""
         if keep is None:
             if not joining:
                 return
             keep = list(range(len(self._rows)))
+        keep = fill_holes(keep)
         parts, drop = list(joining), 0
         if keep:
             mask = self._mask[keep]
@@ -305,10 +313,12 @@ class Engine:
             return self._reset_batch()
         rows = [row for part in parts for row in part.rows]
         length = max(part.mask.shape[1] for part in parts)
-        capacity = length + self._room(rows)
+        capacity = cache_capacity(length + self._room(rows))
         others = [part.cache for part in joining]
         if keep:
             self._cache = self._cache.regroup(keep, drop, others, capacity)
+        elif self._cache is not None:  # every row left: the joining rows take over its buffers
+            self._cache = self._cache.regroup([], self._cache.length, others, capacity)
         elif len(others) == 1:
             self._cache = others[0]  # one prefilled group: its cache as it is
         else:
@@ -347,8 +357,8 @@ class Engine:
     @staticmethod
     def _room(rows: list[Row]) -> int:
         """Cache rows the batch still needs past its length: the most steps a row has left. A
-        shared-buffer cache is sized to that when rows join or leave (never to the whole context:
-        copying a batch into buffers mostly unused costs more than the steps between)."""
+        shared-buffer cache is sized to that, rounded up (`cache_capacity`), not to the whole
+        context: a cache on a device is copied whole whenever rows join or leave."""
         return max(row.config.max_new_tokens - len(row.generated) for row in rows)
 
     def _fail_batch(self, error: Exception) -> None:
