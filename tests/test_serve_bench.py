@@ -24,6 +24,8 @@ def test_quick_serving_bench_writes_its_results(tmp_path):
         assert run["requests"] == len(planned)
         assert run["output_tokens"] == expected_tokens  # min_tokens = max_tokens: exact lengths
         assert run["ttft_p50"] > 0 and run["tokens_per_second"] > 0
+        # sustained: tokens that arrived before the last request was taken, over that time
+        assert run["sustained_tokens_per_second"] > 0 and run["seconds"] > 0
     assert (output / "serving.png").stat().st_size > 0
     assert "| continuous | 2 |" in (output / "serving.md").read_text()
     # the ceiling: each policy's cost per token recomputed from the timed steps and prefills
