@@ -118,9 +118,12 @@ def test_shared_buffer_rows_move_inside_their_buffers_while_they_fit(folders):
 
     keep = [0, 3, 2]  # row 1 leaves; row 3 takes its place
     joining = Batch(model, [rng.integers(3, 97, 4).tolist()])
+    old = batch.cache
     batch.cache = batch.cache.regroup(keep, 0, [joining.cache])
     after = batch.cache.host_arrays()
     assert all(np.shares_memory(after[name], before[name]) for name in after)
+    with pytest.raises(InputError, match="moved into the one regroup returned"):
+        old.select([0])  # the old cache's rows were moved: it refuses to be used again
     length = batch.cache.length
     pad = np.pad(joining.mask, ((0, 0), (length - joining.mask.shape[1], 0)))
     batch.mask = np.concatenate([batch.mask[keep], pad])

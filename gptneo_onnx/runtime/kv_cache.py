@@ -319,6 +319,7 @@ class SharedBufferCache(KVCache):
         super().__init__(spec, values, length, local_rows)
         self._binding: ort.IOBinding | None = None
         self._buffers: dict[str, np.ndarray] | None = buffers  # on the CPU: what the values view
+        self._moved = False  # its rows moved into the cache an in-place regroup returned
 
     @classmethod
     def from_host(cls, spec, arrays, length, local_rows, capacity=None):  # noqa: D102
@@ -340,10 +341,16 @@ class SharedBufferCache(KVCache):
         return int(next(iter(self.values.values())).shape()[2])
 
     def host_arrays(self) -> dict[str, np.ndarray]:
+        self._check_not_moved()
         # numpy() of a CPU OrtValue is a view of it: trimming on the host works in place.
         return {name: value.numpy()[:, :, : self.rows(name)] for name, value in self.values.items()}
 
+    def _check_not_moved(self) -> None:
+        if self._moved:
+            raise InputError("this cache's rows moved into the one regroup returned: use that one")
+
     def regroup(self, rows, drop=0, others=(), capacity=None):  # noqa: D102
+        self._check_not_moved()
         layout = self._layout(rows, drop, others)
         if not self._fits_in_place(layout, others, capacity):
             return self._copied(layout, others, capacity)
@@ -367,6 +374,7 @@ class SharedBufferCache(KVCache):
                 buffer[start:end, :, :pad] = 0
                 start = end
             values[name] = ort.OrtValue.ortvalue_from_numpy(buffer[:batch])
+        self._moved = True
         return type(self)(self.spec, values, layout.length, layout.local_rows, self._buffers)
 
     def _fits_in_place(self, layout: _Layout, others, capacity: int | None) -> bool:
@@ -382,6 +390,7 @@ class SharedBufferCache(KVCache):
         return rows_ok and batch <= buffer.shape[0] and columns <= buffer.shape[2]
 
     def execute(self, session, feeds, new):  # noqa: D102
+        self._check_not_moved()
         if self.length + new > self.capacity():
             raise InputError(
                 f"{self.length + new} tokens exceed the cache capacity ({self.capacity()}); "

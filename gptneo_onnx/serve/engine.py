@@ -1,12 +1,12 @@
 """The serving engine: one thread owns a CausalLM and runs iteration-level continuous batching.
 
-Between two decode steps, finished, cancelled and timed-out rows leave the batch at once
-(`KVCache.select`, dropping the left padding no remaining row needs), and the waiting requests
-that take the free slots are prefilled together, in groups of similar length (one left-padded
-batch per group, logits of the last position only), and join it (`KVCache.extend`, left padding
-realigned). A prefill stalls every running row, and one run for several prompts costs far less
-than one run each. Each row keeps its own sampling state (serve/row.py). Policies, for the
-serving benchmark:
+Between two decode steps, finished, cancelled and timed-out rows leave the batch at once, and
+the waiting requests that take the free slots are prefilled together, in groups of similar
+length (one left-padded batch per group, logits of the last position only), and join it: one
+`KVCache.regroup`, which drops the left padding no remaining row needs and realigns the rest (a
+shared-buffer cache moves the rows inside its own buffers). A prefill stalls every running row,
+and one run for several prompts costs less than one run each. Each row keeps its own sampling
+state (serve/row.py). Policies, for the serving benchmark:
 - "continuous": rows join whenever a slot is free;
 - "static": a batch is formed from the waiting requests and runs until every row has finished
   (finished rows stay in the batch, as in a batched `generate`);
