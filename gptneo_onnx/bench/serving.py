@@ -6,12 +6,13 @@
 
 For each batching policy (continuous, static, one request at a time) a server runs in its own
 process, and the policies take turns at each client count; 1, 4, 8 and 16 clients take turns
-over one shared list of 4 requests per client, streaming completions of mixed prompt and output
-lengths (fixed seeds, token-id prompts, `min_tokens` = `max_tokens` so every request makes
-exactly its tokens). The default workload mixes answers from 16 to 256 tokens, as chat traffic
-does; `short` keeps them at 8-32. Reported: output tokens per second over the whole run and
-sustained (until the list runs dry, before the last requests drain with fewer clients), time to
-first token and inter-token latency (p50 / p99). Writes serving.json, serving.md and serving.png.
+over one shared list of 4 requests per client (`--requests-per-client`), streaming completions
+of mixed prompt and output lengths (fixed seeds, token-id prompts, `min_tokens` = `max_tokens`
+so every request makes exactly its tokens). The default workload mixes answers of 16 to 256
+tokens, as chat traffic does; `short` keeps them at 8-32. Reported: output tokens per second,
+over the whole run and sustained (until the list runs dry, before the last requests drain with
+fewer clients), time to first token and inter-token latency (p50 / p99). Writes serving.json,
+serving.md and serving.png.
 """
 
 from __future__ import annotations
@@ -288,6 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--workload", default="mixed", choices=sorted(WORKLOADS), help="prompt and output lengths"
     )
+    parser.add_argument(
+        "--requests-per-client",
+        type=int,
+        help=f"length of the request list (default {FULL.requests_per_client})",
+    )
     parser.add_argument("--variant", default="ours-optimized-fp32", choices=sorted(OUR_VARIANTS))
     parser.add_argument("--max-concurrent", type=int, default=8, help="server slots")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime threads")
@@ -299,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     plan = QUICK if args.quick else replace(FULL, **dict(zip(LENGTHS, WORKLOADS[args.workload])))
     if args.clients:
         plan = replace(plan, clients=tuple(int(count) for count in args.clients.split(",")))
+    if args.requests_per_client:
+        plan = replace(plan, requests_per_client=args.requests_per_client)
     policies = [policy for policy in args.policies.split(",") if policy]
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
