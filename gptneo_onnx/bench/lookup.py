@@ -154,18 +154,20 @@ class Ours:
         rate, total = decode_rate(arrivals, start)
         return Run(tokens, rate, total, self.lengths)
 
-    def step_ms(self, ids: list[int], width: int, repeats: int) -> float:
-        """Median ms of a forward step of `width` tokens on a past of `ids` (logits for each)."""
+    def step_ms(self, ids: list[int], widths: list[int], repeats: int) -> dict[str, float]:
+        """Median ms of a forward step of each width on a past of `ids` (logits for each token),
+        the widths taking turns."""
         prompt = np.array([ids], np.int64)
         _, cache = self.model.forward(prompt, np.ones_like(prompt), num_logits_to_keep=1)
-        step, mask = prompt[:, :width], np.ones((1, prompt.shape[1] + width), np.int64)
-        times = []
+        times: dict[str, list[float]] = {str(width): [] for width in widths}
         for _ in range(repeats):
-            start = time.perf_counter()
-            _, cache = self.model.forward(step, mask, past=cache, num_logits_to_keep=width)
-            times.append(time.perf_counter() - start)
-            cache.drop_newest(width)
-        return 1000 * statistics.median(times)
+            for width in widths:
+                mask = np.ones((1, prompt.shape[1] + width), np.int64)
+                start = time.perf_counter()
+                _, cache = self.model.forward(prompt[:, :width], mask, past=cache, num_logits_to_keep=width)
+                times[str(width)].append(time.perf_counter() - start)
+                cache.drop_newest(width)
+        return {width: 1000 * statistics.median(samples) for width, samples in times.items()}
 
 
 class Transformers:
@@ -213,19 +215,19 @@ class Transformers:
         tokens = output[0, len(ids) :].tolist()
         return Run(tokens[:NEW_TOKENS], rate, total, self.lengths, len(tokens))
 
-    def step_ms(self, ids: list[int], width: int, repeats: int) -> float:
+    def step_ms(self, ids: list[int], widths: list[int], repeats: int) -> dict[str, float]:
         prompt = self.torch.tensor([ids])
-        times = []
+        times: dict[str, list[float]] = {str(width): [] for width in widths}
         with self.torch.inference_mode():
             cache = self.model(input_ids=prompt, use_cache=True).past_key_values
             for _ in range(repeats):
-                start = time.perf_counter()
-                self.model(
-                    input_ids=prompt[:, :width], past_key_values=cache, use_cache=True, logits_to_keep=width
-                )
-                times.append(time.perf_counter() - start)
-                cache.crop(len(ids))
-        return 1000 * statistics.median(times)
+                for width in widths:
+                    start = time.perf_counter()
+                    step = prompt[:, :width]
+                    self.model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=width)
+                    times[str(width)].append(time.perf_counter() - start)
+                    cache.crop(len(ids))
+        return {width: 1000 * statistics.median(samples) for width, samples in times.items()}
 
 
 def setting_name(lookup: int | None) -> str:
@@ -305,10 +307,7 @@ def summarize(prompts: list[Prompt], systems: list[str], plan: Plan, measured: d
 def probe_steps(systems: dict, ids: list[int], plan: Plan) -> dict:
     """ms of a forward step of K = 1 and K = N + 1 tokens on a past of the prompt, per system."""
     widths = [1, *(n + 1 for n in plan.lookups)]
-    return {
-        name: {str(width): system.step_ms(ids, width, plan.probe_repeats) for width in widths}
-        for name, system in systems.items()
-    }
+    return {name: system.step_ms(ids, widths, plan.probe_repeats) for name, system in systems.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -333,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
         plan = Plan(args.rounds, plan.lookups, plan.prompts, plan.probe_repeats)
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    import matplotlib  # noqa: F401  (the bench extra: fail before measuring, not after)
+
     from gptneo_onnx.bench.lookup_report import write_chart, write_table
 
     penalty = args.repetition_penalty
