@@ -84,6 +84,7 @@ class Prompt:
     description: str
     ids: list[int]
     copy: str  # the text a model that copies its context would continue with
+    copy_tokens: int  # its length in tokens
     reference: dict[str, Run] = field(default_factory=dict)  # "ours"/"transformers" plain run
 
 
@@ -102,15 +103,17 @@ def build_prompts(ours: Ours, plan: Plan) -> list[Prompt]:
         description = f"`{module}.{name}` source, the header, then `{renamed.strip()}`"
         body = text.split("\n", 1)[1]
         prompt = encode(text + EDIT_HEADER + renamed).ids
-        prompts.append(Prompt(f"{module}.{name}", description, prompt, body))
+        prompts.append(Prompt(f"{module}.{name}", description, prompt, body, len(encode(body).ids)))
     description = "`parse` x 3, then the start of a copy renamed `read` (tests/test_prompt_lookup.py)"
-    renamed = _FUNCTION.replace("parse", "read")
-    prompts.append(Prompt("test edit prompt", description, encode(TEST_EDIT_PROMPT).ids, renamed[40:]))
+    rest = _FUNCTION.replace("parse", "read")[40:]
+    prompt = encode(TEST_EDIT_PROMPT).ids
+    prompts.append(Prompt("test edit prompt", description, prompt, rest, len(encode(rest).ids)))
     base = encode(source(*CONTINUATION_BASE)).ids
     continuation = ours.run(base, None).tokens
     description = f"`{'.'.join(CONTINUATION_BASE)}` source P, its greedy continuation C, then P + C + P"
     copy = ours.model.tokenizer.decode(continuation)
-    prompts.append(Prompt("continuation in context", description, base + continuation + base, copy))
+    ids = base + continuation + base
+    prompts.append(Prompt("continuation in context", description, ids, copy, len(continuation)))
     return [prompt for prompt in prompts if plan.prompts is None or prompt.name in plan.prompts]
 
 
@@ -276,7 +279,7 @@ def summarize(prompts: list[Prompt], systems: list[str], plan: Plan, measured: d
         row = {"name": prompt.name, "description": prompt.description, "prompt_ids": prompt.ids}
         row["plain_tokens"] = prompt.reference["ours"].tokens
         row["copied_tokens"] = copied(row["plain_tokens"], prompt.copy, tokenizer.decode)
-        row["copy_tokens"] = len(tokenizer.encode(prompt.copy).ids)
+        row["copy_tokens"] = prompt.copy_tokens
         for system in systems:
             results = {}
             for lookup in [None, *plan.lookups]:
