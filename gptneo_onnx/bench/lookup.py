@@ -23,7 +23,9 @@ time after it (the first step holds the prefill). Every run's tokens must equal 
 plain greedy tokens, and ours must equal transformers': a mismatch stops the benchmark. Forward
 steps are counted (our session's forward, a pre-hook on transformers' model); accepted drafts
 per step = (new tokens - steps) / steps. The step-cost probe times one forward step of K tokens
-on a past against a one-token step (K = N + 1, a verification step). Writes lookup.json,
+on a past against a one-token step (K = N + 1, a verification step). "copied" counts the leading
+tokens of the plain continuation that spell what a copying model would write (the function's
+body, or C). `--repetition-penalty 1.0` turns the model's penalty off. Writes lookup.json,
 lookup.md and lookup.png to --output.
 """
 
