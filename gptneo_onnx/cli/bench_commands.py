@@ -1,4 +1,4 @@
-"""`gptneo-onnx bench` and `gptneo-onnx bench-quality` (need the `bench` extra)."""
+"""`gptneo-onnx bench`, `bench-quality` and `bench-lookup` (need the `bench` extra)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         add_help=False,
     )
     quality.set_defaults(handler=run_quality, passthrough=[])
+    lookup = subparsers.add_parser(
+        "bench-lookup",
+        help="prompt-lookup decoding on the bundled model: speed-up per N, ours beside transformers'",
+        add_help=False,
+    )
+    lookup.set_defaults(handler=run_lookup, passthrough=[])
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -29,6 +35,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_quality(args: argparse.Namespace) -> int:
     from gptneo_onnx.bench.quality import main
+
+    main(args.passthrough)
+    return 0
+
+
+def run_lookup(args: argparse.Namespace) -> int:
+    from gptneo_onnx.bench.lookup import main
 
     main(args.passthrough)
     return 0
