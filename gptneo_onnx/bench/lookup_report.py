@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gptneo_onnx.bench.report import save_with_legend_below
+
 SYSTEMS = ("ours", "transformers")
 
 
@@ -108,9 +110,4 @@ def write_chart(results: dict, path: Path) -> Path:
         "ours (solid) and transformers (hatched)",
         fontsize=10,
     )
-    handles, labels = axis.get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    figure.tight_layout(rect=(0, 0.14, 1, 1))
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_with_legend_below(figure, axis, path, bottom=0.14)

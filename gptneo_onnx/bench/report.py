@@ -167,9 +167,16 @@ def write_chart(medians: dict, plan, path: Path) -> Path:
         axis.set_yscale("log")
         axis.grid(True, alpha=0.3, which="both")
     figure.suptitle(f"GPT-Neo {plan.shape}, CPU: ours (solid) against the peers (dashed)")
-    handles, labels = decode.get_legend_handles_labels()
+    return save_with_legend_below(figure, decode, path, bottom=0.12, top=0.95)
+
+
+def save_with_legend_below(figure, axis, path: Path, bottom: float, top: float = 1.0) -> Path:
+    """`axis`'s legend in a row under the plots (never over the data), then the PNG."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = axis.get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    figure.tight_layout(rect=(0, 0.12, 1, 0.95))
+    figure.tight_layout(rect=(0, bottom, 1, top))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

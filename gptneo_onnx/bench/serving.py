@@ -53,7 +53,6 @@ WORKLOADS = {  # name: (prompt lengths, output lengths), each drawn uniformly
     "mixed": ((16, 32, 64, 128), (16, 32, 64, 128, 256)),
     "short": ((16, 32, 64), (8, 16, 32)),
 }
-LENGTHS = ("prompt_lengths", "output_lengths")
 FULL = Plan("125m", (1, 4, 8, 16), 4, *WORKLOADS["mixed"])
 QUICK = Plan("tiny", (1, 4), 2, (4, 12), (4, 8))
 
@@ -255,7 +254,7 @@ def write_chart(results: dict, path: Path) -> None:
     for axes in (throughput, latency):
         axes.grid(alpha=0.3)
     figure.suptitle(
-        f"gptneo-onnx serve, {results['shape']} shape, {results.get('workload', 'mixed')} workload, "
+        f"gptneo-onnx serve, {results['shape']} shape, {results['workload']} workload, "
         f"{results['threads']} threads"
     )
     figure.tight_layout()
@@ -302,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--output", type=Path, default=Path("bench-serve-results"), help="where results go")
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else replace(FULL, **dict(zip(LENGTHS, WORKLOADS[args.workload])))
+    prompts, outputs = WORKLOADS[args.workload]
+    plan = QUICK if args.quick else replace(FULL, prompt_lengths=prompts, output_lengths=outputs)
     if args.clients:
         plan = replace(plan, clients=tuple(int(count) for count in args.clients.split(",")))
     if args.requests_per_client:

@@ -351,9 +351,9 @@ class SharedBufferCache(KVCache):
     def regroup(self, rows, drop=0, others=(), capacity=None):  # noqa: D102
         self._check_not_moved()
         layout = self._layout(rows, drop, others)
-        if not self._fits_in_place(layout, others, capacity):
-            return self._copied(layout, others, capacity)
         batch = len(layout.rows) + sum(other.batch for other in others)
+        if not self._fits_in_place(layout, batch, others, capacity):
+            return self._copied(layout, others, capacity)
         hosts = [other.host_arrays() for other in others]
         values = {}
         for name, buffer in self._buffers.items():
@@ -376,12 +376,11 @@ class SharedBufferCache(KVCache):
         self._moved = True
         return type(self)(self.spec, values, layout.length, layout.local_rows, self._buffers)
 
-    def _fits_in_place(self, layout: _Layout, others, capacity: int | None) -> bool:
-        """Whether the new batch fits this cache's buffers, moving each row at most once."""
+    def _fits_in_place(self, layout: _Layout, batch: int, others, capacity: int | None) -> bool:
+        """Whether the new batch (`batch` rows) fits this cache's buffers, moving each row at most once."""
         if self._buffers is None or any(other is self for other in others):
             return False
         buffer = next(iter(self._buffers.values()))
-        batch = len(layout.rows) + sum(other.batch for other in others)
         rows_ok = bool(np.all(layout.rows >= np.arange(len(layout.rows)))) and (
             not len(layout.rows) or int(layout.rows.max()) < self.batch
         )

@@ -272,7 +272,7 @@ class Engine:
             ids[index, width - len(prompt) :], mask[index, width - len(prompt) :] = prompt, 1
         try:
             logits, cache = self.model.forward(
-                ids, mask, capacity=cache_capacity(width + self._room(rows)), num_logits_to_keep=1
+                ids, mask, capacity=self._capacity(width, rows), num_logits_to_keep=1
             )
         except Exception as error:  # noqa: BLE001 - these requests fail, the engine goes on
             for row in rows:
@@ -290,7 +290,7 @@ class Engine:
         if len(going_on) < len(ids):  # some finished at their first token
             mask = mask[going_on]
             drop = shared_padding(mask)
-            cache = cache.select(going_on, drop, cache_capacity(cache.length - drop + self._room(rows)))
+            cache = cache.select(going_on, drop, self._capacity(cache.length - drop, rows))
             mask = mask[:, drop:]
         return [_Prefilled(rows, cache, mask, np.asarray(next_tokens, np.int64))]
 
@@ -313,7 +313,7 @@ class Engine:
             return self._reset_batch()
         rows = [row for part in parts for row in part.rows]
         length = max(part.mask.shape[1] for part in parts)
-        capacity = cache_capacity(length + self._room(rows))
+        capacity = self._capacity(length, rows)
         others = [part.cache for part in joining]
         if keep:
             self._cache = self._cache.regroup(keep, drop, others, capacity)
@@ -355,11 +355,11 @@ class Engine:
         return event.token_id
 
     @staticmethod
-    def _room(rows: list[Row]) -> int:
-        """Cache rows the batch still needs past its length: the most steps a row has left. A
-        shared-buffer cache is sized to that, rounded up (`cache_capacity`), not to the whole
-        context: a cache on a device is copied whole whenever rows join or leave."""
-        return max(row.config.max_new_tokens - len(row.generated) for row in rows)
+    def _capacity(columns: int, rows: list[Row]) -> int:
+        """Cache columns for a batch `columns` long: those plus the most steps a row has left,
+        rounded up (`cache_capacity`). Not the whole context: a cache on a device is copied whole
+        whenever rows join or leave."""
+        return cache_capacity(columns + max(row.config.max_new_tokens - len(row.generated) for row in rows))
 
     def _fail_batch(self, error: Exception) -> None:
         for row in self._rows:
