@@ -227,6 +227,18 @@ def test_eight_concurrent_clients_equal_sequential_and_batch(server, model):
     steps = after[("gptneo_onnx_batch_size_count", ())] - before[("gptneo_onnx_batch_size_count", ())]
     rows = after[("gptneo_onnx_batch_size_sum", ())] - before[("gptneo_onnx_batch_size_sum", ())]
     assert steps > 0 and rows / steps >= 4
+    # the engine's time by phase: one decode sample per step, prefills and regroups as rows joined
+    engine = {
+        phase: {
+            part: after[(f"gptneo_onnx_engine_duration_seconds_{part}", (("phase", phase),))]
+            - before.get((f"gptneo_onnx_engine_duration_seconds_{part}", (("phase", phase),)), 0)
+            for part in ("count", "sum")
+        }
+        for phase in ("prefill", "decode", "regroup")
+    }
+    assert engine["decode"]["count"] == steps
+    assert 1 <= engine["prefill"]["count"] <= len(requests) and engine["regroup"]["count"] >= 1
+    assert all(phase["sum"] > 0 for phase in engine.values())
 
 
 def test_metrics_parse_and_count(server):

@@ -26,7 +26,17 @@ def test_quick_serving_bench_writes_its_results(tmp_path):
         assert run["ttft_p50"] > 0 and run["tokens_per_second"] > 0
         # sustained: tokens that arrived before the last request was taken, over that time
         assert run["sustained_tokens_per_second"] > 0 and run["seconds"] > 0
+        # the engine's time, from the server's /metrics: sequential prefills one request per run
+        # and steps one row; every share is part of the run's wall time
+        engine = run["engine"]
+        assert engine["prefill_runs"] == len(planned) if policy == "sequential" else engine["prefill_runs"] >= 1
+        assert engine["decode_steps"] >= max(tokens for _, tokens in planned) - 1
+        if policy == "sequential":
+            assert engine["mean_batch"] == 1 and engine["decode_steps"] == expected_tokens - len(planned)
+        parts = [engine[f"{part}_share"] for part in ("decode", "prefill", "regroup", "other")]
+        assert all(0 <= part <= 1 for part in parts) and sum(parts) == pytest.approx(1, abs=0.02)
     assert (output / "serving.png").stat().st_size > 0
+    assert "| sequential | 2 |" in (output / "serving.md").read_text().split("Where the engine")[1]
     assert "| continuous | 2 |" in (output / "serving.md").read_text()
     # the ceiling: each policy's cost per token recomputed from the timed steps and prefills
     ceiling, mean_out = results["ceiling"], sum(QUICK.output_lengths) / len(QUICK.output_lengths)

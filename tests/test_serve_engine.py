@@ -21,6 +21,7 @@ from gptneo_onnx.serve import (
     TokenEvent,
 )
 from gptneo_onnx.serve.batch_layout import cache_capacity, fill_holes, prefill_groups
+from gptneo_onnx.serve.engine import BatchRun
 
 MODEL = {"vocab_size": 320, "initializer_range": 0.5}
 NO_EOS: list[int] = []  # rows that must run to max_new_tokens
@@ -65,6 +66,16 @@ def mixed_requests(model: CausalLM) -> list[EngineRequest]:
     return requests
 
 
+def decode_sizes(sizes: list[int]):
+    """An `on_batch` that keeps the rows of each decode step in `sizes`."""
+
+    def on_batch(run: BatchRun) -> None:
+        if run.phase == "decode":
+            sizes.append(run.rows)
+
+    return on_batch
+
+
 def run_all(engine: Engine, requests: list[EngineRequest]) -> list[tuple[list[int], FinishEvent]]:
     handles = [engine.submit(request) for request in requests]
     engine.start()
@@ -91,7 +102,7 @@ def test_a_crowd_gives_each_request_what_it_gets_alone(folders, flavor):
     model = CausalLM.load(folders[flavor], intra_op_threads=1)
     requests = mixed_requests(model)
     sizes: list[int] = []
-    results = run_all(Engine(model, EngineLimits(max_concurrent=8), on_step=sizes.append), requests)
+    results = run_all(Engine(model, EngineLimits(max_concurrent=8), on_batch=decode_sizes(sizes)), requests)
     reasons = []
     for request, (tokens, finish) in zip(requests, results):
         want_tokens, want_text, want_reason = expected(model, request)
@@ -106,9 +117,9 @@ def test_a_crowd_gives_each_request_what_it_gets_alone(folders, flavor):
 def test_static_and_sequential_policies_give_the_same_tokens(model, policy):
     requests = mixed_requests(model)
     sizes: list[int] = []
-    crowd = run_all(Engine(model, EngineLimits(max_concurrent=8), on_step=sizes.append), requests)
+    crowd = run_all(Engine(model, EngineLimits(max_concurrent=8), on_batch=decode_sizes(sizes)), requests)
     other: list[int] = []
-    results = run_all(Engine(model, EngineLimits(max_concurrent=8), policy, on_step=other.append), requests)
+    results = run_all(Engine(model, EngineLimits(max_concurrent=8), policy, on_batch=decode_sizes(other)), requests)
     assert [tokens for tokens, _ in results] == [tokens for tokens, _ in crowd]
     # static: one batch of 8 that keeps its finished rows until the longest is done; sequential: 1
     assert set(other) == ({8} if policy == "static" else {1})
@@ -119,12 +130,13 @@ def test_cancelling_frees_the_slot_before_the_next_step(model):
     config = model.generation_config(max_new_tokens=30, eos_token_id=NO_EOS)
     handles, steps = [], []
 
-    def on_step(size: int) -> None:
-        steps.append(size)
+    def on_batch(run: BatchRun) -> None:
+        if run.phase == "decode":
+            steps.append(run.rows)
         if len(steps) == 3:
             handles[0].cancel()  # during the 3rd step: the 4th must run without this row
 
-    engine = Engine(model, EngineLimits(max_concurrent=1, max_queue=1), on_step=on_step)
+    engine = Engine(model, EngineLimits(max_concurrent=1, max_queue=1), on_batch=on_batch)
     handles += [engine.submit(EngineRequest([5, 6, 7], config)), engine.submit(EngineRequest([9, 8], config))]
     engine.start()
     first, second = list(handles[0]), list(handles[1])
@@ -242,20 +254,26 @@ def test_prefill_groups_keep_padding_and_size_bounded():
 
 
 def test_requests_admitted_together_share_prefill_runs(folders):
-    """8 requests waiting at start: fewer prefill runs than requests, every row as it is alone."""
+    """8 requests waiting at start: fewer prefill runs than requests, every row as it is alone.
+    The engine reports each run it made (`on_batch`), with its rows, as the model saw them."""
     model = CausalLM.load(folders["portable"], intra_op_threads=1)
     requests = mixed_requests(model)
     prefills: list[int] = []
+    steps: list[int] = []
     forward = model.forward
 
     def counting_forward(input_ids, attention_mask, *args, past=None, **options):
-        if past is None:
-            prefills.append(len(input_ids))
+        (steps if past is not None else prefills).append(len(input_ids))
         return forward(input_ids, attention_mask, *args, past=past, **options)
 
     model.forward = counting_forward
-    results = run_all(Engine(model, EngineLimits(max_concurrent=8)), requests)
+    runs: list[BatchRun] = []
+    results = run_all(Engine(model, EngineLimits(max_concurrent=8), on_batch=runs.append), requests)
     model.forward = forward
     assert sum(prefills) == 8 and len(prefills) < 8 and max(prefills) > 1
+    assert [run.rows for run in runs if run.phase == "prefill"] == prefills
+    assert [run.rows for run in runs if run.phase == "decode"] == steps
+    regroups = [run for run in runs if run.phase == "regroup"]
+    assert regroups and regroups[0].rows == 8 and all(run.seconds > 0 for run in runs)
     for request, (tokens, _) in zip(requests, results):
         assert tokens == expected(model, request)[0]

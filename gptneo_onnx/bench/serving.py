@@ -11,7 +11,8 @@ of mixed prompt and output lengths (fixed seeds, token-id prompts, `min_tokens` 
 so every request makes exactly its tokens). The default workload mixes answers of 16 to 256
 tokens, as chat traffic does; `short` keeps them at 8-32. Reported: output tokens per second,
 over the whole run and sustained (until the list runs dry, before the last requests drain with
-fewer clients), time to first token and inter-token latency (p50 / p99). Writes serving.json,
+fewer clients), time to first token and inter-token latency (p50 / p99), and where the
+engine's time went (bench/engine_profile.py, from the server's /metrics). Writes serving.json,
 serving.md and serving.png.
 """
 
@@ -33,6 +34,7 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
+from gptneo_onnx.bench import engine_profile
 from gptneo_onnx.bench.models import OUR_VARIANTS, SHAPES, build_all
 from gptneo_onnx.bench.serving_limits import batching_ceiling
 
@@ -220,7 +222,9 @@ def markdown_table(results: dict) -> str:
         f"\nThe ceiling (gptneo_onnx/bench/serving_limits.py): decode step after {ceiling['past_tokens']} "
         f"tokens, {steps}; prefill, {prefills}."
     )
-    return "\n".join(lines) + "\n"
+    lines += ["\nWhere the engine's time went (share of each run's wall time):\n"]
+    lines.append(engine_profile.markdown_table(results["runs"]))
+    return "\n".join(lines)
 
 
 def write_chart(results: dict, path: Path) -> None:
@@ -229,7 +233,9 @@ def write_chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (throughput, latency, engine) = plt.subplots(
+        1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1, 0.8]}
+    )
     for policy, levels in results["runs"].items():
         clients = [int(c) for c in levels]
         (line,) = throughput.plot(
@@ -253,6 +259,7 @@ def write_chart(results: dict, path: Path) -> None:
     latency.legend(loc="upper left")
     for axes in (throughput, latency):
         axes.grid(alpha=0.3)
+    engine_chart(engine, results["runs"])
     figure.suptitle(
         f"gptneo-onnx serve, {results['shape']} shape, {results['workload']} workload, "
         f"{results['threads']} threads"
@@ -260,6 +267,23 @@ def write_chart(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def engine_chart(axes, runs: dict) -> None:
+    """Stacked bars: each policy's wall time by engine phase at 8 clients (or the most run)."""
+    clients = "8" if all("8" in levels for levels in runs.values()) else max(
+        {c for levels in runs.values() for c in levels}, key=int
+    )
+    policies = [policy for policy, levels in runs.items() if "engine" in levels.get(clients, {})]
+    left = [0.0] * len(policies)
+    for part in engine_profile.SHARES:
+        shares = [100 * runs[policy][clients]["engine"][f"{part}_share"] for policy in policies]
+        color = "lightgray" if part == "other" else None  # waiting for requests, HTTP, the loop
+        axes.barh(policies, shares, left=left, label=part, color=color)
+        left = [a + b for a, b in zip(left, shares)]
+    axes.set(xlabel="% of wall time", title=f"Engine time at {clients} clients", xlim=(0, 100))
+    axes.invert_yaxis()
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, -0.45), ncols=4, fontsize="small")
 
 
 def targets(runs: dict, ceiling: dict) -> dict:
@@ -323,9 +347,12 @@ def main(argv: list[str] | None = None) -> dict:
             for clients in plan.clients:
                 for policy in policies:
                     bar.set_postfix_str(f"{clients} clients, {policy}")
-                    requests = workload(plan, clients, vocab)
-                    run = drive(servers[policy].url, requests, clients, bar)
-                    runs[policy][str(clients)] = asyncio.run(run)
+                    requests, url = workload(plan, clients, vocab), servers[policy].url
+                    before = engine_profile.scrape(url)
+                    run = asyncio.run(drive(url, requests, clients, bar))
+                    after = engine_profile.scrape(url)
+                    run["engine"] = engine_profile.profile(before, after, run["seconds"], run["requests"])
+                    runs[policy][str(clients)] = run
     finally:
         for server in servers.values():
             server.stop()

@@ -62,7 +62,7 @@ class ServerState:
         try:
             model = self._load()
             if isinstance(model, CausalLM):
-                engine = Engine(model, self.limits, self.policy, on_step=self.metrics.batch_size.observe)
+                engine = Engine(model, self.limits, self.policy, on_batch=self.metrics.observe_batch)
                 engine.start()
                 self.metrics.watch_engine(lambda: engine.stats.running, lambda: engine.stats.waiting)
                 self.engine = engine

@@ -6,7 +6,9 @@ length (one left-padded batch per group, logits of the last position only), and 
 `KVCache.regroup`, which drops the left padding no remaining row needs and realigns the rest (a
 shared-buffer cache moves the rows inside its own buffers). A prefill stalls every running row,
 and one run for several prompts costs less than one run each. Each row keeps its own sampling
-state (serve/row.py). Policies, for the serving benchmark:
+state (serve/row.py). Each prefill, decode step and regroup is reported (`on_batch`) with its rows
+and seconds, so the server's metrics show where the engine's time goes. Policies, for the serving
+benchmark:
 - "continuous": rows join whenever a slot is free;
 - "static": a batch is formed from the waiting requests and runs until every row has finished
   (finished rows stay in the batch, as in a batched `generate`);
@@ -19,7 +21,8 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +48,7 @@ from gptneo_onnx.serve.requests import (
 from gptneo_onnx.serve.row import Row
 
 __all__ = [
+    "BatchRun",
     "Draining",
     "Engine",
     "EngineLimits",
@@ -59,6 +63,17 @@ __all__ = [
 
 POLICIES = ("continuous", "static", "sequential")
 IDLE_WAIT_S = 0.05  # how often an idle engine looks at its queue's deadlines
+PHASES = ("prefill", "decode", "regroup")
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """One piece of the engine's work, for metrics: a prefill run (with its first tokens), a
+    decode step (with each row's next token), or a regroup (rows joining or leaving the cache)."""
+
+    phase: str  # one of PHASES
+    rows: int  # rows prefilled, in the step, or in the batch after the regroup
+    seconds: float
 
 
 @dataclass
@@ -84,14 +99,14 @@ class Engine:
         model: CausalLM,
         limits: EngineLimits = EngineLimits(),  # noqa: B008 - a frozen-by-convention default
         policy: str = "continuous",
-        on_step: Callable[[int], None] | None = None,
+        on_batch: Callable[[BatchRun], None] | None = None,
     ):
-        """`on_step(batch_size)` is called after each decode step (for metrics)."""
+        """`on_batch` is called after each prefill, decode step and regroup (for metrics)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if limits.max_concurrent < 1 or limits.max_queue < 0:
             raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
-        self.model, self.limits, self.policy, self.on_step = model, limits, policy, on_step
+        self.model, self.limits, self.policy, self.on_batch = model, limits, policy, on_batch
         self._eos = model.manifest.eos_token_ids
         self._positions = model.manifest.max_position_embeddings
         self._lock = threading.Condition()
@@ -270,20 +285,21 @@ class Engine:
         mask = np.zeros_like(ids)
         for index, prompt in enumerate(prompts):
             ids[index, width - len(prompt) :], mask[index, width - len(prompt) :] = prompt, 1
-        try:
-            logits, cache = self.model.forward(
-                ids, mask, capacity=self._capacity(width, rows), num_logits_to_keep=1
-            )
-        except Exception as error:  # noqa: BLE001 - these requests fail, the engine goes on
-            for row in rows:
-                self._finish(row, "error", f"{type(error).__name__}: {error}")
-            return []
         going_on, next_tokens = [], []
-        for index, row in enumerate(rows):
-            token = self._advance(row, logits[index, -1])
-            if token is not None:
-                going_on.append(index)
-                next_tokens.append(token)
+        with self._timed("prefill", len(rows)):
+            try:
+                logits, cache = self.model.forward(
+                    ids, mask, capacity=self._capacity(width, rows), num_logits_to_keep=1
+                )
+            except Exception as error:  # noqa: BLE001 - these requests fail, the engine goes on
+                for row in rows:
+                    self._finish(row, "error", f"{type(error).__name__}: {error}")
+                return []
+            for index, row in enumerate(rows):
+                token = self._advance(row, logits[index, -1])
+                if token is not None:
+                    going_on.append(index)
+                    next_tokens.append(token)
         if not going_on:
             return []
         rows = [rows[index] for index in going_on]
@@ -302,7 +318,11 @@ class Engine:
             if not joining:
                 return
             keep = list(range(len(self._rows)))
-        keep = fill_holes(keep)
+        with self._timed("regroup", len(keep) + sum(len(part.rows) for part in joining)):
+            self._regroup_rows(fill_holes(keep), joining)
+
+    def _regroup_rows(self, keep: list[int], joining: list[_Prefilled]) -> None:
+        """`_regroup` with the order of the rows that stay settled."""
         parts, drop = list(joining), 0
         if keep:
             mask = self._mask[keep]
@@ -329,16 +349,23 @@ class Engine:
 
     def _step(self) -> None:
         """One decode step for the whole batch; each live row takes its next token."""
-        self._mask = np.concatenate([self._mask, np.ones((len(self._rows), 1), np.int64)], axis=1)
-        logits, self._cache = self.model.forward(self._next[:, None], self._mask, past=self._cache)
-        if self.on_step is not None:
-            self.on_step(len(self._rows))
-        for index, row in enumerate(self._rows):
-            if row.done:  # a finished row of a static batch: it runs on, its tokens unused
-                continue
-            token = self._advance(row, logits[index, -1])
-            if token is not None:
-                self._next[index] = token
+        with self._timed("decode", len(self._rows)):
+            self._mask = np.concatenate([self._mask, np.ones((len(self._rows), 1), np.int64)], axis=1)
+            logits, self._cache = self.model.forward(self._next[:, None], self._mask, past=self._cache)
+            for index, row in enumerate(self._rows):
+                if row.done:  # a finished row of a static batch: it runs on, its tokens unused
+                    continue
+                token = self._advance(row, logits[index, -1])
+                if token is not None:
+                    self._next[index] = token
+
+    @contextmanager
+    def _timed(self, phase: str, rows: int) -> Iterator[None]:
+        """Report the block's seconds to `on_batch` when it completes (not when it raises)."""
+        start = time.perf_counter()
+        yield
+        if self.on_batch is not None:
+            self.on_batch(BatchRun(phase, rows, time.perf_counter() - start))
 
     def _advance(self, row: Row, logits: np.ndarray) -> int | None:
         """The row takes its next token from its last-position logits and emits it; returns the

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from gptneo_onnx.serve.engine import BatchRun
+
 PREFIX = "gptneo_onnx"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -13,7 +15,8 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 class ServerMetrics:
     """Requests by endpoint and status, running / waiting requests, batch size per decode step,
-    time to first token, inter-token latency, and tokens read and generated."""
+    the engine's seconds per prefill, decode step and regroup, time to first token, inter-token
+    latency, and tokens read and generated."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -31,6 +34,11 @@ class ServerMetrics:
             f"{PREFIX}_batch_size", "Rows in the batch at each decode step",
             buckets=BATCH_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self.engine_seconds = Histogram(
+            f"{PREFIX}_engine_duration_seconds",
+            "Engine time per prefill run, decode step and regroup (rows joining or leaving the cache)",
+            ["phase"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
         self.time_to_first_token = Histogram(
             f"{PREFIX}_time_to_first_token_seconds", "From arrival to the first generated token",
             buckets=LATENCY_BUCKETS, registry=self.registry,
@@ -43,6 +51,12 @@ class ServerMetrics:
         self.generated_tokens = Counter(
             f"{PREFIX}_generated_tokens", "Tokens generated", registry=self.registry
         )
+
+    def observe_batch(self, run: BatchRun) -> None:
+        """The engine's `on_batch`: each piece of its work, and the rows of each decode step."""
+        self.engine_seconds.labels(run.phase).observe(run.seconds)
+        if run.phase == "decode":
+            self.batch_size.observe(run.rows)
 
     def watch_engine(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the running and waiting gauges from the engine at each scrape."""
