@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +22,7 @@ from gptneo_onnx.serve import (
     TokenEvent,
 )
 from gptneo_onnx.serve.batch_layout import cache_capacity, fill_holes, prefill_groups
+from gptneo_onnx.serve import engine as engine_module
 from gptneo_onnx.serve.engine import BatchRun
 
 MODEL = {"vocab_size": 320, "initializer_range": 0.5}
@@ -119,11 +121,32 @@ def test_static_and_sequential_policies_give_the_same_tokens(model, policy):
     sizes: list[int] = []
     crowd = run_all(Engine(model, EngineLimits(max_concurrent=8), on_batch=decode_sizes(sizes)), requests)
     other: list[int] = []
-    results = run_all(Engine(model, EngineLimits(max_concurrent=8), policy, on_batch=decode_sizes(other)), requests)
+    engine = Engine(model, EngineLimits(max_concurrent=8), policy, on_batch=decode_sizes(other))
+    results = run_all(engine, requests)
     assert [tokens for tokens, _ in results] == [tokens for tokens, _ in crowd]
     # static: one batch of 8 that keeps its finished rows until the longest is done; sequential: 1
     assert set(other) == ({8} if policy == "static" else {1})
     assert len(other) == (19 if policy == "static" else sum(len(t) - 1 for t, _ in crowd))
+
+
+def test_a_static_batch_waits_for_its_slots_to_fill_but_not_longer(model, monkeypatch):
+    """Static batching waits (up to STATIC_BATCH_WAIT_S) after the first request for the slots
+    to fill: a request 0.2 s later joins the first one's batch, and a full batch starts at once."""
+    monkeypatch.setattr(engine_module, "STATIC_BATCH_WAIT_S", 30.0)
+    config = model.generation_config(max_new_tokens=5, eos_token_id=NO_EOS)
+    sizes: list[int] = []
+    engine = Engine(model, EngineLimits(max_concurrent=2), "static", on_batch=decode_sizes(sizes))
+    engine.start()
+    start = time.monotonic()
+    first = engine.submit(EngineRequest([5, 6, 7], config))
+    time.sleep(0.2)
+    second = engine.submit(EngineRequest([9, 8], config))
+    streams = [list(first), list(second)]
+    elapsed = time.monotonic() - start
+    engine.stop()
+    assert sizes == [2] * 4 and elapsed < 15  # one batch of both, started when the second came
+    for prompt, events in zip(([5, 6, 7], [9, 8]), streams):
+        assert [e.token_id for e in events[:-1]] == model.generate(prompt, config).sequences[0]
 
 
 def test_cancelling_frees_the_slot_before_the_next_step(model):

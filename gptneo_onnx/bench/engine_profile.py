@@ -10,7 +10,6 @@ prefills stall every row, steps get slower, or slots stand empty.
 
 from __future__ import annotations
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from gptneo_onnx.serve.engine import PHASES
@@ -20,12 +19,12 @@ ENGINE = "gptneo_onnx_engine_duration_seconds"
 BATCH = "gptneo_onnx_batch_size"
 
 
-def scrape(url: str) -> dict[str, float]:
-    """The engine's counters now: `{phase}_seconds` and `{phase}_runs` per phase, `decode_rows`."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+def totals(metrics_text: str) -> dict[str, float]:
+    """The engine's counters in a /metrics answer: `{phase}_seconds` and `{phase}_runs` per
+    phase, and `decode_rows`."""
     totals = {f"{phase}_{part}": 0.0 for phase in PHASES for part in ("seconds", "runs")}
     totals["decode_rows"] = 0.0
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             phase = sample.labels.get("phase")
             if sample.name == f"{ENGINE}_sum" and phase in PHASES:
@@ -37,9 +36,9 @@ def scrape(url: str) -> dict[str, float]:
     return totals
 
 
-def profile(before: dict[str, float], after: dict[str, float], wall: float, requests: int) -> dict:
-    """One run's shares of wall time per phase, mean decode step (ms) and batch, and requests per
-    prefill run (None where the run made no such work)."""
+def profile(before: dict[str, float], after: dict[str, float], wall: float, requests: int | None) -> dict:
+    """A stretch of a run: its shares of wall time per phase, mean decode step (ms) and batch,
+    and requests per prefill run (None where it made no such work, or `requests` is None)."""
     spent = {key: after[key] - before[key] for key in after}
     shares = {f"{phase}_share": spent[f"{phase}_seconds"] / wall for phase in PHASES}
     steps, prefills = spent["decode_runs"], spent["prefill_runs"]
@@ -50,7 +49,7 @@ def profile(before: dict[str, float], after: dict[str, float], wall: float, requ
         "decode_step_ms": 1000 * spent["decode_seconds"] / steps if steps else None,
         "mean_batch": spent["decode_rows"] / steps if steps else None,
         "prefill_runs": int(prefills),
-        "requests_per_prefill": requests / prefills if prefills else None,
+        "requests_per_prefill": requests / prefills if prefills and requests is not None else None,
     }
 
 
@@ -58,8 +57,8 @@ def markdown_table(runs: dict[str, dict[str, dict]]) -> str:
     """Per policy and client count: the engine's time by phase, its steps and its prefills."""
     lines = [
         "| policy | clients | decode | prefill | regroup | other | decode step ms | mean batch "
-        "| requests per prefill |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| sustained mean batch | requests per prefill |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def number(value: float | None, digits: int) -> str:
@@ -71,8 +70,10 @@ def markdown_table(runs: dict[str, dict[str, dict]]) -> str:
             if engine is None:
                 continue
             shares = " | ".join(f"{100 * engine[f'{part}_share']:.0f}%" for part in SHARES)
+            sustained = (run.get("sustained_engine") or {}).get("mean_batch")
             lines.append(
                 f"| {policy} | {clients} | {shares} | {number(engine['decode_step_ms'], 1)} | "
-                f"{number(engine['mean_batch'], 2)} | {number(engine['requests_per_prefill'], 2)} |"
+                f"{number(engine['mean_batch'], 2)} | {number(sustained, 2)} | "
+                f"{number(engine['requests_per_prefill'], 2)} |"
             )
     return "\n".join(lines) + "\n"

@@ -101,8 +101,12 @@ async def drive(url: str, requests: list[tuple[list[int], int]], clients: int, b
     limits = httpx.Limits(max_connections=clients + 2)
     queue = list(enumerate(requests))[::-1]
     dry = []  # when the last request was taken: from then on fewer clients are busy
+    dry_metrics = []  # the server's /metrics at that moment
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+
+        async def engine_totals() -> dict[str, float]:
+            return engine_profile.totals((await http.get("/metrics")).text)
 
         async def client() -> list[dict]:
             results = []
@@ -110,17 +114,21 @@ async def drive(url: str, requests: list[tuple[list[int], int]], clients: int, b
                 number, (prompt, tokens) = queue.pop()
                 if not queue:
                     dry.append(time.perf_counter())
+                    dry_metrics.append(asyncio.create_task(engine_totals()))
                 results.append(await one_request(http, prompt, tokens, seed=number))
                 bar.update(1)
             return results
 
+        before = await engine_totals()
         start = time.perf_counter()
         per_client = await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - start
+        after, at_dry = await engine_totals(), await dry_metrics[0]
     results = [result for items in per_client for result in items]
-    sustained = None  # with no more requests than clients, every one was taken at once
+    sustained = sustained_engine = None  # with no more requests than clients, all start at once
     if len(requests) > clients:
         sustained = sum(t <= dry[0] for r in results for t in r["arrivals"]) / (dry[0] - start)
+        sustained_engine = engine_profile.profile(before, at_dry, dry[0] - start, None)
     ttft = [r["arrivals"][0] - r["start"] for r in results if r["arrivals"]]
     itl = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     tokens = sum(r["tokens"] for r in results)
@@ -136,6 +144,8 @@ async def drive(url: str, requests: list[tuple[list[int], int]], clients: int, b
         "sustained_tokens_per_second": sustained,
         "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
         "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
+        "engine": engine_profile.profile(before, after, wall, len(results)),
+        "sustained_engine": sustained_engine,
     }  # fmt: skip
 
 
@@ -271,9 +281,8 @@ def write_chart(results: dict, path: Path) -> None:
 
 def engine_chart(axes, runs: dict) -> None:
     """Stacked bars: each policy's wall time by engine phase at 8 clients (or the most run)."""
-    clients = "8" if all("8" in levels for levels in runs.values()) else max(
-        {c for levels in runs.values() for c in levels}, key=int
-    )
+    counts = {count for levels in runs.values() for count in levels}
+    clients = "8" if "8" in counts else max(counts, key=int)
     policies = [policy for policy, levels in runs.items() if "engine" in levels.get(clients, {})]
     left = [0.0] * len(policies)
     for part in engine_profile.SHARES:
@@ -347,12 +356,9 @@ def main(argv: list[str] | None = None) -> dict:
             for clients in plan.clients:
                 for policy in policies:
                     bar.set_postfix_str(f"{clients} clients, {policy}")
-                    requests, url = workload(plan, clients, vocab), servers[policy].url
-                    before = engine_profile.scrape(url)
-                    run = asyncio.run(drive(url, requests, clients, bar))
-                    after = engine_profile.scrape(url)
-                    run["engine"] = engine_profile.profile(before, after, run["seconds"], run["requests"])
-                    runs[policy][str(clients)] = run
+                    requests = workload(plan, clients, vocab)
+                    run = drive(servers[policy].url, requests, clients, bar)
+                    runs[policy][str(clients)] = asyncio.run(run)
     finally:
         for server in servers.values():
             server.stop()

@@ -11,7 +11,9 @@ and seconds, so the server's metrics show where the engine's time goes. Policies
 benchmark:
 - "continuous": rows join whenever a slot is free;
 - "static": a batch is formed from the waiting requests and runs until every row has finished
-  (finished rows stay in the batch, as in a batched `generate`);
+  (finished rows stay in the batch, as in a batched `generate`); like a dynamic batcher's
+  max_batch_delay, it waits up to STATIC_BATCH_WAIT_S after the first request for the slots to
+  fill, so a batch is not started by whichever request came first;
 - "sequential": one request at a time.
 """
 
@@ -64,6 +66,7 @@ __all__ = [
 POLICIES = ("continuous", "static", "sequential")
 IDLE_WAIT_S = 0.05  # how often an idle engine looks at its queue's deadlines
 PHASES = ("prefill", "decode", "regroup")
+STATIC_BATCH_WAIT_S = 0.05  # clients that a batch's end released send their next requests by then
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,11 @@ class Engine:
             free = self.limits.max_concurrent - live
         else:
             free = 0 if live else (1 if self.policy == "sequential" else self.limits.max_concurrent)
+        if self.policy == "static" and not live and 0 < len(self._waiting) < free:
+            batch_at = self._waiting[0].submitted + STATIC_BATCH_WAIT_S
+            if now < batch_at and not (self._draining or self._stopping):
+                self._lock.wait(batch_at - now)  # a new request, a stop, or the time is up
+                return []
         joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         self._active += len(joining)
         return joining
