@@ -21,8 +21,8 @@ from gptneo_onnx.serve import (
     RequestTooLarge,
     TokenEvent,
 )
-from gptneo_onnx.serve.batch_layout import cache_capacity, fill_holes, prefill_groups
 from gptneo_onnx.serve import engine as engine_module
+from gptneo_onnx.serve.batch_layout import cache_capacity, fill_holes, prefill_groups
 from gptneo_onnx.serve.engine import BatchRun
 
 MODEL = {"vocab_size": 320, "initializer_range": 0.5}
