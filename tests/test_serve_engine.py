@@ -130,23 +130,39 @@ def test_static_and_sequential_policies_give_the_same_tokens(model, policy):
 
 
 def test_a_static_batch_waits_for_its_slots_to_fill_but_not_longer(model, monkeypatch):
-    """Static batching waits (up to STATIC_BATCH_WAIT_S) after the first request for the slots
-    to fill: a request 0.2 s later joins the first one's batch, and a full batch starts at once."""
-    monkeypatch.setattr(engine_module, "STATIC_BATCH_WAIT_S", 30.0)
-    config = model.generation_config(max_new_tokens=5, eos_token_id=NO_EOS)
+    """Static batching waits (up to STATIC_BATCH_WAIT_S) for the slots to fill, from the first
+    request and from the end of the last batch: a request 0.2 s later joins the first one's
+    batch, a request that queued longer than the wait while a batch ran still waits for a
+    partner, and a full batch starts at once."""
+    monkeypatch.setattr(engine_module, "STATIC_BATCH_WAIT_S", 2.0)
+    short, long = (model.generation_config(max_new_tokens=n, eos_token_id=NO_EOS) for n in (3, 30))
     sizes: list[int] = []
-    engine = Engine(model, EngineLimits(max_concurrent=2), "static", on_batch=decode_sizes(sizes))
+
+    def slow_steps(run: BatchRun) -> None:
+        if run.phase == "decode":
+            sizes.append(run.rows)
+            time.sleep(0.1)  # the long row's batch lasts ~2.9 s, longer than the wait
+
+    engine = Engine(model, EngineLimits(max_concurrent=2), "static", on_batch=slow_steps)
     engine.start()
-    start = time.monotonic()
-    first = engine.submit(EngineRequest([5, 6, 7], config))
+    first = engine.submit(EngineRequest([5, 6, 7], short))
     time.sleep(0.2)
-    second = engine.submit(EngineRequest([9, 8], config))
-    streams = [list(first), list(second)]
-    elapsed = time.monotonic() - start
+    second = engine.submit(EngineRequest([9, 8], long))
+    streams = [list(first)]
+    third = engine.submit(EngineRequest([4, 4, 2], short))  # queued while the long row runs
+    streams.append(list(second))
+    time.sleep(0.2)
+    fourth = engine.submit(EngineRequest([7], short))
+    events = iter(fourth)
+    streams += [list(third), [next(events)]]
+    first_token_seconds = time.monotonic() - fourth.submitted
+    streams[-1] += list(events)
     engine.stop()
-    assert sizes == [2] * 4 and elapsed < 15  # one batch of both, started when the second came
-    for prompt, events in zip(([5, 6, 7], [9, 8]), streams):
-        assert [e.token_id for e in events[:-1]] == model.generate(prompt, config).sequences[0]
+    # two batches of two rows: 29 steps (the long row), then 2; the full one did not wait
+    assert sizes == [2] * (29 + 2) and first_token_seconds < 1.0
+    prompts = ([5, 6, 7], [9, 8], [4, 4, 2], [7])
+    for prompt, config, stream in zip(prompts, (short, long, short, short), streams):
+        assert [e.token_id for e in stream[:-1]] == model.generate(prompt, config).sequences[0]
 
 
 def test_cancelling_frees_the_slot_before_the_next_step(model):

@@ -12,8 +12,9 @@ benchmark:
 - "continuous": rows join whenever a slot is free;
 - "static": a batch is formed from the waiting requests and runs until every row has finished
   (finished rows stay in the batch, as in a batched `generate`); like a dynamic batcher's
-  max_batch_delay, it waits up to STATIC_BATCH_WAIT_S after the first request for the slots to
-  fill, so a batch is not started by whichever request came first;
+  max_batch_delay, it waits up to STATIC_BATCH_WAIT_S for the slots to fill (from the first
+  request, or from the end of the last batch), so a batch is not started by whichever request
+  came first;
 - "sequential": one request at a time.
 """
 
@@ -66,7 +67,7 @@ __all__ = [
 POLICIES = ("continuous", "static", "sequential")
 IDLE_WAIT_S = 0.05  # how often an idle engine looks at its queue's deadlines
 PHASES = ("prefill", "decode", "regroup")
-STATIC_BATCH_WAIT_S = 0.05  # clients that a batch's end released send their next requests by then
+STATIC_BATCH_WAIT_S = 0.05  # the clients a batch's end released have sent their next requests by then
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class Engine:
         self._draining = self._stopping = False
         self._thread: threading.Thread | None = None
         self._mean_seconds = 1.0  # moving mean of request durations, for the Retry-After hint
+        self._last_finish = 0.0  # when a request last finished (monotonic): a static batch's end
         # the running batch: rows, their KV cache, attention mask (B, L) and next input token
         self._rows: list[Row] = []
         self._cache: KVCache | None = None
@@ -240,7 +242,7 @@ class Engine:
         else:
             free = 0 if live else (1 if self.policy == "sequential" else self.limits.max_concurrent)
         if self.policy == "static" and not live and 0 < len(self._waiting) < free:
-            batch_at = self._waiting[0].submitted + STATIC_BATCH_WAIT_S
+            batch_at = max(self._waiting[0].submitted, self._last_finish) + STATIC_BATCH_WAIT_S
             if now < batch_at and not (self._draining or self._stopping):
                 self._lock.wait(batch_at - now)  # a new request, a stop, or the time is up
                 return []
@@ -252,7 +254,8 @@ class Engine:
         row.finish(reason, error)
         with self._lock:
             self._active -= 1
-            seconds = time.monotonic() - row.handle.submitted
+            self._last_finish = time.monotonic()
+            seconds = self._last_finish - row.handle.submitted
             self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
             self._lock.notify_all()
 
