@@ -36,9 +36,9 @@ def test_quick_serving_bench_writes_its_results(tmp_path):
             assert engine["mean_batch"] == 1 and engine["decode_steps"] == expected_tokens - len(planned)
         parts = [engine[f"{part}_share"] for part in ("decode", "prefill", "regroup", "other")]
         assert all(0 <= part <= 1 for part in parts) and sum(parts) == pytest.approx(1, abs=0.02)
-        # until the list ran dry: a part of the same run's steps
+        # until the list ran dry (scraped then: on the tiny shape the last steps may be done)
         sustained = run["sustained_engine"]
-        assert 0 < sustained["decode_steps"] < engine["decode_steps"]
+        assert 0 < sustained["decode_steps"] <= engine["decode_steps"]
         assert sustained["mean_batch"] == 1 if policy == "sequential" else sustained["mean_batch"] >= 1
     assert (output / "serving.png").stat().st_size > 0
     assert "| sequential | 2 |" in (output / "serving.md").read_text().split("Where the engine")[1]
