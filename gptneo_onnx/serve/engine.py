@@ -227,7 +227,8 @@ class Engine:
                 self._fail_batch(error)
 
     def _admit(self) -> list[RequestHandle]:
-        """Under the lock: take the waiting requests this policy lets in now."""
+        """Under the lock: take the waiting requests this policy lets in now. A static batch that
+        would start short waits (the lock released) and returns none; the loop asks again."""
         now = time.monotonic()
         for handle in list(self._waiting):
             reason = "cancelled" if handle.cancelled.is_set() else None
