@@ -3,12 +3,14 @@
 - Attention: GroupQueryAttention with num_heads == kv_num_heads, `scale=1.0` (GPT-Neo does not
   scale scores) and `local_window_size=window` on local layers. GQA has no 2-D padding mask, so
   padding enters as `attention_bias` (B, 1, S, T), 0 or a large negative per key column; the
-  causal and window masks are GQA's own. `seqlens_k` is T - 1 for every row (padding counts as
-  tokens, as in the portable graph). GQA's 17th input (per-row query lengths, onnxruntime >= 1.32)
-  is left out so that the graph also loads on onnxruntime(-gpu) 1.31: a step of several tokens
-  on top of a past then needs batch 1 (`multi_token_step_max_batch`; prefill and one-token
-  decoding take any batch). The same graph serves both cache modes: concat (past of length P,
-  present of length P + S) and shared-buffer (past and present bound to one (B, H, C, D) buffer).
+  causal and window masks are GQA's own. `seqlens_k` is each row's last real column: T - 1 for
+  every row of a left-padded mask (padding counts as tokens, as in the portable graph), less for
+  the shorter rows of a ragged batch (docs/sidecar.md, `cache.ragged_rows`). GQA's 17th input
+  (per-row query lengths, onnxruntime >= 1.32) is left out so that the graph also loads on
+  onnxruntime(-gpu) 1.31: a step of several tokens on top of a past then needs batch 1
+  (`multi_token_step_max_batch`; prefill and one-token decoding take any batch). The same graph
+  serves both cache modes: concat (past of length P, present of length P + S) and shared-buffer
+  (past and present bound to one (B, H, C, D) buffer).
 - LayerNorm: SkipLayerNormalization fuses each residual add (with the preceding linear's bias)
   and the next LayerNorm; the embedding sum feeds the first one.
 - MLP: FastGelu (tanh GELU) or BiasGelu (erf GELU) with the c_fc bias folded in.
@@ -86,7 +88,12 @@ class _GQAInputs:
         total = g.op("Slice", [g.op("Shape", [attention_mask]), g.const([1]), g.const([2])])  # [T]
         total_i32 = g.op("Cast", [total], to=6)
         self.total_sequence_length = g.op("Squeeze", [total_i32, g.const([0])])  # scalar int32
-        self.seqlens_k = g.op("Expand", [g.op("Sub", [total_i32, g.const([1], np.int32)]), batch])  # (B,)
+        # seqlens_k (B,): each row's last real column, where its new tokens end. T - 1 for every
+        # row of a left-padded mask, as before; a ragged batch (cache.ragged_rows) ends its
+        # shorter rows early with zero columns, so GQA writes and reads only their own columns.
+        mask_i32 = g.op("Cast", [attention_mask], to=6)
+        last_real = g.op("ArgMax", [mask_i32], axis=1, keepdims=0, select_last_index=1)
+        self.seqlens_k = g.op("Cast", [last_real], to=6)
         # attention_bias (B, 1, S, T): 0 for real keys, a large negative for padding.
         padding = g.op("Cast", [g.op("Unsqueeze", [attention_mask, g.const([1, 2])])], to=9)  # (B, 1, 1, T)
         column_bias = g.op("Where", [padding, g.const(0.0, dtype), g.const(NEGATIVE[np.dtype(dtype)], dtype)])

@@ -180,6 +180,8 @@ def cache_entry(config: GPTNeoConfig, plan: ExportPlan) -> dict | None:
         cache["local_window"] = local_window_entry(plan.local_window)
     if plan.flavor == "optimized":
         cache["modes"] = optimization_summary(config, plan)["cache_modes"]
+        # GQA reads each row up to its mask's last real column (export/optimized.py)
+        cache["ragged_rows"] = "shared-buffer" in cache["modes"]
     return cache
 
 

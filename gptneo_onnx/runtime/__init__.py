@@ -30,6 +30,7 @@ from gptneo_onnx.runtime.kv_cache import (
     CacheSpec,
     ConcatCache,
     KVCache,
+    RaggedCache,
     SharedBufferCache,
 )
 from gptneo_onnx.runtime.manifest import Manifest, load_manifest
@@ -57,6 +58,7 @@ __all__ = [
     "ProviderError",
     "ProviderOptions",
     "QuestionAnswerer",
+    "RaggedCache",
     "RuntimeModelError",
     "SequenceClassifier",
     "SharedBufferCache",

@@ -29,7 +29,7 @@ from gptneo_onnx.runtime.encoding import (
 )
 from gptneo_onnx.runtime.errors import GenerationConfigError, InputError
 from gptneo_onnx.runtime.generation import GenerationConfig, GenerationResult, StopCheck, TokenStep, decode
-from gptneo_onnx.runtime.kv_cache import CacheSpec, KVCache, cache_class, resolve_cache_mode
+from gptneo_onnx.runtime.kv_cache import CacheSpec, KVCache, RaggedCache, cache_class, resolve_cache_mode
 from gptneo_onnx.runtime.model import Model
 from gptneo_onnx.runtime.prompt_lookup import prompt_lookup_decode
 from gptneo_onnx.runtime.providers import gpu_attention_advice
@@ -73,11 +73,24 @@ class CausalLM(Model):
         self.max_cache_bytes = cache_limit(max_cache_bytes, self.cache_spec.on_host)
 
     # ---- one step ---------------------------------------------------------------------------
-    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+    @property
+    def ragged_rows(self) -> bool:
+        """Whether this model runs ragged caches (`new_cache(ragged=True)`): shared buffers of an
+        export whose graph reads each row up to its own last real column."""
+        return self.cache_mode == "shared-buffer" and self.manifest.ragged_rows
+
+    def new_cache(self, batch: int, capacity: int | None = None, ragged: bool = False) -> KVCache:
         """An empty cache of this model's mode for `batch` rows (`capacity`: shared buffers' rows,
-        default max_position_embeddings)."""
+        default max_position_embeddings). `ragged`: a RaggedCache, whose rows may end at
+        different columns (a server's batch; see `ragged_rows`)."""
         capacity = capacity or self.manifest.max_position_embeddings
-        return cache_class(self.cache_mode, self.io_binding).empty(self.cache_spec, batch, capacity)
+        if ragged and not self.ragged_rows:
+            raise InputError(
+                "ragged caches need the shared-buffer cache mode of an export with cache.ragged_rows "
+                "(optimized exports made by this version)"
+            )
+        kind = RaggedCache if ragged else cache_class(self.cache_mode, self.io_binding)
+        return kind.empty(self.cache_spec, batch, capacity)
 
     def forward(
         self,
@@ -92,7 +105,8 @@ class CausalLM(Model):
         (`num_logits_to_keep` K > 0: the last K positions only, (B, min(K, S), V); on a past, the
         step may verify drafts, so a windowed cache keeps K - 1 rows spare for `drop_newest`).
 
-        `attention_mask` covers past + new tokens. `position_ids` default to the sidecar rule
+        `attention_mask` covers past + new tokens (on a ragged cache, build it with
+        `past.next_mask`: each row's tokens end at its last real column). `position_ids` default to the sidecar rule
         (cumsum(mask) - 1, clipped at 0, for the new tokens). `past` is advanced in place and
         returned. `capacity` sizes the buffers of a shared-buffer cache at the prefill (default
         max_position_embeddings).

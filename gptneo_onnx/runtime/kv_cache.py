@@ -41,6 +41,8 @@ class KVCache:
     mode: ClassVar[str]
 
     in_place: ClassVar[bool] = False  # trims in place (shared buffers) or replaces the arrays
+    # rows end at their own columns (RaggedCache) or all at `length`, left-padded
+    ragged: ClassVar[bool] = False
 
     def __init__(
         self, spec: CacheSpec, values: dict[str, Any], length: int = 0, local_rows: int | None = None
@@ -88,6 +90,16 @@ class KVCache:
         """The run's inputs besides the tokens: the local layers' mask (windowed exports)."""
         local = self.spec.local
         return {} if local is None else {local.input: local.mask(attention_mask, self.local_rows, new)}
+
+    def next_mask(self, attention_mask: np.ndarray) -> np.ndarray:
+        """The mask for a one-token step on this cache: `attention_mask` (its rows' columns so
+        far) with each row's next column set; here, one column of ones appended."""
+        return np.concatenate([attention_mask, np.ones((self.batch, 1), np.int64)], axis=1)
+
+    def layout_mask(self, masks: list[np.ndarray]) -> np.ndarray:
+        """The attention mask of a batch `regroup` returned, from its parts' masks in order (the
+        kept rows' with the dropped columns gone, then each joining cache's): left-padded here."""
+        return np.concatenate([np.pad(mask, ((0, 0), (self.length - mask.shape[1], 0))) for mask in masks])
 
     def run(
         self,
@@ -324,17 +336,8 @@ class SharedBufferCache(KVCache):
 
     @classmethod
     def from_host(cls, spec, arrays, length, local_rows, capacity=None):  # noqa: D102
-        capacity = capacity or length
-        if capacity < length:
-            raise InputError(f"capacity {capacity} is below the {length} cached tokens")
-        values, buffers = {}, {}
-        for name, array in arrays.items():
-            batch = array.shape[0]
-            buffer = _untouched_zeros((batch, spec.num_heads, capacity, spec.head_dim), spec.dtype)
-            buffer[:, :, : array.shape[2]] = array
-            values[name] = ort.OrtValue.ortvalue_from_numpy(buffer, *spec.device)
-            buffers[name] = buffer
-        return cls(spec, values, length, local_rows, buffers if spec.on_host else None)
+        values, buffers = _new_buffers(spec, arrays, length, capacity)
+        return cls(spec, values, length, local_rows, buffers)
 
     def capacity(self) -> int:
         return int(next(iter(self.values.values())).shape()[2])
@@ -412,6 +415,172 @@ class SharedBufferCache(KVCache):
 
     def cut(self, count: int) -> None:
         pass  # the rows past `length` are written over by the next step
+
+
+class RaggedCache(SharedBufferCache):
+    """Shared buffers whose rows end where each row ends (exports with `cache.ragged_rows`).
+
+    Row b holds columns `[0, ends[b])` of its attention mask, left-aligned; the mask's later
+    columns are zero, and the graph reads and writes the row only up to its last real column. A
+    batch is as wide as its longest row, yet a short row's attention reads only its own columns,
+    and rows that stay through a regroup do not move along the sequence. Left padding inside a
+    row (its prefill's) stays where it is, masked. The caller builds each step's mask with
+    `next_mask`, and the masks of a regroup's parts with `layout_mask`.
+
+    Local layers of a windowed export: row b's local buffers hold its mask columns
+    `[local_starts[b], ends[b])` at `[0, ends[b] - local_starts[b])`, trimmed row by row.
+    """
+
+    ragged = True
+
+    def __init__(self, spec, values, ends, local_starts, buffers=None):  # noqa: D107
+        self.ends = np.array(ends, np.int64)
+        self.local_starts = np.array(local_starts, np.int64)
+        super().__init__(spec, values, 0, 0, buffers)
+        self._sync()
+
+    def _sync(self) -> None:
+        """`length` and `local_rows`: the most columns any row holds (the buffers' used width)."""
+        self.length = int(self.ends.max(initial=0))
+        self.local_rows = int((self.ends - self.local_starts).max(initial=0))
+
+    def held(self, name: str) -> np.ndarray:
+        """Columns each row holds in the value `name`."""
+        return self.ends - self.local_starts if self.spec.is_local(name) else self.ends
+
+    @classmethod
+    def from_host(cls, spec, arrays, length, local_rows, capacity=None):  # noqa: D102
+        values, buffers = _new_buffers(spec, arrays, length, capacity)
+        batch = next(iter(arrays.values())).shape[0]
+        return cls(spec, values, [length] * batch, [length - local_rows] * batch, buffers)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def next_mask(self, attention_mask: np.ndarray) -> np.ndarray:
+        """The mask for a one-token step: each row's next column set, `length + 1` columns."""
+        width = self.length + 1
+        mask = np.zeros((self.batch, width), np.int64)
+        kept = min(width, attention_mask.shape[1])
+        mask[:, :kept] = attention_mask[:, :kept]
+        mask[np.arange(self.batch), self.ends] = 1
+        return mask
+
+    def layout_mask(self, masks: list[np.ndarray]) -> np.ndarray:
+        """Left-aligned, `length` columns: the zero columns past every row's end are cut."""
+        return np.concatenate([_fit_right(mask, self.length) for mask in masks])
+
+    def feeds(self, attention_mask: np.ndarray, new: int) -> dict[str, Any]:
+        """Checks that each row's new tokens end at its last real column; the local layers'
+        mask takes each row's local columns, left-aligned."""
+        ends = self.ends + new
+        last_real = attention_mask.shape[1] - 1 - np.argmax(attention_mask[:, ::-1] != 0, axis=1)
+        if not np.array_equal(last_real, ends - 1):
+            raise InputError(
+                f"the attention mask's last real column per row is {last_real.tolist()}, but this "
+                f"ragged cache's rows end at {(ends - 1).tolist()} after the step; build the mask "
+                "with cache.next_mask"
+            )
+        local = self.spec.local
+        if local is None:
+            return {}
+        local_mask = np.zeros((self.batch, self.local_rows + new), np.int64)
+        for row, (start, end) in enumerate(zip(self.local_starts, ends)):
+            local_mask[row, : end - start] = attention_mask[row, start:end]
+        return {local.input: local_mask}
+
+    def absorb(self, outputs: dict[str, Any], new: int) -> None:
+        self.ends += new
+        self._sync()
+
+    def trim(self, spare: int = 0) -> None:
+        """Each row's local buffers, as `KVCache.trim` trims a batch's."""
+        local = self.spec.local
+        if local is None or self._buffers is None:
+            return
+        for row, held in enumerate(self.ends - self.local_starts):
+            keep = local.rows_to_keep(int(held), spare)
+            if keep == held:
+                continue
+            for name in local.past_names:
+                local.move_newest_to_front(self._buffers[name][row : row + 1], int(held), keep)
+            self.local_starts[row] = self.ends[row] - keep
+        self._sync()
+
+    def drop_newest(self, count: int) -> None:  # noqa: D102
+        fewest = int(min(self.ends.min(initial=0), (self.ends - self.local_starts).min(initial=0)))
+        if not (isinstance(count, int) and 0 <= count <= fewest):
+            raise InputError(f"count must be in [0, {fewest}], got {count!r}")
+        self.ends -= count
+        self._sync()
+
+    # ---- rows leave, join, reorder ---------------------------------------------------------------
+    def regroup(self, rows, drop=0, others=(), capacity=None):
+        """Rows keep their columns: `drop` must be 0 unless no row stays. Joining rows (of other
+        ragged caches) start at column 0. In place where the new batch fits these buffers."""
+        self._check_not_moved()
+        rows = np.asarray(rows, dtype=np.int64)
+        if any(type(cache) is not type(self) or cache.spec != self.spec for cache in others):
+            raise InputError("extend joins ragged caches of one model")
+        if drop and len(rows):
+            raise InputError("a ragged cache keeps each row's columns: drop must be 0")
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.batch):
+            raise InputError(f"rows must be in [0, {self.batch})")
+        ends = np.concatenate([self.ends[rows], *(other.ends for other in others)])
+        starts = np.concatenate([self.local_starts[rows], *(other.local_starts for other in others)])
+        length, batch = int(ends.max(initial=0)), len(ends)
+        in_place = (
+            self._buffers is not None
+            and not any(other is self for other in others)
+            and bool(np.all(rows >= np.arange(len(rows))))
+            and batch <= next(iter(self._buffers.values())).shape[0]
+            and max(capacity or 0, length) <= self.capacity()
+        )
+        if in_place:
+            buffers = self._buffers
+            for name, buffer in buffers.items():
+                held = self.held(name)
+                for index, row in enumerate(rows):  # row i comes from rows[i] >= i, not yet written
+                    if index != row:
+                        buffer[index, :, : held[row]] = buffer[row, :, : held[row]]
+        else:
+            capacity = max(capacity or max(cache.capacity() for cache in [self, *others]), length)
+            own = self.host_arrays()
+            buffers = {}
+            for name, _ in self.spec.names:
+                shape = (batch, self.spec.num_heads, capacity, self.spec.head_dim)
+                buffer = buffers[name] = _untouched_zeros(shape, self.spec.dtype)
+                buffer[: len(rows), :, : own[name].shape[2]] = own[name][rows]
+        start = len(rows)
+        for other in others:
+            for name, array in other.host_arrays().items():
+                buffers[name][start : start + other.batch, :, : array.shape[2]] = array
+            start += other.batch
+        if in_place:
+            self._moved = True
+        values = {
+            name: ort.OrtValue.ortvalue_from_numpy(buffer[:batch], *self.spec.device)
+            for name, buffer in buffers.items()
+        }
+        return type(self)(self.spec, values, ends, starts, buffers if self.spec.on_host else None)
+
+
+def _new_buffers(spec: CacheSpec, arrays: dict[str, np.ndarray], length: int, capacity: int | None):
+    """(OrtValues, host buffers or None) of `capacity` columns holding `arrays` (B, H, rows, D)."""
+    capacity = capacity or length
+    if capacity < length:
+        raise InputError(f"capacity {capacity} is below the {length} cached tokens")
+    values, buffers = {}, {}
+    for name, array in arrays.items():
+        batch = array.shape[0]
+        buffer = _untouched_zeros((batch, spec.num_heads, capacity, spec.head_dim), spec.dtype)
+        buffer[:, :, : array.shape[2]] = array
+        values[name] = ort.OrtValue.ortvalue_from_numpy(buffer, *spec.device)
+        buffers[name] = buffer
+    return values, buffers if spec.on_host else None
+
+
+def _fit_right(mask: np.ndarray, width: int) -> np.ndarray:
+    """`mask` cut or zero-padded on the right to `width` columns."""
+    return np.pad(mask[:, :width], ((0, 0), (0, max(0, width - mask.shape[1]))))
 
 
 def _untouched_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -167,6 +167,12 @@ class Manifest:
         return list((self.raw.get("cache") or {}).get("modes") or ["concat"])
 
     @property
+    def ragged_rows(self) -> bool:
+        """Whether rows of one shared-buffer batch may end at different columns (each at its
+        mask's last real column, later columns zero): docs/sidecar.md, `cache.ragged_rows`."""
+        return bool((self.raw.get("cache") or {}).get("ragged_rows"))
+
+    @property
     def local_window(self) -> LocalWindow | None:
         """The windowed local cache (format 2), or None when the local layers cache every row."""
         return LocalWindow.from_cache(self.raw.get("cache") or {})

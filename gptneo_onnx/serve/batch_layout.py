@@ -46,10 +46,6 @@ def shared_padding(mask: np.ndarray) -> int:
     return int(np.argmax(mask != 0, axis=1).min())
 
 
-def left_pad(mask: np.ndarray, length: int) -> np.ndarray:
-    return np.pad(mask, ((0, 0), (length - mask.shape[1], 0)))
-
-
 def fill_holes(keep: list[int]) -> list[int]:
     """The rows that stay, in the order that moves the fewest: a row below len(keep) keeps its
     place, and the rows past it fill the places of the rows that left."""

@@ -3,8 +3,10 @@
 Between two decode steps, finished, cancelled and timed-out rows leave the batch at once, and
 the waiting requests that take the free slots are prefilled together, in groups of similar
 length (one left-padded batch per group, logits of the last position only), and join it: one
-`KVCache.regroup`, which drops the left padding no remaining row needs and realigns the rest (a
-shared-buffer cache moves the rows inside its own buffers). A prefill stalls every running row,
+`KVCache.regroup` (a shared-buffer cache moves the rows inside its own buffers). Where the export
+offers it, the batch is a RaggedCache: each row is as long as itself and keeps its columns, so a
+short row's attention does not read the longest row's length. Otherwise rows are left-padded to
+the longest, and a regroup drops the left padding no remaining row needs. A prefill stalls every running row,
 and one run for several prompts costs less than one run each. Each row keeps its own sampling
 state (serve/row.py). Each prefill, decode step and regroup is reported (`on_batch`) with its rows
 and seconds, so the server's metrics show where the engine's time goes. Policies, for the serving
@@ -34,7 +36,6 @@ from gptneo_onnx.runtime import CausalLM, GenerationConfigError, InputError, KVC
 from gptneo_onnx.serve.batch_layout import (
     cache_capacity,
     fill_holes,
-    left_pad,
     prefill_groups,
     shared_padding,
 )
@@ -104,13 +105,19 @@ class Engine:
         limits: EngineLimits = EngineLimits(),  # noqa: B008 - a frozen-by-convention default
         policy: str = "continuous",
         on_batch: Callable[[BatchRun], None] | None = None,
+        ragged_rows: bool | None = None,
     ):
-        """`on_batch` is called after each prefill, decode step and regroup (for metrics)."""
+        """`on_batch` is called after each prefill, decode step and regroup (for metrics).
+        `ragged_rows`: run the batch in a RaggedCache, each row as long as itself (default:
+        where the model offers it, `CausalLM.ragged_rows`), or left-padded to the longest."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if limits.max_concurrent < 1 or limits.max_queue < 0:
             raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
         self.model, self.limits, self.policy, self.on_batch = model, limits, policy, on_batch
+        self.ragged_rows = model.ragged_rows if ragged_rows is None else ragged_rows
+        if self.ragged_rows and not model.ragged_rows:
+            raise ValueError("ragged_rows needs an export and cache mode that offer it (CausalLM.ragged_rows)")
         self._eos = model.manifest.eos_token_ids
         self._positions = model.manifest.max_position_embeddings
         self._lock = threading.Condition()
@@ -300,8 +307,10 @@ class Engine:
         going_on, next_tokens = [], []
         with self._timed("prefill", len(rows)):
             try:
+                capacity = self._capacity(width, rows)
+                past = self.model.new_cache(len(rows), capacity, ragged=True) if self.ragged_rows else None
                 logits, cache = self.model.forward(
-                    ids, mask, capacity=self._capacity(width, rows), num_logits_to_keep=1
+                    ids, mask, past=past, capacity=capacity, num_logits_to_keep=1
                 )
             except Exception as error:  # noqa: BLE001 - these requests fail, the engine goes on
                 for row in rows:
@@ -317,15 +326,15 @@ class Engine:
         rows = [rows[index] for index in going_on]
         if len(going_on) < len(ids):  # some finished at their first token
             mask = mask[going_on]
-            drop = shared_padding(mask)
+            drop = 0 if cache.ragged else shared_padding(mask)
             cache = cache.select(going_on, drop, self._capacity(cache.length - drop, rows))
             mask = mask[:, drop:]
         return [_Prefilled(rows, cache, mask, np.asarray(next_tokens, np.int64))]
 
     def _regroup(self, keep: list[int] | None, joining: list[_Prefilled]) -> None:
         """The next batch: the rows in `keep` (None: every row), dropping the left padding none of
-        them needs, then the joining rows; one KVCache.regroup, right-aligned. The rows that stay
-        keep their places where they can (`fill_holes`), so a shared buffer moves few rows."""
+        them needs (not in a ragged cache), then the joining rows; one KVCache.regroup. The rows
+        that stay keep their places where they can (`fill_holes`), so a shared buffer moves few."""
         if keep is None:
             if not joining:
                 return
@@ -338,7 +347,7 @@ class Engine:
         parts, drop = list(joining), 0
         if keep:
             mask = self._mask[keep]
-            drop = shared_padding(mask)
+            drop = 0 if self._cache.ragged else shared_padding(mask)  # a ragged row keeps its columns
             kept = [self._rows[i] for i in keep]
             parts.insert(0, _Prefilled(kept, self._cache, mask[:, drop:], self._next[keep]))
         if not parts:
@@ -355,14 +364,14 @@ class Engine:
             self._cache = others[0]  # one prefilled group: its cache as it is
         else:
             self._cache = others[0].extend(*others[1:], capacity=capacity)
-        self._mask = np.concatenate([left_pad(part.mask, length) for part in parts])
+        self._mask = self._cache.layout_mask([part.mask for part in parts])
         self._next = np.concatenate([part.next_tokens for part in parts])
         self._rows = rows
 
     def _step(self) -> None:
         """One decode step for the whole batch; each live row takes its next token."""
         with self._timed("decode", len(self._rows)):
-            self._mask = np.concatenate([self._mask, np.ones((len(self._rows), 1), np.int64)], axis=1)
+            self._mask = self._cache.next_mask(self._mask)
             logits, self._cache = self.model.forward(self._next[:, None], self._mask, past=self._cache)
             for index, row in enumerate(self._rows):
                 if row.done:  # a finished row of a static batch: it runs on, its tokens unused
