@@ -165,3 +165,95 @@ def test_newest_rows_dropped_like_fresh_runs(folders, flavor, mode, io_binding):
     assert cache.local_rows < cache.length  # local rows were trimmed along the way
     with pytest.raises(InputError, match="count must be in"):
         cache.drop_newest(cache.length + 1)
+
+
+class RaggedBatch(Batch):
+    """A Batch in a RaggedCache: each row as long as itself, masks built by the cache."""
+
+    def __init__(self, model: CausalLM, prompts: list[list[int]]):
+        longest = max(map(len, prompts))
+        ids = np.array([[0] * (longest - len(p)) + p for p in prompts])
+        starts = longest - np.array([len(p) for p in prompts])
+        self.mask = (np.arange(longest)[None, :] >= starts[:, None]).astype(np.int64)
+        self.model, self.rows = model, [list(p) for p in prompts]
+        past = model.new_cache(len(prompts), 40, ragged=True)
+        self.logits, self.cache = model.forward(ids, self.mask, past=past)
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        self.mask = self.cache.next_mask(self.mask)
+        for row, token in zip(self.rows, tokens):
+            row.append(token)
+        logits, self.cache = self.model.forward(np.array(tokens)[:, None], self.mask, past=self.cache)
+        # each row ends at its own last real column; the batch is as wide as its longest row
+        last_real = self.mask.shape[1] - 1 - np.argmax(self.mask[:, ::-1], axis=1)
+        assert (self.cache.ends == last_real + 1).all() and self.cache.length == self.mask.shape[1]
+        return logits[:, -1]
+
+    def regroup(self, keep: list[int], others: list[RaggedBatch]) -> None:
+        self.cache = self.cache.regroup(keep, 0, [other.cache for other in others])
+        self.mask = self.cache.layout_mask([self.mask[keep], *(other.mask for other in others)])
+        self.rows = [list(self.rows[i]) for i in keep] + [row for other in others for row in other.rows]
+
+
+def test_ragged_rows_join_leave_and_reorder_like_fresh_runs(folders):
+    """A server's batch in a RaggedCache: rows of 2-16 tokens join, leave and reorder; each step's
+    logits equal a fresh forward of the row alone, while every row ends at its own column and the
+    windowed local layers are trimmed row by row."""
+    model = CausalLM.load(folders / "optimized", cache_mode="shared-buffer", intra_op_threads=1)
+    assert model.ragged_rows
+    rng = np.random.default_rng(2)
+    batch = RaggedBatch(model, [rng.integers(3, 97, 12).tolist(), rng.integers(3, 97, 3).tolist()])
+    for _ in range(3):
+        batch.check(batch.step(rng.integers(3, 97, 2).tolist()))
+    assert batch.cache.ends.tolist() == [15, 15]  # one prefill: both rows end together
+    batch.regroup([0, 1], [RaggedBatch(model, [rng.integers(3, 97, n).tolist()]) for n in (2, 5)])
+    assert batch.cache.ends.tolist() == [15, 15, 2, 5]  # joining rows start at column 0
+    for _ in range(4):
+        batch.check(batch.step(rng.integers(3, 97, 4).tolist()))
+    starts = batch.cache.local_starts
+    assert (starts > 0).any() and len(set(starts.tolist())) > 1  # trimmed rows, at their own steps
+
+    # the longest rows leave: the batch narrows to its longest remaining row; one joins in place
+    buffers = batch.cache.host_arrays()
+    batch.regroup([3, 2], [RaggedBatch(model, [rng.integers(3, 97, 16).tolist()])])
+    assert batch.cache.ends.tolist() == [9, 6, 16] and batch.mask.shape == (3, 16)
+    after = batch.cache.host_arrays()
+    assert all(np.shares_memory(after[name], buffers[name]) for name in after)
+    for _ in range(3):
+        batch.check(batch.step(rng.integers(3, 97, 3).tolist()))
+
+    # beam-search reorder (rows repeat: new buffers), then every row leaves and two join
+    batch.regroup([2, 2, 0], [])
+    batch.check(batch.step(rng.integers(3, 97, 3).tolist()))
+    batch.regroup([], [RaggedBatch(model, [rng.integers(3, 97, n).tolist() for n in (4, 7)])])
+    assert batch.cache.ends.tolist() == [7, 7]
+    for _ in range(3):
+        batch.check(batch.step(rng.integers(3, 97, 2).tolist()))
+
+
+def test_a_ragged_cache_refuses_a_padded_mask_and_a_drop(folders):
+    """A mask whose rows do not end where the cache's rows end would write tokens at the wrong
+    columns: refused with what to do. Dropping columns would move rows: refused too."""
+    model = CausalLM.load(folders / "optimized", cache_mode="shared-buffer", intra_op_threads=1)
+    batch = RaggedBatch(model, [[5, 6, 7, 8]])
+    other = RaggedBatch(model, [[9, 10]])
+    batch.regroup([0], [other])
+    padded = np.concatenate([batch.mask, np.ones((2, 1), np.int64)], axis=1)  # a left-padded batch's step
+    with pytest.raises(InputError, match="build the mask with cache.next_mask"):
+        model.forward(np.array([[3], [4]]), padded, past=batch.cache)
+    with pytest.raises(InputError, match="drop must be 0"):
+        batch.cache.select([0, 1], drop=1)
+    batch.check(batch.step([3, 4]))  # the refusals changed nothing
+
+
+def test_ragged_caches_need_an_export_that_offers_them(folders):
+    """Exports made before `cache.ragged_rows` (their GQA reads every row to the last column)
+    and concat caches run left-padded batches only."""
+    concat = CausalLM.load(folders / "optimized", cache_mode="concat")
+    assert not concat.ragged_rows
+    with pytest.raises(InputError, match="ragged caches need the shared-buffer cache mode"):
+        concat.new_cache(1, ragged=True)
+    older = CausalLM.load(folders / "optimized", cache_mode="shared-buffer")
+    del older.manifest.raw["cache"]["ragged_rows"]
+    assert not older.ragged_rows
+    assert not CausalLM.load(folders / "portable").ragged_rows

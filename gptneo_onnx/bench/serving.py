@@ -38,7 +38,7 @@ from gptneo_onnx.bench import engine_profile
 from gptneo_onnx.bench.models import OUR_VARIANTS, SHAPES, build_all
 from gptneo_onnx.bench.serving_limits import batching_ceiling
 
-POLICIES = ("continuous", "static", "sequential")
+POLICIES = ("continuous", "continuous-padded", "static", "sequential")
 TARGETS = {"sequential": 4.0, "static": 1.8}  # continuous / policy throughput at 8 clients
 
 

@@ -50,8 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests"
     )
     parser.add_argument(
-        "--policy", choices=("continuous", "static", "sequential"), default="continuous",
-        help="batching: continuous (default), static batches, or one request at a time",
+        "--policy", choices=("continuous", "static", "sequential", "continuous-padded"),
+        default="continuous",
+        help="batching: continuous (default), static batches, one request at a time, or continuous "
+        "with rows left-padded to the longest (the layout of exports without ragged rows)",
     )  # fmt: skip
     parser.add_argument(
         "--replicas", type=bounded_int(1, 64), help="run N replicas on Ray Serve (the ray extra)"

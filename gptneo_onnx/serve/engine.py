@@ -17,7 +17,9 @@ benchmark:
   max_batch_delay, it waits up to STATIC_BATCH_WAIT_S for the slots to fill (from the first
   request, or from the end of the last batch), so a batch is not started by whichever request
   came first;
-- "sequential": one request at a time.
+- "sequential": one request at a time;
+- "continuous-padded": continuous, with the rows left-padded to the longest even where the
+  export offers ragged rows: the layout of older exports, the benchmark's baseline for them.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ __all__ = [
     "TokenEvent",
 ]
 
-POLICIES = ("continuous", "static", "sequential")
+POLICIES = ("continuous", "static", "sequential", "continuous-padded")
 IDLE_WAIT_S = 0.05  # how often an idle engine looks at its queue's deadlines
 PHASES = ("prefill", "decode", "regroup")
 STATIC_BATCH_WAIT_S = 0.05  # the clients a batch's end released have sent their next requests by then
@@ -112,6 +114,8 @@ class Engine:
         where the model offers it, `CausalLM.ragged_rows`), or left-padded to the longest."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if policy == "continuous-padded":
+            policy, ragged_rows = "continuous", False
         if limits.max_concurrent < 1 or limits.max_queue < 0:
             raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
         self.model, self.limits, self.policy, self.on_batch = model, limits, policy, on_batch
