@@ -97,14 +97,20 @@ def expected(model: CausalLM, request: EngineRequest) -> tuple[list[int], str, s
     return result.sequences[0], result.texts[0], reason
 
 
-@pytest.mark.parametrize("flavor", ["portable", "optimized"])
-def test_a_crowd_gives_each_request_what_it_gets_alone(folders, flavor):
+@pytest.mark.parametrize(
+    ("flavor", "policy", "ragged"),
+    [("portable", "continuous", False), ("optimized", "continuous", True), ("optimized", "continuous-padded", False)],
+)
+def test_a_crowd_gives_each_request_what_it_gets_alone(folders, flavor, policy, ragged):
     """8 concurrent mixed requests: greedy and seeded rows equal `generate` on each prompt alone
-    (the optimized export runs a shared-buffer, windowed cache: rows join and leave it)."""
+    (the optimized export runs a shared-buffer, windowed cache: rows join and leave it, ragged
+    or left-padded)."""
     model = CausalLM.load(folders[flavor], intra_op_threads=1)
     requests = mixed_requests(model)
     sizes: list[int] = []
-    results = run_all(Engine(model, EngineLimits(max_concurrent=8), on_batch=decode_sizes(sizes)), requests)
+    engine = Engine(model, EngineLimits(max_concurrent=8), policy, on_batch=decode_sizes(sizes))
+    assert engine.ragged_rows == ragged
+    results = run_all(engine, requests)
     reasons = []
     for request, (tokens, finish) in zip(requests, results):
         want_tokens, want_text, want_reason = expected(model, request)
@@ -163,6 +169,27 @@ def test_a_static_batch_waits_for_its_slots_to_fill_but_not_longer(model, monkey
     prompts = ([5, 6, 7], [9, 8], [4, 4, 2], [7])
     for prompt, config, stream in zip(prompts, (short, long, short, short), streams):
         assert [e.token_id for e in stream[:-1]] == model.generate(prompt, config).sequences[0]
+
+
+@pytest.mark.parametrize(
+    ("flavor", "policy"),
+    [("optimized", "continuous"), ("optimized", "continuous-padded"), ("optimized", "static"), ("portable", "static")],
+)
+def test_rows_near_the_context_run_to_their_end_in_any_batch(folders, flavor, policy):
+    """Rows whose own tokens fill the 64-position context, batched with longer prompts: padding
+    takes a left-padded batch past 64 columns, and a ragged row's prefill padding must still fit
+    the context. Every row ends as it does alone."""
+    model = CausalLM.load(folders[flavor], intra_op_threads=1)
+    lengths = [(40, 24), (20, 44), (3, 60), (60, 4), (21, 40)]  # (prompt, new tokens): <= 64 each
+    requests = [
+        EngineRequest([(11 * i + j) % 300 + 5 for j in range(n)], model.generation_config(
+            max_new_tokens=new, eos_token_id=NO_EOS))
+        for i, (n, new) in enumerate(lengths)
+    ]  # fmt: skip
+    results = run_all(Engine(model, EngineLimits(max_concurrent=8), policy), requests)
+    for request, (tokens, finish) in zip(requests, results):
+        assert finish.finish_reason == "length", finish.error
+        assert tokens == expected(model, request)[0]
 
 
 def test_cancelling_frees_the_slot_before_the_next_step(model):
@@ -286,10 +313,14 @@ def test_rows_that_stay_keep_their_places_and_capacity_grows_in_steps():
 
 
 def test_prefill_groups_keep_padding_and_size_bounded():
-    rows = [SimpleNamespace(prompt_length=n) for n in (64, 16, 16, 20, 2000, 30)]
-    groups = [[row.prompt_length for row in group] for group in prefill_groups(rows)]
+    rows = [SimpleNamespace(prompt_length=n, max_new_tokens=16) for n in (64, 16, 16, 20, 2000, 30)]
+    groups = [[row.prompt_length for row in group] for group in prefill_groups(rows, 2048)]
     # 4 x 30 padded tokens <= 1.5 x 82 real ones; 5 x 64 > 1.5 x 146; 2 x 2000 > 2048
     assert groups == [[16, 16, 20, 30], [64], [2000]]
+    # a row's padding + prompt + new tokens stay within the context: 30 + 40 > 64
+    rows[0].max_new_tokens, rows[5].max_new_tokens = 10, 40
+    groups = [[row.prompt_length for row in group] for group in prefill_groups(rows[1:4] + rows[5:], 64)]
+    assert groups == [[16, 16, 20], [30]]
 
 
 def test_requests_admitted_together_share_prefill_runs(folders):

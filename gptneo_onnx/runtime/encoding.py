@@ -188,9 +188,10 @@ def step_inputs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check one forward step's (input_ids, attention_mask); both come back as int64 arrays.
 
-    input_ids: (batch, new) integers in the vocabulary, batch and new >= 1, past + new at most
-    `max_positions`. attention_mask: (batch, past + new), only 0s and 1s (any numeric or bool
-    dtype), at least one 1 per row.
+    input_ids: (batch, new) integers in the vocabulary, batch and new >= 1. attention_mask:
+    (batch, past + new), only 0s and 1s (any numeric or bool dtype), at least one 1 per row and at
+    most `max_positions` (the positions are counted over real tokens: padding columns may take a
+    batch's width past them, as in a server's batch of rows that joined at different times).
     """
     ids = integer_array(input_ids, "input_ids")
     if ids.ndim != 2 or 0 in ids.shape:
@@ -199,10 +200,6 @@ def step_inputs(
             f"got shape {ids.shape}"
         )
     check_token_ids(ids, vocab_size)
-    if past_length + ids.shape[1] > max_positions:
-        raise InputError(
-            f"{past_length + ids.shape[1]} tokens exceed max_position_embeddings ({max_positions})"
-        )
     try:
         mask = np.asarray(attention_mask)
     except ValueError as error:
@@ -221,6 +218,9 @@ def step_inputs(
         raise InputError(
             f"attention_mask row {int(empty[0])} is all zeros: every row needs at least one real token"
         )
+    tokens = int(mask.sum(axis=1).max())
+    if tokens > max_positions:
+        raise InputError(f"{tokens} tokens exceed max_position_embeddings ({max_positions})")
     return ids.astype(np.int64, copy=False), mask
 
 

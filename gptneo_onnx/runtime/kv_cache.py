@@ -16,6 +16,8 @@ columns (runtime/local_window.py).
   logits come back to the host; a device cache keeps every local row.
 - `SharedBufferCache`: one (B, H, capacity, D) buffer per tensor, bound once as both past and
   present and written in place by the graph.
+- `RaggedCache`: shared buffers whose rows end at their own columns, left-aligned, for exports
+  whose graph reads each row up to its mask's last real column (`cache.ragged_rows`).
 """
 
 from __future__ import annotations

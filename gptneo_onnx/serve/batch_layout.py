@@ -18,26 +18,30 @@ CAPACITY_STEP = 256
 
 class Prompted(Protocol):
     prompt_length: int
+    max_new_tokens: int
 
 
 R = TypeVar("R", bound=Prompted)
 
 
-def prefill_groups(rows: list[R]) -> list[list[R]]:
+def prefill_groups(rows: list[R], context: int) -> list[list[R]]:
     """Rows in groups of similar prompt length, shortest first: a group grows while its padded
-    tokens stay within PREFILL_GROUP_TOKENS (a longer prompt runs alone) and its padding within
-    PREFILL_GROUP_PADDING x its real tokens."""
+    tokens stay within PREFILL_GROUP_TOKENS (a longer prompt runs alone), its padding within
+    PREFILL_GROUP_PADDING x its real tokens, and each row's columns (its padding, prompt and new
+    tokens: the longest prompt + its max_new_tokens) within the `context`."""
     groups: list[list[R]] = []
-    real = 0
+    real = most_new = 0
     for row in sorted(rows, key=lambda row: row.prompt_length):
         length = row.prompt_length
         padded = (len(groups[-1]) + 1) * length if groups else 0
-        if groups and padded <= PREFILL_GROUP_TOKENS and padded <= PREFILL_GROUP_PADDING * (real + length):
+        fits = length + max(most_new, row.max_new_tokens) <= context
+        if groups and fits and padded <= PREFILL_GROUP_TOKENS and padded <= PREFILL_GROUP_PADDING * (real + length):
             groups[-1].append(row)
             real += length
+            most_new = max(most_new, row.max_new_tokens)
         else:
             groups.append([row])
-            real = length
+            real, most_new = length, row.max_new_tokens
     return groups
 
 

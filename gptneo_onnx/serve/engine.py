@@ -122,6 +122,10 @@ class Engine:
         self.ragged_rows = model.ragged_rows if ragged_rows is None else ragged_rows
         if self.ragged_rows and not model.ragged_rows:
             raise ValueError("ragged_rows needs an export and cache mode that offer it (CausalLM.ragged_rows)")
+        # On the host, a ragged batch's buffers can hold every slot and the whole context from
+        # the start: untouched pages cost nothing (kv_cache._untouched_zeros), rows that stay
+        # never move, and rows join in place instead of the batch being copied when it grows.
+        self._whole_buffers = self.ragged_rows and model.cache_spec.on_host
         self._eos = model.manifest.eos_token_ids
         self._positions = model.manifest.max_position_embeddings
         self._lock = threading.Condition()
@@ -283,9 +287,12 @@ class Engine:
             elif row.handle.deadline is not None and now > row.handle.deadline:
                 self._finish(row, "timeout")
         keep = [i for i, row in enumerate(self._rows) if not row.done]
-        if (self.policy == "static" and keep) or len(keep) == len(self._rows):
-            return None  # a static batch runs until all of its rows have finished
-        return keep
+        if self.policy == "static" and keep:
+            # a static batch runs until all of its rows have finished; a finished row leaves early
+            # only when its next step would take it past the context
+            columns = self._mask.shape[1] - np.argmax(self._mask[:, ::-1] != 0, axis=1)
+            keep = [i for i, row in enumerate(self._rows) if not row.done or columns[i] < self._positions]
+        return None if len(keep) == len(self._rows) else keep
 
     def _join(self, handles: list[RequestHandle]) -> list[_Prefilled]:
         """Prefill the admitted requests and emit their first tokens; returns the rows that go on."""
@@ -298,7 +305,7 @@ class Engine:
                 self._finish(row, "cancelled")
             else:
                 rows.append(row)
-        return [part for group in prefill_groups(rows) for part in self._prefill(group)]
+        return [part for group in prefill_groups(rows, self._positions) for part in self._prefill(group)]
 
     def _prefill(self, rows: list[Row]) -> list[_Prefilled]:
         """One left-padded prefill run for `rows`; returns the rows that go on (none or one part)."""
@@ -364,6 +371,9 @@ class Engine:
             self._cache = self._cache.regroup(keep, drop, others, capacity)
         elif self._cache is not None:  # every row left: the joining rows take over its buffers
             self._cache = self._cache.regroup([], self._cache.length, others, capacity)
+        elif self._whole_buffers:  # a new batch: buffers for every slot and the whole context
+            empty = self.model.new_cache(self.limits.max_concurrent, self._positions, ragged=True)
+            self._cache = empty.regroup([], 0, others)
         elif len(others) == 1:
             self._cache = others[0]  # one prefilled group: its cache as it is
         else:
@@ -406,11 +416,12 @@ class Engine:
             return None
         return event.token_id
 
-    @staticmethod
-    def _capacity(columns: int, rows: list[Row]) -> int:
+    def _capacity(self, columns: int, rows: list[Row]) -> int:
         """Cache columns for a batch `columns` long: those plus the most steps a row has left,
-        rounded up (`cache_capacity`). Not the whole context: a cache on a device is copied whole
-        whenever rows join or leave."""
+        rounded up (`cache_capacity`). Not the whole context (but for `_whole_buffers`): a cache
+        on a device is copied whole whenever rows join or leave."""
+        if self._whole_buffers:
+            return self._positions  # each row ends within it (prefill_groups keeps it so)
         return cache_capacity(columns + max(row.config.max_new_tokens - len(row.generated) for row in rows))
 
     def _fail_batch(self, error: Exception) -> None:

@@ -41,6 +41,7 @@ class Row:
         self.stop_check = stop_check
         prompt = request.prompt_ids
         self.prompt_length = len(prompt)
+        self.max_new_tokens = config.max_new_tokens
         # prompt + new tokens, for the repetition penalty and min_new_tokens
         self.ids = np.zeros((1, len(prompt) + config.max_new_tokens), np.int64)
         self.ids[0, : len(prompt)] = prompt
