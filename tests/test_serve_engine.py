@@ -99,7 +99,11 @@ def expected(model: CausalLM, request: EngineRequest) -> tuple[list[int], str, s
 
 @pytest.mark.parametrize(
     ("flavor", "policy", "ragged"),
-    [("portable", "continuous", False), ("optimized", "continuous", True), ("optimized", "continuous-padded", False)],
+    [
+        ("portable", "continuous", False),
+        ("optimized", "continuous", True),
+        ("optimized", "continuous-padded", False),
+    ],
 )
 def test_a_crowd_gives_each_request_what_it_gets_alone(folders, flavor, policy, ragged):
     """8 concurrent mixed requests: greedy and seeded rows equal `generate` on each prompt alone
@@ -173,7 +177,12 @@ def test_a_static_batch_waits_for_its_slots_to_fill_but_not_longer(model, monkey
 
 @pytest.mark.parametrize(
     ("flavor", "policy"),
-    [("optimized", "continuous"), ("optimized", "continuous-padded"), ("optimized", "static"), ("portable", "static")],
+    [
+        ("optimized", "continuous"),
+        ("optimized", "continuous-padded"),
+        ("optimized", "static"),
+        ("portable", "static"),
+    ],
 )
 def test_rows_near_the_context_run_to_their_end_in_any_batch(folders, flavor, policy):
     """Rows whose own tokens fill the 64-position context, batched with longer prompts: padding

@@ -106,10 +106,10 @@ class CausalLM(Model):
         step may verify drafts, so a windowed cache keeps K - 1 rows spare for `drop_newest`).
 
         `attention_mask` covers past + new tokens (on a ragged cache, build it with
-        `past.next_mask`: each row's tokens end at its last real column). `position_ids` default to the sidecar rule
-        (cumsum(mask) - 1, clipped at 0, for the new tokens). `past` is advanced in place and
-        returned. `capacity` sizes the buffers of a shared-buffer cache at the prefill (default
-        max_position_embeddings).
+        `past.next_mask`: each row's tokens end at its last real column). `position_ids` default
+        to the sidecar rule (cumsum(mask) - 1, clipped at 0, for the new tokens). `past` is
+        advanced in place and returned. `capacity` sizes the buffers of a shared-buffer cache at
+        the prefill (default max_position_embeddings).
         """
         if past is not None and not isinstance(past, KVCache):
             raise InputError(f"past must be a KVCache from this model's forward, got {type(past).__name__}")

@@ -35,7 +35,8 @@ def prefill_groups(rows: list[R], context: int) -> list[list[R]]:
         length = row.prompt_length
         padded = (len(groups[-1]) + 1) * length if groups else 0
         fits = length + max(most_new, row.max_new_tokens) <= context
-        if groups and fits and padded <= PREFILL_GROUP_TOKENS and padded <= PREFILL_GROUP_PADDING * (real + length):
+        small = padded <= PREFILL_GROUP_TOKENS and padded <= PREFILL_GROUP_PADDING * (real + length)
+        if groups and fits and small:
             groups[-1].append(row)
             real += length
             most_new = max(most_new, row.max_new_tokens)

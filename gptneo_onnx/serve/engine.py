@@ -3,14 +3,14 @@
 Between two decode steps, finished, cancelled and timed-out rows leave the batch at once, and
 the waiting requests that take the free slots are prefilled together, in groups of similar
 length (one left-padded batch per group, logits of the last position only), and join it: one
-`KVCache.regroup` (a shared-buffer cache moves the rows inside its own buffers). Where the export
-offers it, the batch is a RaggedCache: each row is as long as itself and keeps its columns, so a
-short row's attention does not read the longest row's length. Otherwise rows are left-padded to
-the longest, and a regroup drops the left padding no remaining row needs. A prefill stalls every running row,
-and one run for several prompts costs less than one run each. Each row keeps its own sampling
-state (serve/row.py). Each prefill, decode step and regroup is reported (`on_batch`) with its rows
-and seconds, so the server's metrics show where the engine's time goes. Policies, for the serving
-benchmark:
+`KVCache.regroup` (a shared-buffer cache moves the rows inside its own buffers). Where the
+export offers it, the batch is a RaggedCache: each row is as long as itself and keeps its
+columns, so a short row's attention does not read the longest row's length. Otherwise rows are
+left-padded to the longest, and a regroup drops the left padding no remaining row needs. A
+prefill stalls every running row, and one run for several prompts costs less than one run each.
+Each row keeps its own sampling state (serve/row.py). Each prefill, decode step and regroup is
+reported (`on_batch`) with its rows and seconds, so the server's metrics show where the engine's
+time goes. Policies, for the serving benchmark:
 - "continuous": rows join whenever a slot is free;
 - "static": a batch is formed from the waiting requests and runs until every row has finished
   (finished rows stay in the batch, as in a batched `generate`); like a dynamic batcher's
@@ -121,7 +121,9 @@ class Engine:
         self.model, self.limits, self.policy, self.on_batch = model, limits, policy, on_batch
         self.ragged_rows = model.ragged_rows if ragged_rows is None else ragged_rows
         if self.ragged_rows and not model.ragged_rows:
-            raise ValueError("ragged_rows needs an export and cache mode that offer it (CausalLM.ragged_rows)")
+            raise ValueError(
+                "ragged_rows needs an export and cache mode that offer it (CausalLM.ragged_rows)"
+            )
         # On the host, a ragged batch's buffers can hold every slot and the whole context from
         # the start: untouched pages cost nothing (kv_cache._untouched_zeros), rows that stay
         # never move, and rows join in place instead of the batch being copied when it grows.
