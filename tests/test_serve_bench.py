@@ -14,15 +14,17 @@ from gptneo_onnx.bench.serving import QUICK, SHAPES, main, workload  # noqa: E40
 
 def test_quick_serving_bench_writes_its_results(tmp_path):
     output = tmp_path / "results"
-    argv = ["--quick", "--policies", "continuous,sequential", "--clients", "2", "--threads", "1"]
+    argv = ["--quick", "--policies", "continuous,sequential", "--clients", "2", "--threads", "1", "--rounds", "2"]
     main([*argv, "--work", str(tmp_path / "work"), "--output", str(output)])
     results = json.loads((output / "serving.json").read_text())
     planned = workload(QUICK, 2, SHAPES["tiny"]["vocab_size"])
-    expected_tokens = sum(tokens for _, tokens in planned)
+    expected_tokens = 2 * sum(tokens for _, tokens in planned)  # 2 rounds, pooled
     for policy in ("continuous", "sequential"):
         run = results["runs"][policy]["2"]
-        assert run["requests"] == len(planned)
+        assert run["requests"] == 2 * len(planned)
         assert run["output_tokens"] == expected_tokens  # min_tokens = max_tokens: exact lengths
+        each = run["round_tokens_per_second"]  # the pooled rate lies between the rounds' rates
+        assert len(each) == 2 and min(each) <= run["tokens_per_second"] <= max(each)
         assert run["ttft_p50"] > 0 and run["tokens_per_second"] > 0
         # sustained: tokens that arrived before the last request was taken, over that time
         assert run["sustained_tokens_per_second"] > 0 and run["seconds"] > 0
@@ -30,10 +32,10 @@ def test_quick_serving_bench_writes_its_results(tmp_path):
         # and steps one row; every share is part of the run's wall time
         engine = run["engine"]
         prefills = engine["prefill_runs"]
-        assert prefills == len(planned) if policy == "sequential" else 1 <= prefills <= len(planned)
+        assert prefills == 2 * len(planned) if policy == "sequential" else 2 <= prefills <= 2 * len(planned)
         assert engine["decode_steps"] >= max(tokens for _, tokens in planned) - 1
         if policy == "sequential":
-            assert engine["mean_batch"] == 1 and engine["decode_steps"] == expected_tokens - len(planned)
+            assert engine["mean_batch"] == 1 and engine["decode_steps"] == expected_tokens - 2 * len(planned)
         parts = [engine[f"{part}_share"] for part in ("decode", "prefill", "regroup", "other")]
         assert all(0 <= part <= 1 for part in parts) and sum(parts) == pytest.approx(1, abs=0.02)
         # until the list ran dry (scraped then: on the tiny shape the last steps may be done)

@@ -36,10 +36,20 @@ def totals(metrics_text: str) -> dict[str, float]:
     return totals
 
 
-def profile(before: dict[str, float], after: dict[str, float], wall: float, requests: int | None) -> dict:
-    """A stretch of a run: its shares of wall time per phase, mean decode step (ms) and batch,
-    and requests per prefill run (None where it made no such work, or `requests` is None)."""
-    spent = {key: after[key] - before[key] for key in after}
+def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the engine did between two scrapes (`totals`)."""
+    return {key: after[key] - before[key] for key in after}
+
+
+def pooled(stretches: list[dict[str, float]]) -> dict[str, float]:
+    """Several stretches' `spent` counters summed (a benchmark's rounds)."""
+    return {key: sum(stretch[key] for stretch in stretches) for key in stretches[0]}
+
+
+def profile(spent: dict[str, float], wall: float, requests: int | None) -> dict:
+    """A stretch of a run (its `spent` counters over `wall` seconds): its shares of wall time per
+    phase, mean decode step (ms) and batch, and requests per prefill run (None where it made no
+    such work, or `requests` is None)."""
     shares = {f"{phase}_share": spent[f"{phase}_seconds"] / wall for phase in PHASES}
     steps, prefills = spent["decode_runs"], spent["prefill_runs"]
     return {
