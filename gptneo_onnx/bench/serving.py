@@ -1,15 +1,17 @@
 """The serving benchmark: drive `gptneo-onnx serve` over HTTP, as vLLM's benchmark_serving does.
 
-    gptneo-onnx bench-serve                    # gpt-neo-125m shape, random init (~15 minutes on 2 cores)
+    gptneo-onnx bench-serve                    # gpt-neo-125m shape, random init (~10-15 minutes on 2 cores)
     gptneo-onnx bench-serve --workload short   # short answers only (8-32 tokens)
     gptneo-onnx bench-serve --quick            # tiny shape, seconds: a smoke test
 
-For each batching policy (continuous, static, one request at a time) a server runs in its own
-process, and the policies take turns at each client count; 1, 4, 8 and 16 clients take turns
-over one shared list of 4 requests per client (`--requests-per-client`), streaming completions
-of mixed prompt and output lengths (fixed seeds, token-id prompts, `min_tokens` = `max_tokens`
-so every request makes exactly its tokens). The default workload mixes answers of 16 to 256
-tokens, as chat traffic does; `short` keeps them at 8-32. Reported: output tokens per second,
+For each batching policy (continuous; continuous with left-padded rows, the layout of exports
+without ragged rows; static; one request at a time) a server runs in its own process, and the
+policies take turns at each client count (`--rounds` turns each, every round in the reverse
+order of the last, pooled); 1, 4, 8 and 16 clients take turns over one shared list of 4
+requests per client (`--requests-per-client`), streaming completions of mixed prompt and output
+lengths (fixed seeds, token-id prompts, `min_tokens` = `max_tokens` so every request makes
+exactly its tokens). The default workload mixes answers of 16 to 256 tokens, as chat traffic
+does; `short` keeps them at 8-32. Reported: output tokens per second,
 over the whole run and sustained (until the list runs dry, before the last requests drain with
 fewer clients), time to first token and inter-token latency (p50 / p99), and where the
 engine's time went (bench/engine_profile.py, from the server's /metrics). Writes serving.json,
