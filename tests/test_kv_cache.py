@@ -144,14 +144,23 @@ def test_caches_of_different_models_or_modes_do_not_join(folders):
         concat.new_cache(1).extend(shared.new_cache(1))
 
 
-@pytest.mark.parametrize(("flavor", "mode", "io_binding"), MODES, ids=["-".join(map(str, m)) for m in MODES])
+DROP_MODES = [*MODES, ("optimized", "shared-buffer", "ragged")]
+
+
+@pytest.mark.parametrize(
+    ("flavor", "mode", "io_binding"), DROP_MODES, ids=["-".join(map(str, m)) for m in DROP_MODES]
+)
 def test_newest_rows_dropped_like_fresh_runs(folders, flavor, mode, io_binding):
     """Prompt lookup's refused drafts: a 4-token step on a past keeps its rows spare, then
     `drop_newest` removes some; every later step equals a fresh forward over the kept tokens."""
+    ragged = io_binding == "ragged"
+    io_binding = None if ragged else io_binding
     model = CausalLM.load(folders / flavor, cache_mode=mode, io_binding=io_binding, intra_op_threads=1)
     rng = np.random.default_rng(1)
     tokens = rng.integers(3, 97, 6).tolist()
-    _, cache = model.forward(np.array([tokens]), np.ones((1, 6), np.int64), capacity=40)
+    past = model.new_cache(1, 40, ragged=True) if ragged else None
+    _, cache = model.forward(np.array([tokens]), np.ones((1, 6), np.int64), past=past, capacity=40)
+    assert cache.ragged == ragged
     for dropped in (3, 0, 2, 1, 3):
         new = rng.integers(3, 97, 4).tolist()
         tokens += new

@@ -508,7 +508,7 @@ class RaggedCache(SharedBufferCache):
         self._sync()
 
     def drop_newest(self, count: int) -> None:  # noqa: D102
-        fewest = int(min(self.ends.min(initial=0), (self.ends - self.local_starts).min(initial=0)))
+        fewest = int((self.ends - self.local_starts).min()) if self.batch else 0  # local rows <= ends
         if not (isinstance(count, int) and 0 <= count <= fewest):
             raise InputError(f"count must be in [0, {fewest}], got {count!r}")
         self.ends -= count
