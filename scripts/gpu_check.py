@@ -140,6 +140,33 @@ def check_io_bound_cache(work: Path, report: dict) -> None:
         }
 
 
+def check_ragged_rows(work: Path, report: dict) -> None:
+    """The serving engine's ragged batch (rows of their own lengths joining and leaving a
+    RaggedCache) on the device gives each request the greedy tokens it gets alone."""
+    from gptneo_onnx.runtime import Model
+    from gptneo_onnx.serve import Engine, EngineLimits, EngineRequest, TokenEvent
+
+    model = Model.load(work / "optimized-float32", provider=DEVICE["name"])
+    if not model.ragged_rows:
+        report["ragged_rows"] = {"skipped": f"cache mode {model.cache_mode} offers no ragged rows"}
+        return
+    rng = np.random.default_rng(1)
+    requests = [
+        EngineRequest(
+            rng.integers(1, 1000, prompt).tolist(),
+            model.generation_config(max_new_tokens=new, min_new_tokens=new, do_sample=False),
+        )
+        for prompt, new in ((5, 12), (40, 6), (17, 20), (3, 9), (28, 14))
+    ]
+    engine = Engine(model, EngineLimits(max_concurrent=3), ragged_rows=True)
+    handles = [engine.submit(request) for request in requests]
+    engine.start()
+    got = [[event.token_id for event in handle if isinstance(event, TokenEvent)] for handle in handles]
+    engine.stop()
+    alone = [model.generate(request.prompt_ids, request.config).sequences[0] for request in requests]
+    report["ragged_rows"] = {"provider": model.provider, "same_tokens_as_alone": got == alone}
+
+
 def check_tensorrt(work: Path, report: dict, available: list[str]) -> None:
     if "TensorrtExecutionProvider" not in available:
         report["tensorrt"] = {"skipped": "TensorrtExecutionProvider is not installed"}
@@ -272,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda: check_parity(from_pretrained(random_checkpoint(work / "small", SMALL)), work, report),
         ),
         ("io_bound_cache", 30, lambda: check_io_bound_cache(work, report)),
+        ("ragged_rows", 20, lambda: check_ragged_rows(work, report)),
         ("tensorrt", 60, lambda: check_tensorrt(work, report, available)),
         ("decode_vs_optimum", 120, lambda: check_decode_vs_optimum(work, report, args.skip_optimum)),
     ]

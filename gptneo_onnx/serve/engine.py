@@ -111,7 +111,8 @@ class Engine:
     ):
         """`on_batch` is called after each prefill, decode step and regroup (for metrics).
         `ragged_rows`: run the batch in a RaggedCache, each row as long as itself (default:
-        where the model offers it, `CausalLM.ragged_rows`), or left-padded to the longest."""
+        where the model offers it, `CausalLM.ragged_rows`, with its cache on the host), or
+        left-padded to the longest."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if policy == "continuous-padded":
@@ -119,7 +120,9 @@ class Engine:
         if limits.max_concurrent < 1 or limits.max_queue < 0:
             raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
         self.model, self.limits, self.policy, self.on_batch = model, limits, policy, on_batch
-        self.ragged_rows = model.ragged_rows if ragged_rows is None else ragged_rows
+        # by default on the host only: ragged rows on CUDA await scripts/gpu_check.py
+        default = model.ragged_rows and model.cache_spec.on_host
+        self.ragged_rows = default if ragged_rows is None else ragged_rows
         if self.ragged_rows and not model.ragged_rows:
             raise ValueError(
                 "ragged_rows needs an export and cache mode that offer it (CausalLM.ragged_rows)"
