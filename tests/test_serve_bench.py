@@ -14,7 +14,8 @@ from gptneo_onnx.bench.serving import QUICK, SHAPES, main, workload  # noqa: E40
 
 def test_quick_serving_bench_writes_its_results(tmp_path):
     output = tmp_path / "results"
-    argv = ["--quick", "--policies", "continuous,sequential", "--clients", "2", "--threads", "1", "--rounds", "2"]
+    argv = ["--quick", "--policies", "continuous,sequential", "--clients", "2", "--threads", "1"]
+    argv += ["--rounds", "2"]
     main([*argv, "--work", str(tmp_path / "work"), "--output", str(output)])
     results = json.loads((output / "serving.json").read_text())
     planned = workload(QUICK, 2, SHAPES["tiny"]["vocab_size"])

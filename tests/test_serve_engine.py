@@ -201,6 +201,27 @@ def test_rows_near_the_context_run_to_their_end_in_any_batch(folders, flavor, po
         assert tokens == expected(model, request)[0]
 
 
+def test_a_ragged_batch_grows_by_copies_where_the_whole_context_is_refused(folders, monkeypatch):
+    """Strict overcommit refuses buffers for every slot and the whole context: the engine falls
+    back to buffers sized to what the rows need, and every row still ends as it does alone."""
+    model = CausalLM.load(folders["optimized"], intra_op_threads=1)
+    new_cache = model.new_cache
+    refused = []
+
+    def no_whole_context(batch, capacity=None, ragged=False):
+        if capacity == model.manifest.max_position_embeddings and batch == 8:
+            refused.append(batch)
+            raise MemoryError("mmap: Cannot allocate memory")
+        return new_cache(batch, capacity, ragged)
+
+    monkeypatch.setattr(model, "new_cache", no_whole_context)
+    requests = mixed_requests(model)
+    engine = Engine(model, EngineLimits(max_concurrent=8))
+    results = run_all(engine, requests)
+    assert refused == [8] and engine.ragged_rows  # refused once: later batches do not ask again
+    assert [tokens for tokens, _ in results] == [expected(model, request)[0] for request in requests]
+
+
 def test_cancelling_frees_the_slot_before_the_next_step(model):
     config = model.generation_config(max_new_tokens=30, eos_token_id=NO_EOS)
     handles, steps = [], []

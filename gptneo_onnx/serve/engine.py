@@ -376,9 +376,8 @@ class Engine:
             self._cache = self._cache.regroup(keep, drop, others, capacity)
         elif self._cache is not None:  # every row left: the joining rows take over its buffers
             self._cache = self._cache.regroup([], self._cache.length, others, capacity)
-        elif self._whole_buffers:  # a new batch: buffers for every slot and the whole context
-            empty = self.model.new_cache(self.limits.max_concurrent, self._positions, ragged=True)
-            self._cache = empty.regroup([], 0, others)
+        elif self._whole_buffers and (empty := self._whole_batch()) is not None:
+            self._cache = empty.regroup([], 0, others)  # a new batch: joining rows copied in place
         elif len(others) == 1:
             self._cache = others[0]  # one prefilled group: its cache as it is
         else:
@@ -386,6 +385,15 @@ class Engine:
         self._mask = self._cache.layout_mask([part.mask for part in parts])
         self._next = np.concatenate([part.next_tokens for part in parts])
         self._rows = rows
+
+    def _whole_batch(self) -> KVCache | None:
+        """An empty ragged cache for every slot and the whole context, or None where the OS
+        refuses that much address space (strict overcommit): batches then grow by copies."""
+        try:
+            return self.model.new_cache(self.limits.max_concurrent, self._positions, ragged=True)
+        except (MemoryError, OSError):
+            self._whole_buffers = False
+            return None
 
     def _step(self) -> None:
         """One decode step for the whole batch; each live row takes its next token."""
@@ -423,11 +431,11 @@ class Engine:
 
     def _capacity(self, columns: int, rows: list[Row]) -> int:
         """Cache columns for a batch `columns` long: those plus the most steps a row has left,
-        rounded up (`cache_capacity`). Not the whole context (but for `_whole_buffers`): a cache
-        on a device is copied whole whenever rows join or leave."""
-        if self._whole_buffers:
-            return self._positions  # each row ends within it (prefill_groups keeps it so)
-        return cache_capacity(columns + max(row.config.max_new_tokens - len(row.generated) for row in rows))
+        rounded up (`cache_capacity`). Not the whole context: a cache on a device is copied
+        whole whenever rows join or leave. A ragged batch needs no more than the context, as
+        each of its rows ends within it (prefill_groups keeps it so)."""
+        needed = cache_capacity(columns + max(row.config.max_new_tokens - len(row.generated) for row in rows))
+        return min(needed, self._positions) if self.ragged_rows else needed
 
     def _fail_batch(self, error: Exception) -> None:
         for row in self._rows:
