@@ -84,6 +84,10 @@ class KVCache:
         value = next(iter(self.values.values()))
         return int(value.shape()[0] if isinstance(value, ort.OrtValue) else value.shape[0])
 
+    def row_ends(self) -> np.ndarray:
+        """Each row's columns: where its next token goes (all at `length` here)."""
+        return np.full(self.batch, self.length, np.int64)
+
     def rows(self, name: str) -> int:
         """Rows held by the value `name` (local layers of a windowed cache hold fewer)."""
         return self.local_rows if self.spec.is_local(name) else self.length
@@ -445,6 +449,9 @@ class RaggedCache(SharedBufferCache):
         """`length` and `local_rows`: the most columns any row holds (the buffers' used width)."""
         self.length = int(self.ends.max(initial=0))
         self.local_rows = int((self.ends - self.local_starts).max(initial=0))
+
+    def row_ends(self) -> np.ndarray:  # noqa: D102
+        return self.ends.copy()
 
     def held(self, name: str) -> np.ndarray:
         """Columns each row holds in the value `name`."""

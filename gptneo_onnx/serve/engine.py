@@ -295,8 +295,8 @@ class Engine:
         if self.policy == "static" and keep:
             # a static batch runs until all of its rows have finished; a finished row leaves early
             # only when its next step would take it past the context
-            columns = self._mask.shape[1] - np.argmax(self._mask[:, ::-1] != 0, axis=1)
-            keep = [i for i, row in enumerate(self._rows) if not row.done or columns[i] < self._positions]
+            ends = self._cache.row_ends()
+            keep = [i for i, row in enumerate(self._rows) if not row.done or ends[i] < self._positions]
         return None if len(keep) == len(self._rows) else keep
 
     def _join(self, handles: list[RequestHandle]) -> list[_Prefilled]:
