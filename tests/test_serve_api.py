@@ -302,6 +302,9 @@ def test_over_long_input_malformed_json_unknown_model_and_oversized_body(server)
     response = httpx.post(f"{server}/v1/completions", json={"model": "other", "prompt": "hi"})
     assert_openai_error(response, 404, "model_not_found")
     assert_openai_error(httpx.get(f"{server}/v1/nothing-here"), 404)
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
+    error = assert_openai_error(httpx.post(f"{server}/v1/chat/completions", json=chat), 404, "unsupported_endpoint")
+    assert "/v1/completions" in error["message"]
     oversized = json.dumps({"model": NAME, "prompt": "x" * (5 * 2**20)})
     response = httpx.post(
         f"{server}/v1/completions", content=oversized, headers={"content-type": "application/json"}

@@ -28,8 +28,8 @@ from gptneo_onnx.serve.protocol import CompletionRequest
 
 MAX_BODY_BYTES = 4 * 2**20  # a 2,048-token prompt as ids is ~12 kB; embedding batches are larger
 ENDPOINTS = (
-    "/v1/completions", "/v1/embeddings", "/v1/classify", "/v1/tag", "/v1/qa", "/v1/models",
-    "/health", "/metrics",
+    "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/classify", "/v1/tag", "/v1/qa",
+    "/v1/models", "/health", "/metrics",
 )  # fmt: skip
 
 
@@ -193,6 +193,14 @@ def create_app(state: ServerState, max_body_bytes: int = MAX_BODY_BYTES) -> Fast
         state.require("causal-lm")
         service = state.completions
         return service.stream(body, request) if body.stream else await service.answer(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion() -> Response:
+        # GPT-Neo has no chat template; OpenAI answers its completion-only models the same way.
+        raise APIError(
+            404, "GPT-Neo is not a chat model and has no chat template: use /v1/completions with a prompt",
+            code="unsupported_endpoint",
+        )  # fmt: skip
 
     add_head_routes(app, state)
     return app
