@@ -92,7 +92,7 @@ def cli_server(*arguments: str, timeout: float = 60) -> Iterator[tuple[subproces
                 raise AssertionError(f"the server exited with {process.returncode} before serving:\n{tail}")
             found = re.search(r"on (http://\S+)", line)
             url = found.group(1) if found else None
-        assert url is not None, "the server never said where it listens"
+        assert url is not None, f"the server never said where it listens:\n{''.join(said)[-3000:]}"
         wait_healthy(url, timeout=max(1.0, deadline - time.monotonic()), process=process)
         yield process, url
     finally:

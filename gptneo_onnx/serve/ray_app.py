@@ -26,6 +26,10 @@ from gptneo_onnx.serve.engine import EngineLimits
 
 DEPLOYMENT_NAME = "gptneo-onnx"
 APP_NAME = "gptneo-onnx"
+# Ray Serve kills its HTTP proxy when it is not ready within 5 s, three times over: on a busy
+# machine (2 cores, a model loading beside it) that happens, and serve.start fails with
+# ActorDiedError. Longer limits, unless the environment sets its own.
+PROXY_TIMEOUTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
 def deployment_app(
@@ -104,18 +108,20 @@ def run_on_ray(
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from servers
+    for name, seconds in PROXY_TIMEOUTS.items():  # a local cluster's processes inherit these
+        os.environ.setdefault(name, seconds)
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": host, "port": port})
         application = deployment_app(
             export_dir.resolve(), model_name, limits, policy, load_options, replicas, shutdown_timeout
         )
         try:
+            serve.start(http_options={"host": host, "port": port})
             serve.run(application, name=APP_NAME, route_prefix="/")
-        except Exception as error:  # a replica that failed to start, a taken port: one line
+        except Exception as error:  # a proxy or replica that failed to start, a taken port: one line
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             print(f"error: Ray Serve could not start the application: {first} (Ray's logs: "
                   "/tmp/ray/session_latest/logs)", file=sys.stderr)  # fmt: skip
