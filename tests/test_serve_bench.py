@@ -53,3 +53,14 @@ def test_quick_serving_bench_writes_its_results(tmp_path):
     continuous_ms = (prefill["8"] / 8 + (mean_out - 1) * step["8"] / 8) / mean_out
     assert ceiling["ratio"]["sequential"] == pytest.approx(sequential_ms / continuous_ms)
     assert ceiling["ratio"]["sequential"] > 1  # 8 tiny rows cost less than 8 single-row steps
+
+
+def test_decode_columns_weigh_rows_by_their_steps():
+    """Hand-computed: prompts of 10 and 20, answers of 2 and 4 tokens. Each answer's first token
+    comes from the prefill; the others are steps at p+1 .. p+a-1 columns: 11 | 11 12 13 | 21 |
+    21 22 23, 134 columns over 8 steps."""
+    from gptneo_onnx.bench.serving_limits import decode_columns
+
+    assert decode_columns((10, 20), (2, 4)) == round(134 / 8)
+    assert decode_columns((10,), (4,)) == 12
+    assert decode_columns((7,), (1,)) == 7  # no decode step at all: the prompt

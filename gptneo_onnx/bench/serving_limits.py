@@ -23,7 +23,7 @@ import numpy as np
 
 from gptneo_onnx.runtime import CausalLM
 
-STEPS = 12  # decode steps timed per batch size (the median is kept)
+STEPS = 24  # decode steps timed per batch size, batch 1 and the full batch in turn (medians kept)
 PREFILLS = 3  # prefill runs timed per shape
 
 
@@ -37,18 +37,33 @@ def _median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _step_seconds(model: CausalLM, batch: int, past: int) -> float:
-    ids = np.ones((batch, past), np.int64)
-    mask = np.ones_like(ids)
-    _, cache = model.forward(ids, mask, capacity=past + STEPS + 2, num_logits_to_keep=1)
-    token = np.ones((batch, 1), np.int64)
-    state = {"mask": mask, "cache": cache}
+def _step_seconds(model: CausalLM, batches: tuple[int, ...], past: int) -> list[float]:
+    """The median decode step for each batch size, with rows `past` tokens long. The sizes take
+    turns step by step, so a drift in the machine's speed reaches them alike."""
+    runs = []
+    for batch in batches:
+        ids = np.ones((batch, past), np.int64)
+        _, cache = model.forward(ids, np.ones_like(ids), capacity=past + STEPS + 2, num_logits_to_keep=1)
+        runs.append({"token": np.ones((batch, 1), np.int64), "mask": np.ones_like(ids), "cache": cache, "times": []})
+    for step in range(STEPS + 1):  # the first step of each is a warm-up
+        for run in runs:
+            run["mask"] = np.concatenate([run["mask"], np.ones_like(run["token"])], axis=1)
+            start = time.perf_counter()
+            _, run["cache"] = model.forward(run["token"], run["mask"], past=run["cache"])
+            if step:
+                run["times"].append(time.perf_counter() - start)
+    return [statistics.median(run["times"]) for run in runs]
 
-    def step() -> None:
-        state["mask"] = np.concatenate([state["mask"], np.ones((batch, 1), np.int64)], axis=1)
-        _, state["cache"] = model.forward(token, state["mask"], past=state["cache"])
 
-    return _median_seconds(step, STEPS)
+def decode_columns(prompt_lengths: tuple[int, ...], output_lengths: tuple[int, ...]) -> int:
+    """The mean length of a row at a decode step: a prompt of p and an answer of a tokens take
+    a - 1 steps at p + 1 ... p + a - 1 columns, so long answers weigh more."""
+    steps = columns = 0
+    for p in prompt_lengths:
+        for a in output_lengths:
+            steps += a - 1
+            columns += (a - 1) * p + a * (a - 1) // 2
+    return round(columns / steps) if steps else round(statistics.mean(prompt_lengths))
 
 
 def _prefill_seconds(model: CausalLM, batch: int, length: int, capacity: int) -> float:
@@ -68,8 +83,8 @@ def batching_ceiling(
     model = CausalLM.load(export, intra_op_threads=threads)
     prompt = round(statistics.mean(prompt_lengths))
     mean_out, longest = statistics.mean(output_lengths), max(output_lengths)
-    past = prompt + round(mean_out / 2)
-    step_1, step_b = _step_seconds(model, 1, past), _step_seconds(model, slots, past)
+    past = decode_columns(prompt_lengths, output_lengths)
+    step_1, step_b = _step_seconds(model, (1, slots), past)
     capacity = prompt + longest
     prefill_1 = _prefill_seconds(model, 1, prompt, capacity)
     prefill_b = _prefill_seconds(model, slots, prompt, capacity)
