@@ -78,6 +78,21 @@ def test_greedy_matches_transformers(exported, options):
     assert "eos" in result.finish_reasons and len({len(row) for row in result.sequences}) > 1
 
 
+@pytest.mark.parametrize("options", [{}, {"num_beams": 3}], ids=["greedy", "beams-3"])
+def test_logit_bias_matches_transformers_sequence_bias(exported, options):
+    """OpenAI's logit_bias is transformers' sequence_bias with one-token sequences: a ban on the
+    token greedy decoding chose third for the first prompt, a push towards another one."""
+    hf_model, model = exported
+    plain = model.generate(PROMPTS, max_new_tokens=12, **options).sequences
+    bias = {plain[0][2]: -100.0, 33: 4.5}
+    result = model.generate(PROMPTS, max_new_tokens=12, logit_bias=bias, **options).sequences
+    sequence_bias = {(token,): value for token, value in bias.items()}
+    assert result != plain and plain[0][2] not in result[0]
+    assert result == hf_generate(
+        hf_model, PROMPTS, max_new_tokens=12, do_sample=False, sequence_bias=sequence_bias, **options
+    )
+
+
 @pytest.mark.parametrize(
     "options",
     [

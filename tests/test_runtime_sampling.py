@@ -81,6 +81,24 @@ def test_min_new_tokens_and_min_length_match_transformers():
         np.testing.assert_array_equal(ours(input_ids, scores, 0), expected)
 
 
+def test_logit_bias_matches_transformers_sequence_bias():
+    scores = random_scores(7)
+    input_ids = np.random.default_rng(8).integers(0, VOCAB, (4, 8))
+    bias = {3: 2.5, 40: -100.0, 96: 0.25}
+    expected = hf_apply(hf.SequenceBiasLogitsProcessor({(t,): b for t, b in bias.items()}), scores, input_ids)
+    ours = LogitsProcessor(do_sample=False, logit_bias=bias)
+    np.testing.assert_allclose(ours(input_ids, scores, 8), expected, rtol=1e-6)
+    # first in the chain, as transformers orders sequence_bias before the repetition penalty
+    chain = hf.LogitsProcessorList(
+        [
+            hf.SequenceBiasLogitsProcessor({(t,): b for t, b in bias.items()}),
+            hf.RepetitionPenaltyLogitsProcessor(1.4),
+        ]
+    )
+    ours = LogitsProcessor(do_sample=False, logit_bias=bias, repetition_penalty=1.4)
+    np.testing.assert_allclose(ours(input_ids, scores, 8), hf_apply(chain, scores, input_ids), rtol=1e-6)
+
+
 def test_processor_chain_matches_transformers_order():
     scores = random_scores(5)
     input_ids = np.random.default_rng(6).integers(0, VOCAB, (4, 8))
@@ -178,11 +196,21 @@ def test_sampling_without_replacement_gives_distinct_draws_in_distribution():
         ({"early_stopping": "sometimes"}, "early_stopping"),
         ({"stop_strings": [""]}, "stop_strings"),
         ({"beam_width": 3}, "unknown generation option"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: float("inf")}}, "logit_bias"),
+        ({"logit_bias": [(5, 1.0)]}, "logit_bias"),
     ],
 )
 def test_invalid_generation_parameters_are_named(options, message):
     with pytest.raises(GenerationConfigError, match=message):
         GenerationConfig.from_defaults({}, **options)
+
+
+def test_logit_bias_tokens_must_be_in_the_vocabulary():
+    config = GenerationConfig.from_defaults({}, logit_bias={5: 1.0, VOCAB: -1.0})
+    with pytest.raises(GenerationConfigError, match=f"logit_bias {VOCAB} is outside the vocabulary"):
+        config.check_token_ids(VOCAB)
+    GenerationConfig.from_defaults({}, logit_bias={5: 1.0}).check_token_ids(VOCAB)
 
 
 def test_manifest_defaults_then_overrides():

@@ -145,6 +145,21 @@ def test_stop_strings_and_logprobs(server, model):
     assert choice.logprobs.text_offset == sorted(choice.logprobs.text_offset)
 
 
+def test_logit_bias_equals_generate_with_the_same_bias(server, model):
+    """The official client's logit_bias (token id strings -> bias) reaches the row's processors:
+    the answer equals generate() with that bias, and differs from the unbiased one."""
+    prompt, tokens = PROMPTS[3], 12
+    plain = greedy(model, prompt, tokens, forced=True)
+    bias = {plain.sequences[0][1]: -100.0, plain.sequences[0][4]: -100.0}
+    expected = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, logit_bias=bias)
+    answer = client(server).completions.create(
+        model=NAME, prompt=prompt, max_tokens=tokens, temperature=0,
+        logit_bias={str(token): value for token, value in bias.items()}, extra_body={"min_tokens": tokens},
+    )  # fmt: skip
+    assert answer.choices[0].text == expected.texts[0] != plain.texts[0]
+    assert not set(bias) & set(expected.sequences[0])
+
+
 def test_n_choices_are_seeded_requests(server):
     """n=2 with a seed: choice i is the same request alone with seed + i; usage sums both."""
     request = dict(
@@ -284,6 +299,10 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
         ({"prompt": [100000], "max_tokens": 3}, None),  # outside the vocabulary
         ({"prompt": "", "max_tokens": 3}, None),
         ({"max_tokens": 3}, "prompt"),
+        ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"100000": 1}}, None),  # outside the vocabulary
+        ({"prompt": "hi", "suffix": " end"}, "suffix"),
     ],
 )
 def test_invalid_requests_are_openai_400s(server, body, param):
@@ -303,7 +322,9 @@ def test_over_long_input_malformed_json_unknown_model_and_oversized_body(server)
     assert_openai_error(response, 404, "model_not_found")
     assert_openai_error(httpx.get(f"{server}/v1/nothing-here"), 404)
     chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
-    error = assert_openai_error(httpx.post(f"{server}/v1/chat/completions", json=chat), 404, "unsupported_endpoint")
+    error = assert_openai_error(
+        httpx.post(f"{server}/v1/chat/completions", json=chat), 404, "unsupported_endpoint"
+    )
     assert "/v1/completions" in error["message"]
     oversized = json.dumps({"model": NAME, "prompt": "x" * (5 * 2**20)})
     response = httpx.post(

@@ -44,7 +44,9 @@ def _step_seconds(model: CausalLM, batches: tuple[int, ...], past: int) -> list[
     for batch in batches:
         ids = np.ones((batch, past), np.int64)
         _, cache = model.forward(ids, np.ones_like(ids), capacity=past + STEPS + 2, num_logits_to_keep=1)
-        runs.append({"token": np.ones((batch, 1), np.int64), "mask": np.ones_like(ids), "cache": cache, "times": []})
+        runs.append(
+            {"token": np.ones((batch, 1), np.int64), "mask": np.ones_like(ids), "cache": cache, "times": []}
+        )
     for step in range(STEPS + 1):  # the first step of each is a warm-up
         for run in runs:
             run["mask"] = np.concatenate([run["mask"], np.ones_like(run["token"])], axis=1)

@@ -42,6 +42,9 @@ class GenerationConfig:
     pad_token_id: int | None = None
     truncate: bool = False
     prompt_lookup_num_tokens: int | None = None  # draft tokens per step (runtime/prompt_lookup.py)
+    # token id -> a number added to its logit before every other processor (OpenAI's logit_bias;
+    # transformers' sequence_bias with one-token sequences)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_strings, str):
@@ -131,6 +134,15 @@ class GenerationConfig:
                 or (_is_int(self.prompt_lookup_num_tokens) and self.prompt_lookup_num_tokens >= 1),
                 "prompt_lookup_num_tokens must be an integer >= 1 (or None: off)",
             ),
+            (
+                self.logit_bias is None
+                or (
+                    isinstance(self.logit_bias, dict)
+                    and all(_is_int(token) and token >= 0 for token in self.logit_bias)
+                    and all(_is_real(bias) for bias in self.logit_bias.values())
+                ),
+                "logit_bias must map token ids (integers >= 0) to finite numbers",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -146,9 +158,11 @@ class GenerationConfig:
             )
 
     def check_token_ids(self, vocab_size: int) -> None:
-        """eos_token_id and pad_token_id, when set, must be in the vocabulary [0, vocab_size)."""
-        for name in ("eos_token_id", "pad_token_id"):
+        """eos_token_id, pad_token_id and logit_bias's tokens, when set, must be in the
+        vocabulary [0, vocab_size)."""
+        for name in ("eos_token_id", "pad_token_id", "logit_bias"):
             value = getattr(self, name)
+            value = list(value) if isinstance(value, dict) else value
             for token in value if isinstance(value, list) else [] if value is None else [value]:
                 if not 0 <= token < vocab_size:
                     raise GenerationConfigError(
@@ -171,6 +185,7 @@ class GenerationConfig:
             min_new_tokens=int(self.min_new_tokens),
             eos_token_ids=eos_token_ids,
             min_tokens_to_keep=keep if self.do_sample else 1,
+            logit_bias=self.logit_bias,
         )
 
 

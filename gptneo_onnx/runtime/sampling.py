@@ -87,6 +87,14 @@ def apply_repetition_penalty(input_ids: np.ndarray, scores: np.ndarray, penalty:
     return result
 
 
+def apply_logit_bias(scores: np.ndarray, token_ids: np.ndarray, biases: np.ndarray) -> np.ndarray:
+    """Add `biases` to the scores of `token_ids` in every row: OpenAI's logit_bias, and
+    transformers' SequenceBiasLogitsProcessor where every biased sequence is one token."""
+    result = scores.copy()
+    result[..., token_ids] += biases
+    return result
+
+
 def suppress_tokens(scores: np.ndarray, token_ids: list[int]) -> np.ndarray:
     """Set the scores of `token_ids` to -inf (MinLength / MinNewTokens processors use this for EOS)."""
     result = scores.copy()
@@ -181,7 +189,7 @@ def sample_without_replacement(scores: np.ndarray, count: int, rng: SplitMix64) 
 class LogitsProcessor:
     """The processors `generate` applies, in transformers' order.
 
-    Penalty, then EOS suppression for min_new_tokens, then (when sampling)
+    Logit bias, then penalty, then EOS suppression for min_new_tokens, then (when sampling)
     temperature, top-k and top-p.
     """
 
@@ -196,7 +204,11 @@ class LogitsProcessor:
         min_new_tokens: int = 0,
         eos_token_ids: list[int] | None = None,
         min_tokens_to_keep: int = 1,
+        logit_bias: dict[int, float] | None = None,
     ):
+        bias = logit_bias or {}
+        self.bias_ids = np.fromiter(bias.keys(), np.int64, len(bias))
+        self.bias_values = np.fromiter(bias.values(), np.float32, len(bias))
         self.do_sample = do_sample
         self.temperature = temperature
         self.top_k = top_k
@@ -208,6 +220,8 @@ class LogitsProcessor:
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray, prompt_length: int) -> np.ndarray:
         """Process (batch, vocab) scores; `input_ids` (batch, length) is everything so far."""
+        if self.bias_ids.size:
+            scores = apply_logit_bias(scores, self.bias_ids, self.bias_values)
         if self.repetition_penalty != 1.0:
             scores = apply_repetition_penalty(input_ids, scores, self.repetition_penalty)
         length = input_ids.shape[-1]

@@ -94,7 +94,8 @@ class Completions:
             seed=seed,
             stop_strings=list(body.stop or []),
             eos_token_id=list(self.model.manifest.eos_token_ids) or None,
-        )  # the engine validates it
+            logit_bias=logit_bias(body),
+        )  # the engine validates it (token ids within the vocabulary included)
         return config
 
     def submit(self, body: CompletionRequest) -> list[Choice]:
@@ -104,6 +105,10 @@ class Completions:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name):
                 raise APIError(400, f"{name} is not offered; use repetition_penalty", param=name)
+        if body.suffix:
+            raise APIError(
+                400, "suffix is not offered: GPT-Neo completes a prompt, it does not insert", param="suffix"
+            )
         if body.best_of not in (None, body.n):
             raise APIError(400, "best_of is not offered (it must equal n)", param="best_of")
         arrival = time.perf_counter()
@@ -300,6 +305,11 @@ def usage(choices: list[Choice], n: int) -> Usage:
     prompt = sum(choice.finish.prompt_tokens for choice in choices if choice.index % n == 0)
     completion = sum(choice.finish.completion_tokens for choice in choices)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def logit_bias(body: CompletionRequest) -> dict[int, float] | None:
+    """OpenAI's logit_bias has token ids as JSON keys (strings); the runtime takes integers."""
+    return {int(token): bias for token, bias in body.logit_bias.items()} if body.logit_bias else None
 
 
 def finish_reason(finish: FinishEvent) -> str:

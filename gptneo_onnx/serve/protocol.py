@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_LOGPROBS = 5  # the legacy completions API's limit
+MAX_LOGIT_BIAS = 100  # OpenAI's range for a bias: -100 (ban) to 100 (force)
 
 # A prompt: text, token ids, or a list of either.
 PromptField = Union[str, list[str], list[int], list[list[int]]]  # noqa: UP007 (pydantic on 3.10)
@@ -24,7 +25,8 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions. Unknown fields (OpenAI's `user`, `suffix`, ...) are ignored."""
+    """POST /v1/completions. Unknown fields (OpenAI's `user`, ...) are ignored; `suffix` is
+    refused in completions.py, as GPT-Neo does not insert text."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -44,6 +46,9 @@ class CompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+    # token id (as a JSON key, so a string) -> bias added to its logit before sampling
+    logit_bias: dict[str, float] | None = None
     # Extensions (vLLM's names), sent by the official client through `extra_body`.
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)
@@ -58,6 +63,16 @@ class CompletionRequest(BaseModel):
         if any(not item for item in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token}")
+        return bias
 
     @field_validator("prompt")
     @classmethod

@@ -29,7 +29,10 @@ APP_NAME = "gptneo-onnx"
 # Ray Serve kills its HTTP proxy when it is not ready within 5 s, three times over: on a busy
 # machine (2 cores, a model loading beside it) that happens, and serve.start fails with
 # ActorDiedError. Longer limits, unless the environment sets its own.
-PROXY_TIMEOUTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+PROXY_TIMEOUTS = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+}
 
 
 def deployment_app(
