@@ -58,6 +58,11 @@ def test_embeddings_through_the_official_client(serve_task):
     np.testing.assert_allclose(
         floats["data"][0]["embedding"], model.embed(TEXTS[0], normalize=True)[0], rtol=1e-5
     )
+    width = vectors.shape[1]
+    same = client.embeddings.create(model="tiny", input=TEXTS[0], dimensions=width)
+    np.testing.assert_allclose(same.data[0].embedding, vectors[0], rtol=1e-5, atol=1e-6)
+    cut = httpx.post(f"{url}/v1/embeddings", json={"input": TEXTS[0], "dimensions": width // 2}, timeout=10)
+    assert cut.status_code == 400 and cut.json()["error"]["param"] == "dimensions"
     wrong = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=10)
     assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "unsupported_endpoint"
 

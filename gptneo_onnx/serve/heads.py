@@ -14,6 +14,7 @@ import anyio
 import numpy as np
 from fastapi import FastAPI
 
+from gptneo_onnx.serve.errors import APIError
 from gptneo_onnx.serve.protocol import EmbeddingRequest, QuestionAnswerRequest, TextsRequest
 
 if TYPE_CHECKING:
@@ -32,6 +33,11 @@ def add_head_routes(app: FastAPI, state: ServerState) -> None:
     async def embeddings(body: EmbeddingRequest) -> dict:
         state.check_model(body.model)
         model = state.require("base")
+        width = int(model.manifest.model["hidden_size"])
+        if body.dimensions not in (None, width):  # no Matryoshka training: a cut would be a wrong answer
+            raise APIError(
+                400, f"dimensions is not offered: this model's embeddings have {width}", param="dimensions"
+            )
         prompt = body.input
         inputs = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
         vectors = await run(model.embed, inputs, body.pooling, body.normalize)

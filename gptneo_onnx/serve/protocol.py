@@ -123,6 +123,7 @@ class EmbeddingRequest(BaseModel):
     model: str | None = None
     input: PromptField
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)  # only the model's own width is offered
     pooling: Literal["mean", "last"] = "mean"
     normalize: bool = False
 
