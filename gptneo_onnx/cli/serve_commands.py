@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -59,6 +60,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--replicas", type=bounded_int(1, 64), help="run N replicas on Ray Serve (the ray extra)"
     )
     parser.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://head:10001)")
+    parser.add_argument(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` on /v1 routes (default: $GPTNEO_ONNX_API_KEY; "
+        "the environment keeps the key out of the process list)",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        help="comma-separated origins a browser may call from (CORS), or * for any (default: none)",
+    )
     add_provider_flags(parser)  # --threads is per replica
     parser.set_defaults(handler=run_serve)
 
@@ -115,6 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
     )
     load_options = asdict(options)  # plain keywords of Model.load, sent as is to Ray replicas
+    access = access_from(args)
     if args.replicas is not None or args.ray_address is not None:
         try:
             from gptneo_onnx.serve.ray_app import run_on_ray
@@ -126,14 +137,29 @@ def _serve(args: argparse.Namespace) -> int:
         return run_on_ray(
             args.export_dir, model_name, limits, args.policy, load_options,
             replicas=args.replicas or 1, address=args.ray_address, host=args.host, port=args.port,
-            shutdown_timeout=args.shutdown_timeout,
+            shutdown_timeout=args.shutdown_timeout, access=access,
         )  # fmt: skip
     from gptneo_onnx.runtime import Model
     from gptneo_onnx.serve.api import ServerState
 
     folder = args.export_dir
     state = ServerState(lambda: Model.load(folder, **load_options), model_name, limits, args.policy)
-    return serve_forever(state, args.host, args.port, args.shutdown_timeout)
+    return serve_forever(state, args.host, args.port, args.shutdown_timeout, access)
+
+
+def access_from(args: argparse.Namespace):
+    """The API key (flag, else the environment) and CORS origins; a warning for an open bind."""
+    from gptneo_onnx.serve.access import API_KEY_ENV, Access
+
+    key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    origins = tuple(origin.strip() for origin in (args.allowed_origins or "").split(",") if origin.strip())
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: serving on {args.host} without an API key: anyone who reaches the port can use "
+            f"the model (set {API_KEY_ENV} or --api-key)",
+            file=sys.stderr,
+        )
+    return Access(key, origins)
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:

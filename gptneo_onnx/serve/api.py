@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gptneo_onnx.runtime import CausalLM, Model
+from gptneo_onnx.serve.access import Access, install_access
 from gptneo_onnx.serve.completions import Completions
 from gptneo_onnx.serve.engine import Engine, EngineLimits
 from gptneo_onnx.serve.errors import APIError, install_error_handlers
@@ -149,8 +150,11 @@ class RequestAccounting:
             self.state.metrics.requests.labels(path, str(status["code"])).inc()
 
 
-def create_app(state: ServerState, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The server for one replica; loads the model in the background at startup unless it is loaded."""
+def create_app(
+    state: ServerState, max_body_bytes: int = MAX_BODY_BYTES, access: Access | None = None
+) -> FastAPI:
+    """The server for one replica; loads the model in the background at startup unless it is
+    loaded. `access`: an API key for /v1 and the origins CORS lets in (default: neither)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -162,7 +166,10 @@ def create_app(state: ServerState, max_body_bytes: int = MAX_BODY_BYTES) -> Fast
     app = FastAPI(title="gptneo-onnx", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
-    app.add_middleware(RequestAccounting, state=state, max_body_bytes=max_body_bytes)
+    install_access(app, access or Access())
+    app.add_middleware(
+        RequestAccounting, state=state, max_body_bytes=max_body_bytes
+    )  # outermost: counts 401s
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from gptneo_onnx.runtime import ProviderOptions
+from gptneo_onnx.serve.access import API_KEY_ENV, Access
 from gptneo_onnx.serve.engine import EngineLimits
 
 DEPLOYMENT_NAME = "gptneo-onnx"
@@ -43,6 +44,7 @@ def deployment_app(
     load_options: dict[str, Any] | None = None,
     replicas: int = 1,
     shutdown_timeout: float = 30.0,
+    access: Access | None = None,
 ) -> serve.Application:
     """The Ray Serve application: `replicas` copies of create_app, each loading the export itself."""
     folder, options = str(export_dir), dict(load_options or {})
@@ -55,7 +57,7 @@ def deployment_app(
         state.load()  # the replica counts as started only once its model is loaded
         if state.phase == "failed":
             raise RuntimeError(state.error)
-        return create_app(state)
+        return create_app(state, access=access)
 
     threads = options.get("intra_op_threads") or 1
     deployment = serve.deployment(
@@ -75,8 +77,9 @@ def build(args: dict[str, Any]) -> serve.Application:
     """The application builder for `serve run` / `serve deploy` config files.
 
     args: export_dir (required), model_name, replicas, policy, threads, shutdown_timeout, the
-    limits max_concurrent, max_queue, max_input_tokens, max_total_tokens, request_timeout, and
-    any ProviderOptions field (provider, device_id, cuda_tf32, ...).
+    limits max_concurrent, max_queue, max_input_tokens, max_total_tokens, request_timeout,
+    api_key (default: $GPTNEO_ONNX_API_KEY where the replica runs), allowed_origins (a list),
+    and any ProviderOptions field (provider, device_id, cuda_tf32, ...).
     """
     if "export_dir" not in args:
         raise ValueError("the application's args need export_dir (the export folder on every node)")
@@ -91,6 +94,9 @@ def build(args: dict[str, Any]) -> serve.Application:
         provider_options(args),
         replicas=int(args.get("replicas", 1)),
         shutdown_timeout=float(args.get("shutdown_timeout", 30.0)),
+        access=Access(
+            args.get("api_key") or os.environ.get(API_KEY_ENV) or None, tuple(args.get("allowed_origins", ()))
+        ),
     )
 
 
@@ -106,6 +112,7 @@ def run_on_ray(
     host: str,
     port: int,
     shutdown_timeout: float,
+    access: Access | None = None,
 ) -> int:
     """Start (or join) Ray, run the app until SIGTERM / Ctrl-C, then shut Serve and Ray down."""
     import ray
@@ -119,7 +126,7 @@ def run_on_ray(
         signal.signal(sig, lambda *_: stop.set())
     try:
         application = deployment_app(
-            export_dir.resolve(), model_name, limits, policy, load_options, replicas, shutdown_timeout
+            export_dir.resolve(), model_name, limits, policy, load_options, replicas, shutdown_timeout, access
         )
         try:
             serve.start(http_options={"host": host, "port": port})

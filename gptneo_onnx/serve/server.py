@@ -16,6 +16,7 @@ from types import FrameType
 
 import uvicorn
 
+from gptneo_onnx.serve.access import Access
 from gptneo_onnx.serve.api import ServerState, create_app
 
 
@@ -56,12 +57,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_forever(state: ServerState, host: str, port: int, shutdown_timeout: float) -> int:
+def serve_forever(
+    state: ServerState, host: str, port: int, shutdown_timeout: float, access: Access | None = None
+) -> int:
     """Serve until a SIGTERM or Ctrl-C has drained the server; returns the exit code."""
     sock = listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     config = uvicorn.Config(
-        create_app(state), log_level="warning", access_log=False, timeout_graceful_shutdown=5
+        create_app(state, access=access), log_level="warning", access_log=False, timeout_graceful_shutdown=5
     )
     server = DrainingServer(config, state, shutdown_timeout)
     print(
