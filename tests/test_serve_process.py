@@ -79,18 +79,26 @@ def test_ray_serve_two_replicas_answer_and_leave_nothing_behind(export):
         "1",
         "--max-concurrent",
         "2",
+        "--api-key",
+        "sk-ray",  # reaches each replica's app
     )
     # a bound, not an expectation: Ray and two replicas took 14-17 s here, minutes under load
     with cli_server(*arguments, timeout=180) as (process, url):
         descendants = psutil.Process(process.pid).children(recursive=True)
         assert descendants, "Ray started no processes"
         body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}
+        refused = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        key = {"Authorization": "Bearer sk-ray"}
         replicas: set[str] = set()
         texts: set[str] = set()
         with ThreadPoolExecutor(4) as pool:
             for _ in range(10):  # bounded: stop as soon as both replicas have answered
                 responses = list(
-                    pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=60), range(4))
+                    pool.map(
+                        lambda _: httpx.post(f"{url}/v1/completions", json=body, headers=key, timeout=60),
+                        range(4),
+                    )
                 )
                 for response in responses:
                     assert response.status_code == 200, response.text
