@@ -89,6 +89,13 @@ def test_the_cli_takes_the_key_from_the_environment_and_warns_on_an_open_bind(mo
     assert access_from(args) == Access("from-env", ("http://a.example", "http://b.example"))
     assert access_from(argparse.Namespace(api_key="flag", allowed_origins=None, host="::1")).api_key == "flag"
     assert capsys.readouterr().err == ""
+    from gptneo_onnx.cli.serve_commands import ServeSetupError
+
+    with pytest.raises(ServeSetupError, match="--api-key is empty"):
+        access_from(argparse.Namespace(api_key=" ", allowed_origins=None, host="127.0.0.1"))
+    monkeypatch.setenv(API_KEY_ENV, "")
+    with pytest.raises(ServeSetupError, match=f"{API_KEY_ENV} is empty"):
+        access_from(argparse.Namespace(api_key=None, allowed_origins=None, host="127.0.0.1"))
     monkeypatch.delenv(API_KEY_ENV)
     assert access_from(argparse.Namespace(api_key=None, allowed_origins=None, host="0.0.0.0")) == Access()
     assert "without an API key" in capsys.readouterr().err

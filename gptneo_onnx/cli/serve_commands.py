@@ -151,7 +151,10 @@ def access_from(args: argparse.Namespace):
     """The API key (flag, else the environment) and CORS origins; a warning for an open bind."""
     from gptneo_onnx.serve.access import API_KEY_ENV, Access
 
-    key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():  # a secret that did not arrive must not open the server
+        source = "--api-key" if args.api_key is not None else API_KEY_ENV
+        raise ServeSetupError(f"{source} is empty: give the key, or unset it to serve without one")
     origins = tuple(origin.strip() for origin in (args.allowed_origins or "").split(",") if origin.strip())
     if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
