@@ -91,6 +91,20 @@ def test_generate_batch_beams_sampling_and_token_ids(exports, capsys):
     assert lines[0].startswith("[0] ") and lines[1].startswith("[1] ")
 
 
+def test_generate_logit_bias_bans_and_pushes_tokens_as_the_api_does(exports, capsys):
+    folder = str(exports["causal-lm"])
+    plain = Model.load(folder).generate([5, 6, 7], max_new_tokens=8).sequences[0]
+    bias = {plain[0]: -100.0, 40: 3.5}
+    expected = Model.load(folder).generate([5, 6, 7], max_new_tokens=8, logit_bias=bias).sequences[0]
+    argv = ["generate", "-m", folder, "5,6,7", "--token-ids", "--max-new-tokens", "8"]
+    argv += ["--logit-bias", f"{plain[0]}=-100", "--logit-bias", "40=3.5"]
+    assert run_json(capsys, argv)["sequences"][0]["token_ids"] == expected != plain
+    assert main(["generate", "-m", folder, "hi", "--logit-bias", "fifty=1"]) == 2  # argparse's usage error
+    assert "expected ID=BIAS" in capsys.readouterr().err
+    assert main(["generate", "-m", folder, "hi", "--logit-bias", "320=1"]) == 2
+    assert "logit_bias 320 is outside the vocabulary" in capsys.readouterr().err
+
+
 def test_generate_bad_input_is_one_error_line(exports, capsys):
     folder = str(exports["causal-lm"])
     capsys.readouterr()

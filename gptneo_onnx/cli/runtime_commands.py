@@ -135,7 +135,20 @@ def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--eos-token-id", type=bounded_int(0), action="append", metavar="ID", help="override the EOS id(s)"
     )
+    group.add_argument(
+        "--logit-bias", action="append", type=token_bias, metavar="ID=BIAS",
+        help="add BIAS to token ID's logit before the other processors (repeatable; -100 bans it)",
+    )  # fmt: skip
     group.add_argument("--truncate", action="store_true", help="keep the last tokens of too-long prompts")
+
+
+def token_bias(text: str) -> tuple[int, float]:
+    """`--logit-bias ID=BIAS`, e.g. 50256=-100."""
+    token, _, bias = text.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS such as 50256=-100, got {text!r}") from None
 
 
 def _load(args: argparse.Namespace, export_dir: Path | str, model_class: Any) -> Any:
@@ -156,6 +169,7 @@ def _decoding_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {name: getattr(args, name) for name in names}
     options.update(early_stopping=early, truncate=args.truncate or None)
     options["prompt_lookup_num_tokens"] = getattr(args, "prompt_lookup_num_tokens", None)
+    options["logit_bias"] = dict(args.logit_bias) if args.logit_bias else None
     return options
 
 
