@@ -8,9 +8,13 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gptneo_onnx.cli.parsing import add_command, bounded_int
 from gptneo_onnx.cli.provider_flags import add_provider_flags, provider_options
+
+if TYPE_CHECKING:  # the serve extra (FastAPI) may be missing: imported when serving
+    from gptneo_onnx.serve.access import Access
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -147,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_forever(state, args.host, args.port, args.shutdown_timeout, access)
 
 
-def access_from(args: argparse.Namespace):
+def access_from(args: argparse.Namespace) -> Access:
     """The API key (flag, else the environment) and CORS origins; a warning for an open bind."""
     from gptneo_onnx.serve.access import API_KEY_ENV, Access
 

@@ -167,9 +167,8 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
     install_access(app, access or Access())
-    app.add_middleware(
-        RequestAccounting, state=state, max_body_bytes=max_body_bytes
-    )  # outermost: counts 401s
+    # added last, so outermost: it counts the key check's 401s and the CORS preflights too
+    app.add_middleware(RequestAccounting, state=state, max_body_bytes=max_body_bytes)
 
     @app.get("/health")
     async def health() -> JSONResponse:
