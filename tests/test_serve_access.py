@@ -96,6 +96,10 @@ def test_the_cli_takes_the_key_from_the_environment_and_warns_on_an_open_bind(mo
     monkeypatch.setenv(API_KEY_ENV, "")
     with pytest.raises(ServeSetupError, match=f"{API_KEY_ENV} is empty"):
         access_from(argparse.Namespace(api_key=None, allowed_origins=None, host="127.0.0.1"))
+    from gptneo_onnx.serve.access import access_settings  # what `serve deploy`'s builder calls too
+
+    with pytest.raises(ValueError, match=f"{API_KEY_ENV} is empty"):
+        access_settings(None, ["http://a.example"])
     monkeypatch.delenv(API_KEY_ENV)
     assert access_from(argparse.Namespace(api_key=None, allowed_origins=None, host="0.0.0.0")) == Access()
     assert "without an API key" in capsys.readouterr().err

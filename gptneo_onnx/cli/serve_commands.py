@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -153,20 +152,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 def access_from(args: argparse.Namespace) -> Access:
     """The API key (flag, else the environment) and CORS origins; a warning for an open bind."""
-    from gptneo_onnx.serve.access import API_KEY_ENV, Access
+    from gptneo_onnx.serve.access import API_KEY_ENV, access_settings
 
-    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
-    if key is not None and not key.strip():  # a secret that did not arrive must not open the server
-        source = "--api-key" if args.api_key is not None else API_KEY_ENV
-        raise ServeSetupError(f"{source} is empty: give the key, or unset it to serve without one")
-    origins = tuple(origin.strip() for origin in (args.allowed_origins or "").split(",") if origin.strip())
-    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    try:
+        access = access_settings(args.api_key, (args.allowed_origins or "").split(","))
+    except ValueError as error:
+        raise ServeSetupError(str(error).replace("the API key", "--api-key")) from None
+    if access.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: serving on {args.host} without an API key: anyone who reaches the port can use "
             f"the model (set {API_KEY_ENV} or --api-key)",
             file=sys.stderr,
         )
-    return Access(key, origins)
+    return access
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:

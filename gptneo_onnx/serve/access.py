@@ -8,6 +8,7 @@ Starlette's middleware; with no origins configured, browsers on other origins ge
 from __future__ import annotations
 
 import hmac
+import os
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -24,6 +25,16 @@ PROTECTED_PREFIX = "/v1/"
 class Access:
     api_key: str | None = None  # None: no key needed
     allowed_origins: tuple[str, ...] = ()  # origins a browser may call from ("*": any)
+
+
+def access_settings(api_key: str | None, allowed_origins: list[str] | tuple[str, ...] = ()) -> Access:
+    """The Access for a key given (None: take $GPTNEO_ONNX_API_KEY, if set) and origins. An empty
+    key is a ValueError: a secret that did not arrive must not leave the server open."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        source = "the API key" if api_key is not None else API_KEY_ENV
+        raise ValueError(f"{source} is empty: give the key, or unset it to serve without one")
+    return Access(key, tuple(origin.strip() for origin in allowed_origins if origin.strip()))
 
 
 class APIKeyCheck:

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from gptneo_onnx.runtime import ProviderOptions
-from gptneo_onnx.serve.access import API_KEY_ENV, Access
+from gptneo_onnx.serve.access import Access, access_settings
 from gptneo_onnx.serve.engine import EngineLimits
 
 DEPLOYMENT_NAME = "gptneo-onnx"
@@ -78,7 +78,8 @@ def build(args: dict[str, Any]) -> serve.Application:
 
     args: export_dir (required), model_name, replicas, policy, threads, shutdown_timeout, the
     limits max_concurrent, max_queue, max_input_tokens, max_total_tokens, request_timeout,
-    api_key (default: $GPTNEO_ONNX_API_KEY where the replica runs), allowed_origins (a list),
+    api_key (default: $GPTNEO_ONNX_API_KEY where the application is built; empty is an error),
+    allowed_origins (a list),
     and any ProviderOptions field (provider, device_id, cuda_tf32, ...).
     """
     if "export_dir" not in args:
@@ -94,9 +95,7 @@ def build(args: dict[str, Any]) -> serve.Application:
         provider_options(args),
         replicas=int(args.get("replicas", 1)),
         shutdown_timeout=float(args.get("shutdown_timeout", 30.0)),
-        access=Access(
-            args.get("api_key") or os.environ.get(API_KEY_ENV) or None, tuple(args.get("allowed_origins", ()))
-        ),
+        access=access_settings(args.get("api_key"), args.get("allowed_origins", ())),
     )
 
 
