@@ -105,6 +105,18 @@ def test_generate_logit_bias_bans_and_pushes_tokens_as_the_api_does(exports, cap
     assert "logit_bias 320 is outside the vocabulary" in capsys.readouterr().err
 
 
+def test_generate_presence_and_frequency_penalties_reach_generate(exports, capsys):
+    folder = str(exports["causal-lm"])
+    penalties = {"presence_penalty": 1.2, "frequency_penalty": 0.9}
+    plain = Model.load(folder).generate([5, 6, 7], max_new_tokens=12).sequences[0]
+    expected = Model.load(folder).generate([5, 6, 7], max_new_tokens=12, **penalties).sequences[0]
+    argv = ["generate", "-m", folder, "5,6,7", "--token-ids", "--max-new-tokens", "12"]
+    argv += ["--presence-penalty", "1.2", "--frequency-penalty", "0.9"]
+    assert run_json(capsys, argv)["sequences"][0]["token_ids"] == expected != plain
+    assert main(["generate", "-m", folder, "hi", "--presence-penalty", "nan"]) == 2
+    assert "presence_penalty must be a finite number" in capsys.readouterr().err
+
+
 def test_generate_bad_input_is_one_error_line(exports, capsys):
     folder = str(exports["causal-lm"])
     capsys.readouterr()

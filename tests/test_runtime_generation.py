@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 from runtime_helpers import export_tiny, train_tokenizer
 
 from gptneo_onnx.runtime import (
@@ -91,6 +92,36 @@ def test_logit_bias_matches_transformers_sequence_bias(exported, options):
     assert result == hf_generate(
         hf_model, PROMPTS, max_new_tokens=12, do_sample=False, sequence_bias=sequence_bias, **options
     )
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """An independent torch reading of OpenAI's presence and frequency penalties, on the tokens
+    generated after the (left-padded) prompt's `width` columns, for transformers' generate."""
+
+    def __init__(self, width: int, presence: float, frequency: float):
+        self.width, self.presence, self.frequency = width, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros_like(scores)
+        generated = input_ids[:, self.width :]
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+@pytest.mark.parametrize("options", [{}, {"num_beams": 3}], ids=["greedy", "beams-3"])
+def test_presence_and_frequency_penalties_match_a_transformers_processor(exported, options):
+    hf_model, model = exported
+    penalties = {"presence_penalty": 0.8, "frequency_penalty": 1.1}
+    plain = model.generate(PROMPTS, max_new_tokens=16, **options).sequences
+    result = model.generate(PROMPTS, max_new_tokens=16, **penalties, **options).sequences
+    assert result != plain
+    width = max(len(prompt) for prompt in PROMPTS)
+    reference = OpenAIPenalties(width, penalties["presence_penalty"], penalties["frequency_penalty"])
+    expected = hf_generate(
+        hf_model, PROMPTS, max_new_tokens=16, do_sample=False,
+        logits_processor=LogitsProcessorList([reference]), **options,
+    )  # fmt: skip
+    assert result == expected
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,37 @@ def test_logit_bias_matches_transformers_sequence_bias():
     np.testing.assert_allclose(ours(input_ids, scores, 8), hf_apply(chain, scores, input_ids), rtol=1e-6)
 
 
+def openai_penalized(scores: np.ndarray, generated: np.ndarray, presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's formula, token by token: mu[j] - c[j] * frequency - (c[j] > 0) * presence."""
+    expected = scores.astype(np.float64)
+    for row in range(scores.shape[0]):
+        for token in range(scores.shape[1]):
+            count = list(generated[row]).count(token)
+            expected[row, token] -= count * frequency + (count > 0) * presence
+    return expected
+
+
+@pytest.mark.parametrize("presence, frequency", [(0.6, 0.0), (0.0, 0.9), (-0.5, 1.5), (2.0, -2.0)])
+def test_presence_and_frequency_penalties_follow_openais_formula(presence, frequency):
+    scores = random_scores(9)
+    prompt = np.random.default_rng(10).integers(0, VOCAB, (4, 6))
+    generated = np.array([[3, 3, 3, 7, 50], [7, 8, 9, 10, 11], [1, 1, 2, 2, 2], [60, 3, 60, 3, 60]])
+    input_ids = np.concatenate([prompt, generated], axis=1)
+    ours = LogitsProcessor(do_sample=False, presence_penalty=presence, frequency_penalty=frequency)
+    result = ours(input_ids, scores, prompt.shape[1])  # the prompt's tokens are not counted
+    np.testing.assert_allclose(result, openai_penalized(scores, generated, presence, frequency), atol=1e-5)
+    untouched = ~np.isin(np.arange(VOCAB), generated[0])
+    np.testing.assert_array_equal(result[0, untouched], scores[0, untouched])
+    # after the repetition penalty, as vLLM applies its penalties together before temperature
+    chain = LogitsProcessor(
+        do_sample=False, repetition_penalty=1.3, presence_penalty=presence, frequency_penalty=frequency
+    )
+    repeated = hf_apply(hf.RepetitionPenaltyLogitsProcessor(1.3), scores, input_ids)
+    np.testing.assert_allclose(
+        chain(input_ids, scores, 6), openai_penalized(repeated, generated, presence, frequency), atol=1e-5
+    )
+
+
 def test_processor_chain_matches_transformers_order():
     scores = random_scores(5)
     input_ids = np.random.default_rng(6).integers(0, VOCAB, (4, 8))
@@ -197,6 +228,8 @@ def test_sampling_without_replacement_gives_distinct_draws_in_distribution():
         ({"stop_strings": [""]}, "stop_strings"),
         ({"beam_width": 3}, "unknown generation option"),
         ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
+        ({"frequency_penalty": "0.5"}, "frequency_penalty"),
         ({"logit_bias": {5: float("inf")}}, "logit_bias"),
         ({"logit_bias": [(5, 1.0)]}, "logit_bias"),
     ],

@@ -160,6 +160,25 @@ def test_logit_bias_equals_generate_with_the_same_bias(server, model):
     assert not set(bias) & set(expected.sequences[0])
 
 
+def test_presence_and_frequency_penalties_equal_generate_with_them(server, model):
+    """OpenAI's penalties reach the row's processors: greedy and seeded sampling answers equal
+    generate() with the same penalties, and the greedy one differs from the plain one."""
+    prompt, tokens = PROMPTS[3], 16
+    penalties = {"presence_penalty": 1.5, "frequency_penalty": 0.7}
+    plain = greedy(model, prompt, tokens, forced=True)
+    for sampling in ({"temperature": 0}, {"temperature": 0.8, "seed": 11}):
+        runtime = {"do_sample": True, "temperature": 0.8, "seed": 11} if sampling["temperature"] else {}
+        expected = model.generate(
+            prompt, max_new_tokens=tokens, min_new_tokens=tokens, top_k=0, **penalties, **runtime
+        )
+        answer = client(server).completions.create(
+            model=NAME, prompt=prompt, max_tokens=tokens, extra_body={"min_tokens": tokens}, **penalties, **sampling
+        )
+        assert answer.choices[0].text == expected.texts[0]
+        if not sampling["temperature"]:
+            assert answer.choices[0].text != plain.texts[0]
+
+
 def test_n_choices_are_seeded_requests(server):
     """n=2 with a seed: choice i is the same request alone with seed + i; usage sums both."""
     request = dict(
@@ -303,6 +322,8 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
         ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
         ({"prompt": "hi", "logit_bias": {"100000": 1}}, None),  # outside the vocabulary
         ({"prompt": "hi", "suffix": " end"}, "suffix"),
+        ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "hi", "frequency_penalty": -3}, "frequency_penalty"),
     ],
 )
 def test_invalid_requests_are_openai_400s(server, body, param):

@@ -45,6 +45,10 @@ class GenerationConfig:
     # token id -> a number added to its logit before every other processor (OpenAI's logit_bias;
     # transformers' sequence_bias with one-token sequences)
     logit_bias: dict[int, float] | None = None
+    # OpenAI's penalties on the tokens generated so far (not the prompt): each logit loses
+    # frequency_penalty per occurrence, and presence_penalty once if the token occurred
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_strings, str):
@@ -101,6 +105,8 @@ class GenerationConfig:
                 _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
                 "repetition_penalty must be a finite number > 0 (1.0 = no penalty)",
             ),
+            (_is_real(self.presence_penalty), "presence_penalty must be a finite number (0 = none)"),
+            (_is_real(self.frequency_penalty), "frequency_penalty must be a finite number (0 = none)"),
             (_is_int(self.num_beams) and self.num_beams >= 1, "num_beams must be an integer >= 1"),
             (_is_real(self.length_penalty), "length_penalty must be a finite number"),
             (
@@ -186,6 +192,8 @@ class GenerationConfig:
             eos_token_ids=eos_token_ids,
             min_tokens_to_keep=keep if self.do_sample else 1,
             logit_bias=self.logit_bias,
+            presence_penalty=float(self.presence_penalty),
+            frequency_penalty=float(self.frequency_penalty),
         )
 
 

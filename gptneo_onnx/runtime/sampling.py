@@ -95,6 +95,19 @@ def apply_logit_bias(scores: np.ndarray, token_ids: np.ndarray, biases: np.ndarr
     return result
 
 
+def apply_presence_frequency_penalty(
+    generated: np.ndarray, scores: np.ndarray, presence: float, frequency: float
+) -> np.ndarray:
+    """OpenAI's presence and frequency penalties, counted over each row's generated tokens (as
+    vLLM does; the prompt is not counted): score[j] -= frequency * count[j] + presence * (count[j] > 0).
+    `generated` is (batch, new tokens so far)."""
+    result = scores.copy()
+    for row, tokens in enumerate(generated):
+        seen, counts = np.unique(tokens, return_counts=True)
+        result[row, seen] -= (frequency * counts + presence).astype(scores.dtype)
+    return result
+
+
 def suppress_tokens(scores: np.ndarray, token_ids: list[int]) -> np.ndarray:
     """Set the scores of `token_ids` to -inf (MinLength / MinNewTokens processors use this for EOS)."""
     result = scores.copy()
@@ -189,7 +202,8 @@ def sample_without_replacement(scores: np.ndarray, count: int, rng: SplitMix64) 
 class LogitsProcessor:
     """The processors `generate` applies, in transformers' order.
 
-    Logit bias, then penalty, then EOS suppression for min_new_tokens, then (when sampling)
+    Logit bias, then the repetition penalty, then OpenAI's presence and frequency penalties
+    (which transformers does not have), then EOS suppression for min_new_tokens, then (when sampling)
     temperature, top-k and top-p.
     """
 
@@ -205,6 +219,8 @@ class LogitsProcessor:
         eos_token_ids: list[int] | None = None,
         min_tokens_to_keep: int = 1,
         logit_bias: dict[int, float] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ):
         bias = logit_bias or {}
         self.bias_ids = np.fromiter(bias.keys(), np.int64, len(bias))
@@ -214,6 +230,8 @@ class LogitsProcessor:
         self.top_k = top_k
         self.top_p = top_p
         self.repetition_penalty = repetition_penalty
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
         self.min_new_tokens = min_new_tokens
         self.eos_token_ids = list(eos_token_ids or [])
         self.min_tokens_to_keep = min_tokens_to_keep
@@ -224,6 +242,10 @@ class LogitsProcessor:
             scores = apply_logit_bias(scores, self.bias_ids, self.bias_values)
         if self.repetition_penalty != 1.0:
             scores = apply_repetition_penalty(input_ids, scores, self.repetition_penalty)
+        if self.presence_penalty or self.frequency_penalty:
+            scores = apply_presence_frequency_penalty(
+                input_ids[:, prompt_length:], scores, self.presence_penalty, self.frequency_penalty
+            )
         length = input_ids.shape[-1]
         if length - prompt_length < self.min_new_tokens:
             scores = suppress_tokens(scores, self.eos_token_ids)

@@ -95,6 +95,8 @@ class Completions:
             stop_strings=list(body.stop or []),
             eos_token_id=list(self.model.manifest.eos_token_ids) or None,
             logit_bias=logit_bias(body),
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
         )  # the engine validates it (token ids within the vocabulary included)
         return config
 
@@ -102,9 +104,6 @@ class Completions:
         """Submit every (prompt, choice); on a refusal, cancel what was already submitted."""
         if body.echo and body.logprobs is not None:
             raise APIError(400, "logprobs of the prompt (echo with logprobs) are not offered", param="echo")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(body, name):
-                raise APIError(400, f"{name} is not offered; use repetition_penalty", param=name)
         if body.suffix:
             raise APIError(
                 400, "suffix is not offered: GPT-Neo completes a prompt, it does not insert", param="suffix"

@@ -42,10 +42,10 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    # OpenAI accepts these; a non-zero value is refused in completions.py (not offered).
+    # OpenAI's penalties on the tokens generated so far (runtime GenerationConfig)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(default=None, ge=1)  # refused unless it equals n (completions.py)
     suffix: str | None = None
     # token id (as a JSON key, so a string) -> bias added to its logit before sampling
     logit_bias: dict[str, float] | None = None
