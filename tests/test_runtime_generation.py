@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 from runtime_helpers import export_tiny, train_tokenizer
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from gptneo_onnx.runtime import (
     CausalLM,

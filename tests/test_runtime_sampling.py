@@ -99,7 +99,7 @@ def test_logit_bias_matches_transformers_sequence_bias():
     np.testing.assert_allclose(ours(input_ids, scores, 8), hf_apply(chain, scores, input_ids), rtol=1e-6)
 
 
-def openai_penalized(scores: np.ndarray, generated: np.ndarray, presence: float, frequency: float) -> np.ndarray:
+def openai_penalized(scores: np.ndarray, generated: np.ndarray, presence: float, frequency: float):
     """OpenAI's formula, token by token: mu[j] - c[j] * frequency - (c[j] > 0) * presence."""
     expected = scores.astype(np.float64)
     for row in range(scores.shape[0]):

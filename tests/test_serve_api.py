@@ -172,7 +172,12 @@ def test_presence_and_frequency_penalties_equal_generate_with_them(server, model
             prompt, max_new_tokens=tokens, min_new_tokens=tokens, top_k=0, **penalties, **runtime
         )
         answer = client(server).completions.create(
-            model=NAME, prompt=prompt, max_tokens=tokens, extra_body={"min_tokens": tokens}, **penalties, **sampling
+            model=NAME,
+            prompt=prompt,
+            max_tokens=tokens,
+            extra_body={"min_tokens": tokens},
+            **penalties,
+            **sampling,
         )
         assert answer.choices[0].text == expected.texts[0]
         if not sampling["temperature"]:

@@ -124,10 +124,16 @@ def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, in (0, 1]")
     group.add_argument("--repetition-penalty", type=float, metavar="R", help="1.0 = no penalty")
     group.add_argument(
-        "--presence-penalty", type=float, metavar="P", help="OpenAI's: subtract P once from each generated token"
+        "--presence-penalty",
+        type=float,
+        metavar="P",
+        help="subtract P once from generated tokens",
     )
     group.add_argument(
-        "--frequency-penalty", type=float, metavar="F", help="OpenAI's: subtract F per occurrence of a generated token"
+        "--frequency-penalty",
+        type=float,
+        metavar="F",
+        help="subtract F per occurrence",
     )
     group.add_argument("--num-beams", type=bounded_int(1), metavar="N", help="beam search with N beams")
     group.add_argument("--length-penalty", type=float, help="beam search: exponent on the length")
@@ -169,7 +175,8 @@ def _decoding_options(args: argparse.Namespace) -> dict[str, Any]:
     early = {"true": True, "false": False, "never": "never", None: None}[args.early_stopping]
     names = (
         "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-        "repetition_penalty", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty", "num_return_sequences", "seed", "stop_strings",
+        "repetition_penalty", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty",
+        "num_return_sequences", "seed", "stop_strings",
         "eos_token_id",
     )  # fmt: skip
     options = {name: getattr(args, name) for name in names}
