@@ -123,18 +123,8 @@ def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=bounded_int(0), metavar="K", help="0 disables top-k")
     group.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, in (0, 1]")
     group.add_argument("--repetition-penalty", type=float, metavar="R", help="1.0 = no penalty")
-    group.add_argument(
-        "--presence-penalty",
-        type=float,
-        metavar="P",
-        help="subtract P once from generated tokens",
-    )
-    group.add_argument(
-        "--frequency-penalty",
-        type=float,
-        metavar="F",
-        help="subtract F per occurrence",
-    )
+    group.add_argument("--presence-penalty", type=float, metavar="P", help="-P once per generated token")
+    group.add_argument("--frequency-penalty", type=float, metavar="F", help="-F per occurrence")
     group.add_argument("--num-beams", type=bounded_int(1), metavar="N", help="beam search with N beams")
     group.add_argument("--length-penalty", type=float, help="beam search: exponent on the length")
     group.add_argument("--early-stopping", choices=("true", "false", "never"), help="beam search stop rule")
