@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gptneo_onnx.runtime import CausalLM, GenerationConfig
+from gptneo_onnx.runtime import CausalLM, GenerationConfig, IncrementalDecoder
 from gptneo_onnx.serve.engine import (
     Draining,
     Engine,
+    EngineEvent,
     EngineRequest,
     FinishEvent,
+    PromptEvent,
     QueueFull,
     RequestHandle,
     RequestTooLarge,
@@ -53,6 +55,7 @@ class Choice:
     finish: FinishEvent | None = None
     arrival: float = field(default_factory=time.perf_counter)  # for time to first token
     last_token: float | None = None
+    text_offset: int = 0  # where the completion starts in the returned text (after an echoed prompt)
 
 
 class Completions:
@@ -81,6 +84,7 @@ class Completions:
         temperature 0 means greedy."""
         context = self.model.manifest.max_position_embeddings  # the engine checks the limits
         max_tokens = body.max_tokens if body.max_tokens is not None else max(1, context - prompt_length)
+        max_tokens = max(max_tokens, 1)  # 0 (echo: score the prompt) decodes nothing: score_only
         temperature = 1.0 if body.temperature is None else body.temperature
         sampling = temperature > 0
         config = GenerationConfig(
@@ -102,8 +106,10 @@ class Completions:
 
     def submit(self, body: CompletionRequest) -> list[Choice]:
         """Submit every (prompt, choice); on a refusal, cancel what was already submitted."""
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "logprobs of the prompt (echo with logprobs) are not offered", param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(
+                400, "max_tokens must be >= 1 (0 only with echo, to score the prompt)", param="max_tokens"
+            )
         if body.suffix:
             raise APIError(
                 400, "suffix is not offered: GPT-Neo completes a prompt, it does not insert", param="suffix"
@@ -117,12 +123,18 @@ class Completions:
             for choice in range(body.n):
                 seed = None if body.seed is None else body.seed + choice
                 config = self.config(body, len(ids), seed)
-                request = EngineRequest(prompt_ids=ids, config=config, logprobs=body.logprobs)
+                request = EngineRequest(
+                    prompt_ids=ids, config=config, logprobs=body.logprobs,
+                    prompt_logprobs=body.echo, score_only=body.max_tokens == 0,
+                )  # fmt: skip
                 planned.append((prompt_index * body.n + choice, text, request))
         choices: list[Choice] = []
         try:
             for index, text, request in planned:
-                choices.append(Choice(index, text, self.engine.submit(request), arrival=arrival))
+                handle = self.engine.submit(request)
+                choices.append(
+                    Choice(index, text, handle, arrival=arrival, text_offset=len(text) * body.echo)
+                )
         except Exception as error:
             for choice in choices:
                 choice.handle.cancel()
@@ -132,9 +144,12 @@ class Completions:
         return choices
 
     # ---- engine events -> answers -------------------------------------------------------------
-    def record(self, choice: Choice, event: TokenEvent | FinishEvent) -> None:
+    def record(self, choice: Choice, event: EngineEvent) -> None:
         """Update the choice and the latency metrics with one event."""
         now = time.perf_counter()
+        if isinstance(event, PromptEvent):
+            choice.logprobs = self.prompt_logprobs(choice.handle.request.prompt_ids, event)
+            return
         if isinstance(event, FinishEvent):
             choice.finish = event
             self.metrics.prompt_tokens.inc(event.prompt_tokens)
@@ -148,17 +163,37 @@ class Completions:
         if event.logprob is not None:
             if choice.logprobs is None:
                 choice.logprobs = CompletionLogprobs()
-            self.add_logprob(choice.logprobs, event, len(choice.text))
+            offset = choice.text_offset + len(choice.text)
+            self.add_logprob(choice.logprobs, event.token_id, event.logprob, event.top_logprobs, offset)
         choice.text += event.text
 
-    def add_logprob(self, logprobs: CompletionLogprobs, event: TokenEvent, offset: int) -> None:
+    def prompt_logprobs(self, prompt_ids: list[int], event: PromptEvent) -> CompletionLogprobs:
+        """The echoed prompt's entries: offsets where each token's text starts in the prompt."""
+        logprobs, offset = CompletionLogprobs(), 0
+        tokenizer = self.model.tokenizer
+        decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
+        for token, value, top in zip(prompt_ids, event.token_logprobs, event.top_logprobs):
+            self.add_logprob(logprobs, token, value, top, offset)
+            offset += len(decoder.push(token)) if decoder is not None else 0
+        return logprobs
+
+    def add_logprob(
+        self,
+        logprobs: CompletionLogprobs,
+        token_id: int,
+        logprob: float | None,
+        alternatives: dict[int, float] | None,
+        offset: int,
+    ) -> None:
         decode = self.token_text
-        logprobs.tokens.append(decode(event.token_id))
-        logprobs.token_logprobs.append(event.logprob)
-        alternatives = event.top_logprobs
-        logprobs.top_logprobs.append(
-            None if alternatives is None else {decode(token): value for token, value in alternatives.items()}
-        )
+        logprobs.tokens.append(decode(token_id))
+        logprobs.token_logprobs.append(logprob)
+        top = None
+        if alternatives is not None:  # best first; tokens with the same text keep the best value
+            top = {}
+            for token, value in alternatives.items():
+                top.setdefault(decode(token), value)
+        logprobs.top_logprobs.append(top)
         logprobs.text_offset.append(offset)
 
     def token_text(self, token_id: int) -> str:
@@ -222,12 +257,16 @@ class Completions:
 
         watcher = asyncio.create_task(cancel_on_disconnect(request, choices))
         try:
-            if body.echo:
+            scores_prompt = body.echo and body.logprobs is not None
+            if body.echo and not scores_prompt:
                 for choice in choices:
                     yield chunk(choice.index, choice.prompt_text)
             async for choice, event in merged(choices):
                 before = len(choice.text)
                 self.record(choice, event)
+                if isinstance(event, PromptEvent):  # the echo, with the prompt's logprobs
+                    yield chunk(choice.index, choice.prompt_text, logprobs=choice.logprobs)
+                    continue
                 if isinstance(event, TokenEvent):
                     logprobs = None
                     if choice.logprobs is not None:
@@ -259,7 +298,7 @@ class Completions:
                 choice.handle.cancel()
 
 
-async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, TokenEvent | FinishEvent]]:
+async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, EngineEvent]]:
     """The events of every choice, as they come."""
     if len(choices) == 1:
         async for event in choices[0].handle:

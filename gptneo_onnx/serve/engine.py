@@ -43,9 +43,11 @@ from gptneo_onnx.serve.batch_layout import (
 )
 from gptneo_onnx.serve.requests import (
     Draining,
+    EngineEvent,
     EngineLimits,
     EngineRequest,
     FinishEvent,
+    PromptEvent,
     QueueFull,
     RequestHandle,
     RequestTooLarge,
@@ -57,10 +59,12 @@ __all__ = [
     "BatchRun",
     "Draining",
     "Engine",
+    "EngineEvent",
     "EngineLimits",
     "EngineRequest",
     "EngineStats",
     "FinishEvent",
+    "PromptEvent",
     "QueueFull",
     "RequestHandle",
     "RequestTooLarge",
@@ -213,7 +217,8 @@ class Engine:
         vocab = self.model.manifest.vocab_size
         if not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab for t in prompt):
             raise InputError(f"prompt token ids must be integers in [0, {vocab})")
-        limits, total = self.limits, len(prompt) + config.max_new_tokens
+        new_tokens = 0 if request.score_only else config.max_new_tokens
+        limits, total = self.limits, len(prompt) + new_tokens
         if limits.max_input_tokens is not None and len(prompt) > limits.max_input_tokens:
             raise RequestTooLarge(
                 f"the prompt has {len(prompt)} tokens, over max_input_tokens ({limits.max_input_tokens})"
@@ -224,7 +229,7 @@ class Engine:
         ):
             if limit is not None and total > limit:
                 raise RequestTooLarge(
-                    f"{len(prompt)} prompt tokens + max_new_tokens {config.max_new_tokens} = {total} "
+                    f"{len(prompt)} prompt tokens + max_new_tokens {new_tokens} = {total} "
                     f"tokens, over {name} ({limit})"
                 )
 
@@ -310,10 +315,15 @@ class Engine:
                 self._finish(row, "cancelled")
             else:
                 rows.append(row)
-        return [part for group in prefill_groups(rows, self._positions) for part in self._prefill(group)]
+        # a row that scores its prompt is prefilled alone: its logits for every position are
+        # (prompt length x vocabulary) floats
+        groups = [[row] for row in rows if row.scores_prompt]
+        groups += prefill_groups([row for row in rows if not row.scores_prompt], self._positions)
+        return [part for group in groups for part in self._prefill(group)]
 
     def _prefill(self, rows: list[Row]) -> list[_Prefilled]:
-        """One left-padded prefill run for `rows`; returns the rows that go on (none or one part)."""
+        """One left-padded prefill run for `rows` (a row that scores its prompt: alone); returns
+        the rows that go on (none or one part)."""
         prompts = [row.handle.request.prompt_ids for row in rows]
         width = max(len(prompt) for prompt in prompts)
         ids = np.zeros((len(rows), width), np.int64)
@@ -325,14 +335,20 @@ class Engine:
             try:
                 capacity = self._capacity(width, rows)
                 past = self.model.new_cache(len(rows), capacity, ragged=True) if self.ragged_rows else None
+                keep = 0 if rows[0].scores_prompt else 1  # 0: every position's logits
                 logits, cache = self.model.forward(
-                    ids, mask, past=past, capacity=capacity, num_logits_to_keep=1
+                    ids, mask, past=past, capacity=capacity, num_logits_to_keep=keep
                 )
             except Exception as error:  # noqa: BLE001 - these requests fail, the engine goes on
                 for row in rows:
                     self._finish(row, "error", f"{type(error).__name__}: {error}")
                 return []
             for index, row in enumerate(rows):
+                if row.scores_prompt:
+                    row.handle.put(row.prompt_event(logits[index]))
+                if row.score_only:
+                    self._finish(row, "length")
+                    continue
                 token = self._advance(row, logits[index, -1])
                 if token is not None:
                     going_on.append(index)

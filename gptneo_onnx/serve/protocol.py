@@ -32,7 +32,7 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: PromptField
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0 only with echo: score the prompt
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
@@ -83,7 +83,8 @@ class CompletionRequest(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions API's logprobs object (one entry per generated token)."""
+    """The legacy completions API's logprobs object: one entry per token of the returned text
+    (with echo, the prompt's tokens first; the first has no logprob)."""
 
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)

@@ -20,6 +20,19 @@ class EngineRequest:
     prompt_ids: list[int]
     config: GenerationConfig
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    # with logprobs: the prompt's tokens get theirs too, in a PromptEvent (OpenAI's echo + logprobs)
+    prompt_logprobs: bool = False
+    # no new token: the request ends after its prompt, "length" (OpenAI's echo with max_tokens 0)
+    score_only: bool = False
+
+
+@dataclass
+class PromptEvent:
+    """The prompt's log-probabilities, before the first token (a request with prompt_logprobs):
+    one entry per prompt token, None for the first (nothing predicts it)."""
+
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[int, float] | None]
 
 
 @dataclass
@@ -42,6 +55,9 @@ class FinishEvent:
     completion_tokens: int
     text: str  # the whole completion text, cut before a stop string
     error: str | None = None
+
+
+EngineEvent = PromptEvent | TokenEvent | FinishEvent
 
 
 class QueueFull(Exception):
@@ -72,7 +88,8 @@ class EngineLimits:
 class RequestHandle:
     """The caller's side of a request: iterate its events (blocking or async), or cancel it.
 
-    Events are TokenEvents, then exactly one FinishEvent. One consumer per handle.
+    Events are a PromptEvent (requests with prompt_logprobs), TokenEvents, then exactly one
+    FinishEvent. One consumer per handle.
     """
 
     def __init__(self, request: EngineRequest, deadline: float | None):
@@ -82,14 +99,14 @@ class RequestHandle:
         self.deadline = deadline  # time.monotonic() past which the request times out
         self.cancelled = threading.Event()
         self._ready = threading.Condition()
-        self._events: deque[TokenEvent | FinishEvent] = deque()
+        self._events: deque[EngineEvent] = deque()
         self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
 
     def cancel(self) -> None:
         """Give up the request: the engine frees its slot before its next step."""
         self.cancelled.set()
 
-    def put(self, event: TokenEvent | FinishEvent) -> None:
+    def put(self, event: EngineEvent) -> None:
         """Called by the engine thread."""
         with self._ready:
             if self._async is None:
@@ -102,7 +119,7 @@ class RequestHandle:
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening
             self.cancel()
 
-    def __iter__(self) -> Iterator[TokenEvent | FinishEvent]:
+    def __iter__(self) -> Iterator[EngineEvent]:
         while True:
             with self._ready:
                 while not self._events:
@@ -112,7 +129,7 @@ class RequestHandle:
             if isinstance(event, FinishEvent):
                 return
 
-    async def __aiter__(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def __aiter__(self) -> AsyncIterator[EngineEvent]:
         queue: asyncio.Queue = asyncio.Queue()
         with self._ready:
             for event in self._events:

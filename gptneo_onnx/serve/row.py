@@ -20,7 +20,25 @@ from gptneo_onnx.runtime import (
     sample,
     seeded_rng,
 )
-from gptneo_onnx.serve.requests import FinishEvent, RequestHandle, TokenEvent
+from gptneo_onnx.serve.requests import FinishEvent, PromptEvent, RequestHandle, TokenEvent
+
+LOGPROB_CHUNK = 256  # positions per float64 log-softmax when scoring a prompt (~100 MB at 50k tokens)
+
+
+def chosen_logprobs(
+    logits: np.ndarray, chosen: list[int], k: int
+) -> tuple[list[float], list[dict[int, float]]]:
+    """For each position of `logits` (P, V), the log-probability of its chosen token and the top
+    k tokens' (best first), from the model's raw logits in float64 (vLLM's raw logprobs)."""
+    values, tops = [], []
+    for start in range(0, len(chosen), LOGPROB_CHUNK):
+        logprobs = log_softmax(logits[start : start + LOGPROB_CHUNK].astype(np.float64))
+        k = min(k, logprobs.shape[-1])
+        for row, token in zip(logprobs, chosen[start : start + LOGPROB_CHUNK]):
+            values.append(float(row[token]))
+            top = np.argpartition(-row, k - 1)[:k] if k else []
+            tops.append({int(t): float(row[t]) for t in sorted(top, key=lambda t: -row[t])})
+    return values, tops
 
 
 class Row:
@@ -35,6 +53,8 @@ class Row:
         self.handle = handle
         self.config = config = request.config
         self.logprobs = request.logprobs
+        self.scores_prompt = request.prompt_logprobs and request.logprobs is not None
+        self.score_only = request.score_only
         self.processor = config.processor(eos_token_ids)
         self.rng = seeded_rng(config.seed)
         self.eos = set(eos_token_ids)
@@ -74,12 +94,15 @@ class Row:
         self.text += piece
         event = TokenEvent(token, piece)
         if self.logprobs is not None:
-            logprobs = log_softmax(logits.astype(np.float64))
-            event.logprob = float(logprobs[token])
-            k = min(self.logprobs, logprobs.size)
-            top = np.argpartition(-logprobs, k - 1)[:k] if k else []
-            event.top_logprobs = {int(t): float(logprobs[t]) for t in sorted(top, key=lambda t: -logprobs[t])}
+            [event.logprob], [event.top_logprobs] = chosen_logprobs(logits[None], [token], self.logprobs)
         return event, reason
+
+    def prompt_event(self, logits: np.ndarray) -> PromptEvent:
+        """The prompt's log-probabilities from the prefill's logits (prompt length, V): position i
+        predicts prompt token i + 1."""
+        prompt = self.ids[0, 1 : self.prompt_length].tolist()
+        values, tops = chosen_logprobs(logits[: self.prompt_length - 1], prompt, self.logprobs or 0)
+        return PromptEvent([None, *values], [None, *tops])
 
     def finish(self, reason: str, error: str | None = None) -> None:
         self.done = True
