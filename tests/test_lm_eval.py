@@ -1,6 +1,7 @@
 """lm-evaluation-harness, run as its users run it: its `local-completions` model scores tasks
-against `gptneo-onnx serve`, and its `hf` model scores the same tasks with transformers on the
-same checkpoint. Both runs must give the same accuracy and the same log-likelihood per sample.
+against `gptneo-onnx serve` (tokenizing through the server's /tokenize), and its `hf` model
+scores the same tasks with transformers on the same checkpoint. Both runs must give the same
+accuracy and the same log-likelihood per sample.
 
 The tasks are local (no hub): multiple choice (which line comes next in a Python file) and
 rolling log-likelihood (perplexity over whole files, several context windows each), built from
@@ -77,8 +78,9 @@ def write_tasks(folder: Path) -> None:
         (folder / f"{task}.yaml").write_text(header + "test_split: test\n" + TASKS[task], encoding="utf-8")
 
 
-def run_lm_eval(folder: Path, out: Path, model: str, model_args: str) -> dict[str, list[float]]:
-    """One `lm_eval` run; returns each task's log-likelihoods, per sample and choice, and metrics."""
+def run_lm_eval(folder: Path, out: Path, model: str, model_args: str) -> dict:
+    """One `lm_eval` run; returns each task's log-likelihoods (per sample and choice), the
+    metrics and the log."""
     command = [
         str(Path(sys.executable).with_name("lm_eval")), "--model", model, "--model_args", model_args,
         "--include_path", str(folder), "--tasks", ",".join(TASKS), "--log_samples", "--output_path", str(out),
@@ -100,6 +102,7 @@ def run_lm_eval(folder: Path, out: Path, model: str, model_args: str) -> dict[st
         results[task] = [float(r[0] if isinstance(r, list) else r) for r in responses]
     [summary] = out.rglob("results_*.json")
     results["metrics"] = json.loads(summary.read_text())["results"]
+    results["log"] = done.stderr + done.stdout
     return results
 
 
@@ -112,9 +115,11 @@ def test_lm_eval_scores_the_server_as_it_scores_transformers(bundled_export, tmp
     with app_server(state) as url:
         served = run_lm_eval(
             tmp_path, tmp_path / "served", "local-completions",
-            f"model={NAME},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
-            f"tokenizer={BUNDLED_MODEL_DIR},tokenized_requests=True,max_length={context},num_concurrent=4",
+            f"model={NAME},base_url={url}/v1/completions,tokenized_requests=True,max_length={context},"
+            "num_concurrent=4",
         )  # fmt: skip
+    # no tokenizer given: lm_eval found the server's /tokenizer_info and /tokenize and used them
+    assert "Using remote tokenizer" in served["log"]
     # local-completions keeps a token for the answer and windows by max_length - 2: the hf
     # model gets the same windows with max_length = context - 2
     reference = run_lm_eval(

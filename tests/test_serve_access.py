@@ -1,4 +1,5 @@
-"""The server's access settings: an API key on /v1 (OpenAI's 401 otherwise) and CORS origins."""
+"""The server's access settings: an API key on every route but the probes' (OpenAI's 401
+otherwise) and CORS origins."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def guarded(export):
         yield url, CausalLM.load(export, intra_op_threads=1)
 
 
-def test_v1_routes_need_the_key_and_probes_do_not(guarded):
+def test_routes_need_the_key_and_probes_do_not(guarded):
     url, model = guarded
     wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -45,6 +46,10 @@ def test_v1_routes_need_the_key_and_probes_do_not(guarded):
         "message", "type", "param", "code",
     }  # fmt: skip
     assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.post(f"{url}/tokenize", json={"prompt": "Hello"}).status_code == 401
+    keyed = {"Authorization": f"Bearer {KEY}"}
+    tokens = httpx.post(f"{url}/tokenize", json={"prompt": "Hello"}, headers=keyed).json()["tokens"]
+    assert tokens == model.tokenizer.encode("Hello").ids
     right = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
     answer = right.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0)
     assert answer.choices[0].text == model.generate("Hello", max_new_tokens=6).texts[0]

@@ -184,6 +184,23 @@ def test_presence_and_frequency_penalties_equal_generate_with_them(server, model
             assert answer.choices[0].text != plain.texts[0]
 
 
+def test_tokenizer_routes_match_the_exports_tokenizer(server, model):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, as lm-eval's remote tokenizer reads them."""
+    tokenizer = model.tokenizer
+    for prompt in PROMPTS:
+        answer = httpx.post(f"{server}/tokenize", json={"model": NAME, "prompt": prompt}).json()
+        assert answer == {"count": len(tokenizer.encode(prompt).ids), "max_model_len": 2048,
+                          "tokens": tokenizer.encode(prompt).ids}  # fmt: skip
+        back = httpx.post(f"{server}/detokenize", json={"tokens": answer["tokens"]}).json()
+        assert back == {"prompt": prompt}
+    info = httpx.get(f"{server}/tokenizer_info").json()
+    assert info["model_max_length"] == 2048 and info["vocab_size"] == 320
+    eos = httpx.post(f"{server}/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False})
+    assert eos.json()["tokens"] == model.manifest.eos_token_ids  # lm-eval finds the EOS id so
+    assert_openai_error(httpx.post(f"{server}/detokenize", json={"tokens": [5, 320]}), 400)
+    assert_openai_error(httpx.post(f"{server}/tokenize", json={"model": "other", "prompt": "x"}), 404)
+
+
 def test_n_choices_are_seeded_requests(server):
     """n=2 with a seed: choice i is the same request alone with seed + i; usage sums both."""
     request = dict(

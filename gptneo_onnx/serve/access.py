@@ -1,7 +1,9 @@
-"""Who may call the server: an API key on the /v1 routes, and the browser origins CORS lets in.
+"""Who may call the server: an API key on every route but /health and /metrics, and the browser
+origins CORS lets in.
 
-As vLLM's `--api-key`: requests to /v1/... must carry `Authorization: Bearer KEY` (the official
-client sends its `api_key` so); /health and /metrics stay open to probes and scrapers. CORS is
+As vLLM's `--api-key`: requests must carry `Authorization: Bearer KEY` (the official client sends
+its `api_key` so); /health and /metrics stay open to probes and scrapers. Unlike vLLM, the
+tokenizer routes (/tokenize, ...) need the key too: only what probes need is open. CORS is
 Starlette's middleware; with no origins configured, browsers on other origins get no CORS headers.
 """
 
@@ -18,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gptneo_onnx.serve.errors import APIError
 
 API_KEY_ENV = "GPTNEO_ONNX_API_KEY"  # where `serve` takes the key from when --api-key is not given
-PROTECTED_PREFIX = "/v1/"
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # for probes and scrapers: no key
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,14 @@ def access_settings(api_key: str | None, allowed_origins: list[str] | tuple[str,
 
 
 class APIKeyCheck:
-    """Pure ASGI middleware: a /v1 request without the right bearer key gets OpenAI's 401."""
+    """Pure ASGI middleware: a request without the right bearer key gets OpenAI's 401 (but on
+    OPEN_PATHS)."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        protected = scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX)
+        protected = scope["type"] == "http" and scope["path"] not in OPEN_PATHS
         if protected and scope["method"] != "OPTIONS":  # a CORS preflight carries no credentials
             sent = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(sent, self.expected):

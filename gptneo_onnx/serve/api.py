@@ -26,6 +26,7 @@ from gptneo_onnx.serve.errors import APIError, install_error_handlers
 from gptneo_onnx.serve.heads import add_head_routes
 from gptneo_onnx.serve.metrics import ServerMetrics
 from gptneo_onnx.serve.protocol import CompletionRequest
+from gptneo_onnx.serve.tokenizer_routes import add_tokenizer_routes
 
 MAX_BODY_BYTES = 4 * 2**20  # a 2,048-token prompt as ids is ~12 kB; embedding batches are larger
 ENDPOINTS = (
@@ -92,15 +93,16 @@ class ServerState:
         if self.engine is not None:
             self.engine.stop()
 
-    def require(self, task: str) -> Model:
-        """The loaded model, when it is `task` and the server admits requests; else the APIError."""
+    def require(self, task: str | None) -> Model:
+        """The loaded model, when it is `task` (None: any) and the server admits requests; else
+        the APIError."""
         if self.phase == "draining":
             raise APIError(503, "the server is shutting down and admits no new requests", code="draining")
         if self.phase == "failed":
             raise APIError(503, f"the model failed to load: {self.error}", code="model_load_failed")
         if self.model is None:
             raise APIError(503, "the model is still loading; retry shortly", code="loading", retry_after=1)
-        if self.model.manifest.task != task:
+        if task is not None and self.model.manifest.task != task:
             raise APIError(
                 404, f"this server runs a {self.model.manifest.task} export; this endpoint needs {task}",
                 code="unsupported_endpoint",
@@ -209,4 +211,5 @@ def create_app(
         )  # fmt: skip
 
     add_head_routes(app, state)
+    add_tokenizer_routes(app, state)
     return app
