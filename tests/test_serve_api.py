@@ -184,6 +184,14 @@ def test_presence_and_frequency_penalties_equal_generate_with_them(server, model
             assert answer.choices[0].text != plain.texts[0]
 
 
+def test_models_are_listed_and_retrieved_as_openai_does(server):
+    models = client(server).models
+    assert [entry.id for entry in models.list().data] == [NAME]
+    assert models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        models.retrieve("other")
+
+
 def test_tokenizer_routes_match_the_exports_tokenizer(server, model):
     """vLLM's /tokenize, /detokenize and /tokenizer_info, as lm-eval's remote tokenizer reads them."""
     tokenizer = model.tokenizer

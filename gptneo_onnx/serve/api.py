@@ -184,16 +184,19 @@ def create_app(
 
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def model_entry() -> dict:
+        task = state.model.manifest.task if state.model is not None else None
+        return {"id": state.model_name, "object": "model", "created": state.created,
+                "owned_by": "gptneo-onnx", "task": task}  # fmt: skip
+
     @app.get("/v1/models")
     async def models() -> dict:
-        task = state.model.manifest.task if state.model is not None else None
-        entry = {
-            "id": state.model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "gptneo-onnx",
-        }
-        return {"object": "list", "data": [{**entry, "task": task}]}
+        return {"object": "list", "data": [model_entry()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def retrieve_model(name: str) -> dict:
+        state.check_model(name)
+        return model_entry()
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
