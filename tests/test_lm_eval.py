@@ -3,9 +3,10 @@ against `gptneo-onnx serve` (tokenizing through the server's /tokenize), and its
 scores the same tasks with transformers on the same checkpoint. Both runs must give the same
 accuracy and the same log-likelihood per sample.
 
-The tasks are local (no hub): multiple choice (which line comes next in a Python file) and
-rolling log-likelihood (perplexity over whole files, several context windows each), built from
-the bundled model's held-out standard-library files.
+The tasks are local (no hub): multiple choice (which line comes next in a Python file), greedy
+completion of that line (generate_until, stopping at the newline), and rolling log-likelihood
+(perplexity over whole files, several context windows each), built from the bundled model's
+held-out standard-library files.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ doc_to_target: "{{label}}"
 target_delimiter: ""
 metric_list: [{metric: acc}]
 """,
+    # greedy, without the checkpoint's generation_config repetition penalty (transformers would
+    # apply it; the server's OpenAI defaults do not); 64 new tokens at most, as that config's
+    # max_new_tokens wins over the max_length lm_eval's hf model gives generate
+    "neo_complete": """
+output_type: generate_until
+doc_to_text: "{{context}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  {until: ["\\n"], max_gen_toks: 64, do_sample: false, temperature: 0.0, repetition_penalty: 1.0}
+metric_list: [{metric: exact_match}]
+""",
     "neo_perplexity": """
 output_type: loglikelihood_rolling
 doc_to_text: ""
@@ -71,7 +83,9 @@ def write_tasks(folder: Path) -> None:
         context = "\n".join(lines[path][at - 8 : at]) + "\n"
         items.append({"context": context, "choices": choices, "label": choices.index(lines[path][at])})
     documents = [{"text": sources[path][:2500]} for path in paths[:PERPLEXITY_DOCS]]
-    for task, rows in (("neo_next_line", items), ("neo_perplexity", documents)):
+    completions = [{"context": item["context"], "answer": item["choices"][item["label"]]} for item in items]
+    tasks = (("neo_next_line", items), ("neo_complete", completions), ("neo_perplexity", documents))
+    for task, rows in tasks:
         data = folder / f"{task}.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
         header = f"task: {task}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\n"
@@ -97,9 +111,12 @@ def run_lm_eval(folder: Path, out: Path, model: str, model_args: str) -> dict:
         rows = sorted(
             (json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"]
         )
-        # a response is [loglikelihood, is_greedy] (multiple choice) or [loglikelihood] (rolling)
+        # a response is [loglikelihood, is_greedy] (multiple choice), [loglikelihood] (rolling)
+        # or [text] (generation)
         responses = [response[0] for row in rows for response in row["resps"]]
-        results[task] = [float(r[0] if isinstance(r, list) else r) for r in responses]
+        results[task] = [
+            r if task == "neo_complete" else float(r[0] if isinstance(r, list) else r) for r in responses
+        ]
     [summary] = out.rglob("results_*.json")
     results["metrics"] = json.loads(summary.read_text())["results"]
     results["log"] = done.stderr + done.stdout
@@ -132,6 +149,9 @@ def test_lm_eval_scores_the_server_as_it_scores_transformers(bundled_export, tmp
     assert served["neo_next_line"] == pytest.approx(reference["neo_next_line"], abs=1e-3)
     # whole files: sums over ~700 tokens in float32 differ in the last digits
     assert served["neo_perplexity"] == pytest.approx(reference["neo_perplexity"], rel=1e-6, abs=5e-3)
+    # greedy completions cut at the first newline: the same text, character for character
+    assert len(served["neo_complete"]) == CHOICE_ITEMS and any(served["neo_complete"])
+    assert served["neo_complete"] == reference["neo_complete"]
     metrics = served["metrics"], reference["metrics"]
     assert metrics[0]["neo_next_line"]["acc,none"] == metrics[1]["neo_next_line"]["acc,none"]
     assert metrics[0]["neo_perplexity"]["bits_per_byte,none"] == pytest.approx(
