@@ -184,14 +184,6 @@ def test_presence_and_frequency_penalties_equal_generate_with_them(server, model
             assert answer.choices[0].text != plain.texts[0]
 
 
-def test_models_are_listed_and_retrieved_as_openai_does(server):
-    models = client(server).models
-    assert [entry.id for entry in models.list().data] == [NAME]
-    assert models.retrieve(NAME).id == NAME
-    with pytest.raises(openai.NotFoundError):
-        models.retrieve("other")
-
-
 def test_tokenizer_routes_match_the_exports_tokenizer(server, model):
     """vLLM's /tokenize, /detokenize and /tokenizer_info, as lm-eval's remote tokenizer reads them."""
     tokenizer = model.tokenizer
@@ -321,9 +313,35 @@ def test_metrics_parse_and_count(server):
 
 
 def test_models_and_health(server):
-    models = client(server).models.list()
-    assert [entry.id for entry in models.data] == [NAME]
+    models = client(server).models
+    assert [entry.id for entry in models.list().data] == [NAME]
+    assert models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        models.retrieve("other")
     assert httpx.get(f"{server}/health").json()["status"] == "ready"
+
+
+def test_metrics_time_the_queue_and_count_how_completions_end(export):
+    """One slot: one of two simultaneous requests waits about as long as the other runs, and
+    the queue, duration and finish-reason metrics say so."""
+    with app_server(state_for(export, max_concurrent=1, max_queue=4)) as url:
+        body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 500, "min_tokens": 500, "temperature": 0}
+        started = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60)
+            second = pool.submit(
+                httpx.post, f"{url}/v1/completions", json={**body, "stop": ["zzz"]}, timeout=60
+            )
+            first.result(), second.result()
+        both_took = time.perf_counter() - started
+        samples = metric_samples(url)
+    assert samples[("gptneo_onnx_request_queue_seconds_count", ())] == 2
+    assert samples[("gptneo_onnx_completions_finished_total", (("reason", "length"),))] == 2
+    assert samples[("gptneo_onnx_request_duration_seconds_count", ())] == 2
+    queued = samples[("gptneo_onnx_request_queue_seconds_sum", ())]
+    durations = samples[("gptneo_onnx_request_duration_seconds_sum", ())]
+    # one waited about as long as the other ran: a third of the summed durations or more
+    assert 0.3 * durations < queued < durations < 2 * both_took
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:

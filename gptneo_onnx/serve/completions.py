@@ -152,7 +152,7 @@ class Completions:
             return
         if isinstance(event, FinishEvent):
             choice.finish = event
-            self.metrics.prompt_tokens.inc(event.prompt_tokens)
+            self.observe_finish(choice, event)
             return
         if choice.last_token is None:
             self.metrics.time_to_first_token.observe(now - choice.arrival)
@@ -166,6 +166,14 @@ class Completions:
             offset = choice.text_offset + len(choice.text)
             self.add_logprob(choice.logprobs, event.token_id, event.logprob, event.top_logprobs, offset)
         choice.text += event.text
+
+    def observe_finish(self, choice: Choice, event: FinishEvent) -> None:
+        metrics, handle = self.metrics, choice.handle
+        metrics.prompt_tokens.inc(event.prompt_tokens)
+        metrics.finished.labels(event.finish_reason).inc()
+        metrics.request_duration.observe(time.perf_counter() - choice.arrival)
+        if handle.admitted is not None:
+            metrics.queue_time.observe(handle.admitted - handle.submitted)
 
     def prompt_logprobs(self, prompt_ids: list[int], event: PromptEvent) -> CompletionLogprobs:
         """The echoed prompt's entries: offsets where each token's text starts in the prompt."""

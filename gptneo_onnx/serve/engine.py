@@ -273,6 +273,8 @@ class Engine:
                 self._lock.wait(batch_at - now)  # a new request, a stop, or the time is up
                 return []
         joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        for handle in joining:
+            handle.admitted = now
         self._active += len(joining)
         return joining
 

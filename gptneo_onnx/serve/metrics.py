@@ -15,8 +15,9 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 class ServerMetrics:
     """Requests by endpoint and status, running / waiting requests, batch size per decode step,
-    the engine's seconds per prefill, decode step and regroup, time to first token, inter-token
-    latency, and tokens read and generated."""
+    the engine's seconds per prefill, decode step and regroup; per completion: time in the queue,
+    time to first token, inter-token latency, duration and how it finished; tokens read and
+    generated."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -46,6 +47,18 @@ class ServerMetrics:
         self.inter_token_latency = Histogram(
             f"{PREFIX}_inter_token_latency_seconds", "Between consecutive generated tokens of a request",
             buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            f"{PREFIX}_request_queue_seconds", "From arrival to taking a slot (waiting for one)",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds", "From arrival to the end of the completion",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.finished = Counter(
+            f"{PREFIX}_completions_finished", "Completions (one per choice) by how they ended: "
+            "stop, length, cancelled, timeout, error", ["reason"], registry=self.registry,
         )  # fmt: skip
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens read", registry=self.registry)
         self.generated_tokens = Counter(

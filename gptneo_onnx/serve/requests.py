@@ -96,6 +96,7 @@ class RequestHandle:
         self.request = request
         self.prompt_tokens = len(request.prompt_ids)
         self.submitted = time.monotonic()
+        self.admitted: float | None = None  # time.monotonic() when it took a slot
         self.deadline = deadline  # time.monotonic() past which the request times out
         self.cancelled = threading.Event()
         self._ready = threading.Condition()
