@@ -1,19 +1,22 @@
 """`gptneo-onnx serve` as a real process: SIGTERM drains it, a bad folder is one error line, and
-on Ray Serve two replicas answer and shutting down leaves no process behind."""
+on Ray Serve two replicas answer (fixed, or added by Ray's autoscaler under load) and shutting
+down leaves no process behind."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
 pytest.importorskip("fastapi")
-from serve_helpers import cli_command, cli_server, export_tiny_lm, free_port  # noqa: E402
+from serve_helpers import cli_command, cli_server, export_tiny_lm, free_port, wait_healthy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +129,67 @@ def test_ray_config_args_take_every_provider_option():
     options = provider_options(args)
     assert options == {"intra_op_threads": 2, "provider": "cpu", "cuda_tf32": True}
     assert ProviderOptions(**options).cuda_tf32 is True  # every key is a field
+
+
+def test_max_replicas_below_replicas_is_one_error_line(export):
+    result = subprocess.run(
+        [*cli_command(), "serve", str(export), "--replicas", "3", "--max-replicas", "2"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: --max-replicas (2) must be >= --replicas (3)"]  # the export's own warning aside
+
+
+def test_ray_serve_config_file_autoscales_from_one_replica_to_two_under_load(export, tmp_path):
+    """`serve run serve.yaml` (Ray's own tooling) with an autoscaling_config: one replica, then a
+    second as requests queue behind its one slot; both answer, and Ctrl-C leaves nothing behind."""
+    pytest.importorskip("ray")
+    psutil = pytest.importorskip("psutil")
+    from gptneo_onnx.serve.ray_app import PROXY_TIMEOUTS
+
+    port = free_port()
+    scaling = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1, "metrics_interval_s": 0.5,
+               "look_back_period_s": 1, "downscale_delay_s": 600}  # fmt: skip
+    args = {"export_dir": str(export), "threads": 1, "max_concurrent": 1, "max_queue": 16,
+            "autoscaling_config": scaling}  # fmt: skip
+    config = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "gptneo-onnx", "route_prefix": "/",
+                          "import_path": "gptneo_onnx.serve.ray_app:build", "args": args}],
+    }  # fmt: skip
+    (tmp_path / "serve.yaml").write_text(json.dumps(config))  # JSON is YAML
+    serve_cli = str(Path(cli_command()[0]).with_name("serve"))
+    environment = {**os.environ, **PROXY_TIMEOUTS, "RAY_USAGE_STATS_ENABLED": "0"}
+    process = subprocess.Popen(
+        [serve_cli, "run", str(tmp_path / "serve.yaml")], env=environment,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url, descendants = f"http://127.0.0.1:{port}", []
+    try:
+        wait_healthy(url, timeout=180, process=process)  # a bound: ~15 s here
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        idle = {httpx.get(f"{url}/health", timeout=10).headers["x-gptneo-onnx-replica"] for _ in range(6)}
+        assert len(idle) == 1  # min_replicas: one, before any load
+        body = {"prompt": "Once upon a time", "max_tokens": 300, "min_tokens": 300, "temperature": 0}
+        replicas: set[str] = set()
+        deadline = time.monotonic() + 120  # a bound: Ray added the replica within ~10 s here
+        with ThreadPoolExecutor(4) as pool:
+            while len(replicas) < 2 and time.monotonic() < deadline:
+                post = lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=60)  # noqa: E731
+                for response in pool.map(post, range(4)):
+                    assert response.status_code in (200, 429), response.text
+                    if response.status_code == 200:
+                        replicas.add(response.headers["x-gptneo-onnx-replica"])
+        assert len(replicas) == 2, "Ray never added the second replica"
+    finally:
+        process.send_signal(signal.SIGINT)  # `serve run` shuts the application and Ray down on Ctrl-C
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants):
+        assert time.monotonic() < deadline, [p.cmdline() for p in descendants if p.is_running()]
+        time.sleep(0.2)

@@ -62,10 +62,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--replicas", type=bounded_int(1, 64), help="run N replicas on Ray Serve (the ray extra)"
     )
+    parser.add_argument(
+        "--max-replicas", type=bounded_int(1, 64),
+        help="let Ray Serve autoscale from --replicas (default 1) up to M replicas as requests queue",
+    )  # fmt: skip
     parser.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://head:10001)")
     parser.add_argument(
         "--api-key",
-        help="require `Authorization: Bearer KEY` on /v1 routes (default: $GPTNEO_ONNX_API_KEY; "
+        help="require `Authorization: Bearer KEY` on every route but /health and /metrics (default: "
+        "$GPTNEO_ONNX_API_KEY; "
         "the environment keeps the key out of the process list)",
     )
     parser.add_argument(
@@ -108,7 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gptneo_onnx.runtime import load_manifest
     from gptneo_onnx.runtime.providers import check_options
 
-    for name in ("max_concurrent", "max_queue", "replicas", "threads"):
+    for name in ("max_concurrent", "max_queue", "replicas", "max_replicas", "threads"):
         value, least = getattr(args, name), 0 if name == "max_queue" else 1
         if value is not None and value < least:
             raise ServeSetupError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
@@ -129,18 +134,22 @@ def _serve(args: argparse.Namespace) -> int:
     )
     load_options = asdict(options)  # plain keywords of Model.load, sent as is to Ray replicas
     access = access_from(args)
-    if args.replicas is not None or args.ray_address is not None:
+    if args.max_replicas is not None and args.max_replicas < (args.replicas or 1):
+        least = args.replicas or 1
+        raise ServeSetupError(f"--max-replicas ({args.max_replicas}) must be >= --replicas ({least})")
+    if args.replicas is not None or args.max_replicas is not None or args.ray_address is not None:
         try:
             from gptneo_onnx.serve.ray_app import run_on_ray
         except ImportError as error:
             raise ServeSetupError(
-                f"--replicas and --ray-address need the ray extra: pip install 'gptneo-onnx[ray]' ({error})"
+                "--replicas, --max-replicas and --ray-address need the ray extra: "
+                f"pip install 'gptneo-onnx[ray]' ({error})"
             ) from None
 
         return run_on_ray(
             args.export_dir, model_name, limits, args.policy, load_options,
             replicas=args.replicas or 1, address=args.ray_address, host=args.host, port=args.port,
-            shutdown_timeout=args.shutdown_timeout, access=access,
+            shutdown_timeout=args.shutdown_timeout, access=access, max_replicas=args.max_replicas,
         )  # fmt: skip
     from gptneo_onnx.runtime import Model
     from gptneo_onnx.serve.api import ServerState

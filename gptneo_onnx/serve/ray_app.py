@@ -2,7 +2,9 @@
 
 Ray does the routing, the queueing in front of the replicas and the backpressure: a replica
 takes `max_concurrent` requests at once (its slots), Ray queues `max_queue` more, and answers
-429 with Retry-After past that. Ray also drains replicas on shutdown (`graceful_shutdown_timeout_s`).
+429 with Retry-After past that. Ray also drains replicas on shutdown (`graceful_shutdown_timeout_s`)
+and, given an autoscaling config, adds and removes replicas with the load: by default it aims at
+`max_concurrent` requests per replica (full slots), so a replica is added once requests queue.
 
 For `serve deploy` with a config file, point `import_path` at `gptneo_onnx.serve.ray_app:build`
 and give its `args` (docs/serving.md).
@@ -45,8 +47,10 @@ def deployment_app(
     replicas: int = 1,
     shutdown_timeout: float = 30.0,
     access: Access | None = None,
+    autoscaling: dict[str, Any] | None = None,
 ) -> serve.Application:
-    """The Ray Serve application: `replicas` copies of create_app, each loading the export itself."""
+    """The Ray Serve application: `replicas` copies of create_app, each loading the export itself,
+    or as many as Ray's `autoscaling` config (AutoscalingConfig's fields) asks for."""
     folder, options = str(export_dir), dict(load_options or {})
 
     def build_replica_app():  # runs on each replica
@@ -60,10 +64,13 @@ def deployment_app(
         return create_app(state, access=access)
 
     threads = options.get("intra_op_threads") or 1
+    if autoscaling is not None:
+        autoscaling = {"target_ongoing_requests": limits.max_concurrent, **autoscaling}
     deployment = serve.deployment(
         serve.ingress(build_replica_app)(),
         name=DEPLOYMENT_NAME,
-        num_replicas=replicas,
+        num_replicas=None if autoscaling is not None else replicas,
+        autoscaling_config=autoscaling,
         max_ongoing_requests=limits.max_concurrent,
         max_queued_requests=limits.max_queue,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
@@ -79,11 +86,14 @@ def build(args: dict[str, Any]) -> serve.Application:
     args: export_dir (required), model_name, replicas, policy, threads, shutdown_timeout, the
     limits max_concurrent, max_queue, max_input_tokens, max_total_tokens, request_timeout,
     api_key (default: $GPTNEO_ONNX_API_KEY where the application is built; empty is an error),
-    allowed_origins (a list),
+    allowed_origins (a list), autoscaling_config (Ray's AutoscalingConfig fields, instead of
+    replicas; target_ongoing_requests defaults to max_concurrent),
     and any ProviderOptions field (provider, device_id, cuda_tf32, ...).
     """
     if "export_dir" not in args:
         raise ValueError("the application's args need export_dir (the export folder on every node)")
+    if "replicas" in args and "autoscaling_config" in args:
+        raise ValueError("give replicas (a fixed count) or autoscaling_config, not both")
     limit_names = ("max_concurrent", "max_queue", "max_input_tokens", "max_total_tokens", "request_timeout")
     limits = EngineLimits(**{name: args[name] for name in limit_names if name in args})
     folder = Path(args["export_dir"])
@@ -96,6 +106,7 @@ def build(args: dict[str, Any]) -> serve.Application:
         replicas=int(args.get("replicas", 1)),
         shutdown_timeout=float(args.get("shutdown_timeout", 30.0)),
         access=access_settings(args.get("api_key"), args.get("allowed_origins", ())),
+        autoscaling=args.get("autoscaling_config"),
     )
 
 
@@ -112,8 +123,10 @@ def run_on_ray(
     port: int,
     shutdown_timeout: float,
     access: Access | None = None,
+    max_replicas: int | None = None,
 ) -> int:
-    """Start (or join) Ray, run the app until SIGTERM / Ctrl-C, then shut Serve and Ray down."""
+    """Start (or join) Ray, run the app until SIGTERM / Ctrl-C, then shut Serve and Ray down.
+    With `max_replicas`, Ray autoscales between `replicas` and it."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from servers
@@ -124,9 +137,11 @@ def run_on_ray(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        scaling = None if max_replicas is None else {"min_replicas": replicas, "max_replicas": max_replicas}
         application = deployment_app(
-            export_dir.resolve(), model_name, limits, policy, load_options, replicas, shutdown_timeout, access
-        )
+            export_dir.resolve(), model_name, limits, policy, load_options, replicas, shutdown_timeout,
+            access, scaling,
+        )  # fmt: skip
         try:
             serve.start(http_options={"host": host, "port": port})
             serve.run(application, name=APP_NAME, route_prefix="/")
@@ -135,10 +150,9 @@ def run_on_ray(
             print(f"error: Ray Serve could not start the application: {first} (Ray's logs: "
                   "/tmp/ray/session_latest/logs)", file=sys.stderr)  # fmt: skip
             return 1
-        print(
-            f"serving {model_name!r} on http://{host}:{port} with {replicas} replica(s) on Ray",
-            file=sys.stderr, flush=True,
-        )  # fmt: skip
+        count = f"{replicas} replica(s)" if max_replicas is None else f"{replicas}-{max_replicas} replicas"
+        print(f"serving {model_name!r} on http://{host}:{port} with {count} on Ray", file=sys.stderr)
+        sys.stderr.flush()
         stop.wait()
         print("shutting down Ray Serve", file=sys.stderr, flush=True)
     finally:
