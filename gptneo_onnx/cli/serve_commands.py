@@ -22,11 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         "serve an export over HTTP: OpenAI /v1/completions with continuous batching, metrics",
         "Serve an export over HTTP (OpenAI-compatible). One replica in this process, or N replicas on "
-        "Ray Serve with --replicas / --ray-address. Binds 127.0.0.1 unless --host says otherwise.",
+        "Ray Serve with --replicas / --max-replicas / --ray-address. Binds 127.0.0.1 unless --host "
+        "says otherwise.",
         [
             "gptneo-onnx serve                                  # the bundled model on 127.0.0.1:8000",
             "gptneo-onnx serve exports/neo --max-concurrent 8 --threads 2",
             "gptneo-onnx serve exports/neo --replicas 2 --threads 1    # Ray Serve (the ray extra)",
+            "gptneo-onnx serve exports/neo --max-replicas 4 --threads 1  # Ray autoscales 1-4 replicas",
         ],
     )
     parser.add_argument(
