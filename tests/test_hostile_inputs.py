@@ -347,6 +347,8 @@ RULES = {
     "top_k": lambda v: is_int(v) and v >= 0,
     "top_p": lambda v: is_real(v) and 0 < v <= 1,
     "repetition_penalty": lambda v: is_real(v) and v > 0,
+    "presence_penalty": is_real,
+    "frequency_penalty": is_real,
     "num_beams": lambda v: is_int(v) and v >= 1,
     "length_penalty": is_real,
     "num_return_sequences": lambda v: is_int(v) and v >= 1,
@@ -370,6 +372,12 @@ OPTIONS = {
     "top_p": st.one_of(st.floats(-0.5, 1.5), st.sampled_from([0, 1, 1e-12, 1.0000001, -0.0]), odd_numbers),
     "repetition_penalty": st.one_of(
         st.floats(-1, 3), st.sampled_from([0, 1e-40, 1e-50, 1e30, 1e300]), odd_numbers
+    ),
+    "presence_penalty": st.one_of(
+        st.floats(-3, 3), st.sampled_from([1e38, -1e38, 1e300, -1e300]), odd_numbers
+    ),
+    "frequency_penalty": st.one_of(
+        st.floats(-3, 3), st.sampled_from([1e38, -1e38, 1e300, -1e300]), odd_numbers
     ),
     "num_beams": st.sampled_from([1, 2, 3, 0, -1, 2.0, True]),
     "length_penalty": st.one_of(st.floats(-3, 3), odd_numbers),
@@ -429,6 +437,12 @@ def expected_problem(model, options: dict, prompt_length: int):
     prompt=[5, 6], options={"max_new_tokens": 4, "repetition_penalty": 1e-40, "do_sample": True, "seed": 4}
 )
 @example(prompt=[5, 6], options={"max_new_tokens": 4, "repetition_penalty": 1e-50})
+@example(
+    prompt=[5, 6], options={"max_new_tokens": 6, "frequency_penalty": -1e300, "do_sample": True, "seed": 5}
+)
+@example(
+    prompt=[5, 6], options={"max_new_tokens": 6, "presence_penalty": 1e300, "do_sample": True, "seed": 5}
+)
 @example(prompt=[5, 6], options={"max_new_tokens": 4, "length_penalty": math.nan, "num_beams": 2})
 @example(prompt=[5, 6], options={"max_new_tokens": 4, "do_sample": "no"})
 @example(prompt=[5, 6], options={"max_new_tokens": 4, "seed": -1, "do_sample": True})
@@ -450,7 +464,8 @@ def test_decoding_options(lm, prompt, options):
         return
     plain = dict(
         max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
-        repetition_penalty=config.repetition_penalty, num_beams=1, do_sample=False,
+        repetition_penalty=config.repetition_penalty, presence_penalty=config.presence_penalty,
+        frequency_penalty=config.frequency_penalty, num_beams=1, do_sample=False,
     )  # fmt: skip
     penalty_in_range = 1e-3 <= config.repetition_penalty <= 1e3  # beyond, scores clip to ties
     if not sampling:  # temperature, top-k, top-p and seed do not touch greedy decoding

@@ -102,9 +102,14 @@ def apply_presence_frequency_penalty(
     vLLM does; the prompt is not counted): score[j] -= frequency * count[j] + presence * (count[j] > 0).
     `generated` is (batch, new tokens so far)."""
     result = scores.copy()
+    largest = np.finfo(scores.dtype).max
     for row, tokens in enumerate(generated):
         seen, counts = np.unique(tokens, return_counts=True)
-        result[row, seen] -= (frequency * counts + presence).astype(scores.dtype)
+        penalized = result[row, seen].astype(np.float64) - (frequency * counts + presence)
+        # extreme penalties stay within float32's finite range (as the repetition penalty does),
+        # so no +inf reaches the softmax; a banned (-inf) token stays banned
+        bounded = np.clip(penalized, -largest, largest)
+        result[row, seen] = np.where(np.isneginf(result[row, seen]), -np.inf, bounded)
     return result
 
 
