@@ -156,7 +156,8 @@ def create_app(
     state: ServerState, max_body_bytes: int = MAX_BODY_BYTES, access: Access | None = None
 ) -> FastAPI:
     """The server for one replica; loads the model in the background at startup unless it is
-    loaded. `access`: an API key for /v1 and the origins CORS lets in (default: neither)."""
+    loaded. `access`: an API key (every route but /health and /metrics) and the origins CORS
+    lets in (default: neither)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

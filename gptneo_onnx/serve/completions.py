@@ -133,7 +133,7 @@ class Completions:
             for index, text, request in planned:
                 handle = self.engine.submit(request)
                 choices.append(
-                    Choice(index, text, handle, arrival=arrival, text_offset=len(text) * body.echo)
+                    Choice(index, text, handle, arrival=arrival, text_offset=len(text) if body.echo else 0)
                 )
         except Exception as error:
             for choice in choices:

@@ -21,6 +21,10 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+
+        def latency(name: str, text: str) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", text, buckets=LATENCY_BUCKETS, registry=self.registry)
+
         self.requests = Counter(
             f"{PREFIX}_requests", "HTTP requests answered, by endpoint and status code",
             ["endpoint", "status"], registry=self.registry,
@@ -40,22 +44,16 @@ class ServerMetrics:
             "Engine time per prefill run, decode step and regroup (rows joining or leaving the cache)",
             ["phase"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
-        self.time_to_first_token = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds", "From arrival to the first generated token",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self.inter_token_latency = Histogram(
-            f"{PREFIX}_inter_token_latency_seconds", "Between consecutive generated tokens of a request",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self.queue_time = Histogram(
-            f"{PREFIX}_request_queue_seconds", "From arrival to taking a slot (waiting for one)",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self.request_duration = Histogram(
-            f"{PREFIX}_request_duration_seconds", "From arrival to the end of the completion",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+        self.time_to_first_token = latency(
+            "time_to_first_token_seconds", "From arrival to the first generated token"
+        )
+        self.inter_token_latency = latency(
+            "inter_token_latency_seconds", "Between consecutive generated tokens of a request"
+        )
+        self.queue_time = latency("request_queue_seconds", "From arrival to taking a slot (waiting for one)")
+        self.request_duration = latency(
+            "request_duration_seconds", "From arrival to the end of the completion"
+        )
         self.finished = Counter(
             f"{PREFIX}_completions_finished", "Completions (one per choice) by how they ended: "
             "stop, length, cancelled, timeout, error", ["reason"], registry=self.registry,
