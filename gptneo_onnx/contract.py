@@ -29,6 +29,9 @@ FORMAT_MINOR_VERSION = 2
 # An export is written into a staging folder `.NAME.partial-XXXX` holding OWNER_FILE, then renamed.
 STAGING_INFIX = ".partial-"
 OWNER_FILE = ".owner"
+# transformers' tokenizer settings in an export (special tokens, padding side, the chat template)
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"  # where newer checkpoints keep their chat template
 # `validation.status`: only "passed" and "skipped" exports load.
 VALIDATION_STATUSES = ("passed", "failed", "pending", "skipped")
 

@@ -40,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
     parser.add_argument(
+        "--chat-template",
+        help="a Jinja chat template (a file, or the template itself) for /v1/chat/completions "
+        "(default: the export's own, from its checkpoint; base GPT-Neo has none)",
+    )
+    parser.add_argument(
         "--max-concurrent", type=bounded_int(1, 1024), default=8, help="requests decoded at once (slots)"
     )
     parser.add_argument(
@@ -127,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.export_dir = default_export_dir()
     load_manifest(args.export_dir)  # a bad folder is one error line, before anything listens
     model_name = args.model_name or args.export_dir.resolve().name
+    chat_template = chat_template_from(args)
     limits = EngineLimits(
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
@@ -152,13 +158,28 @@ def _serve(args: argparse.Namespace) -> int:
             args.export_dir, model_name, limits, args.policy, load_options,
             replicas=args.replicas or 1, address=args.ray_address, host=args.host, port=args.port,
             shutdown_timeout=args.shutdown_timeout, access=access, max_replicas=args.max_replicas,
+            chat_template=chat_template,
         )  # fmt: skip
     from gptneo_onnx.runtime import Model
     from gptneo_onnx.serve.api import ServerState
 
     folder = args.export_dir
-    state = ServerState(lambda: Model.load(folder, **load_options), model_name, limits, args.policy)
+    state = ServerState(
+        lambda: Model.load(folder, **load_options), model_name, limits, args.policy, chat_template
+    )
     return serve_forever(state, args.host, args.port, args.shutdown_timeout, access)
+
+
+def chat_template_from(args: argparse.Namespace) -> str | None:
+    """--chat-template's text, compiled once here so a broken template is one error line."""
+    from gptneo_onnx.serve.chat_template import ChatTemplateError, export_chat_template, read_option
+
+    try:
+        source = read_option(args.chat_template) if args.chat_template is not None else None
+        export_chat_template(args.export_dir, source)  # the export's own template compiles too
+    except (ChatTemplateError, OSError, UnicodeDecodeError) as error:
+        raise ServeSetupError(str(error)) from None
+    return source
 
 
 def access_from(args: argparse.Namespace) -> Access:

@@ -10,7 +10,13 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from gptneo_onnx.contract import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, OWNER_FILE, TASKS
+from gptneo_onnx.contract import (
+    DEFAULT_ACCURACY_LEVEL,
+    DEFAULT_BLOCK_SIZE,
+    OWNER_FILE,
+    TASKS,
+    TOKENIZER_CONFIG_NAME,
+)
 from gptneo_onnx.errors import CheckpointError, ParityError
 from gptneo_onnx.export.graphs import build_graph
 from gptneo_onnx.export.layout import transformers_js_dtype
@@ -169,7 +175,8 @@ def _write_files(
     tokenizer_name = _copy_tokenizer(tokenizer_file, folder, model.config.vocab_size)
     _write_hf_files(model, folder, generation_config, transformers_js_dtype(plan.precision, plan.quantize))
     if tokenizer_name:
-        write_json(folder, "tokenizer_config.json", tokenizer_config(model.config, folder / tokenizer_name))
+        settings = tokenizer_config(model.config, folder / tokenizer_name, Path(tokenizer_file).parent)
+        write_json(folder, TOKENIZER_CONFIG_NAME, settings)
     steps.update()
 
     manifest = build_manifest(

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gptneo_onnx.contract import MANIFEST_NAME, OWNER_FILE, STAGING_INFIX
+from gptneo_onnx.contract import MANIFEST_NAME, OWNER_FILE, STAGING_INFIX, TOKENIZER_CONFIG_NAME
 from gptneo_onnx.errors import ExportOutputError
 from gptneo_onnx.export.layout import GRAPH_FOLDER, GRAPH_FOLDER_FILES
 
@@ -35,7 +35,7 @@ EXPORT_FILES = frozenset(
     {
         MANIFEST_NAME,
         "tokenizer.json",
-        "tokenizer_config.json",
+        TOKENIZER_CONFIG_NAME,
         "config.json",
         "generation_config.json",
         "parity_report.json",

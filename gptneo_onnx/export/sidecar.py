@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -10,15 +11,18 @@ import onnx
 
 from gptneo_onnx.config import GPTNeoConfig
 from gptneo_onnx.contract import (
+    CHAT_TEMPLATE_NAME,
     DEFAULT_DOMAIN,
     FORMAT_MINOR_VERSION,
     FORMAT_VERSION,
     LOCAL_ATTENTION_MASK,
     MANIFEST_NAME,
+    TOKENIZER_CONFIG_NAME,
     WINDOWED_LOCAL_CACHE_VERSION,
     cache_names,
     sha256_of,
 )
+from gptneo_onnx.errors import CheckpointError
 from gptneo_onnx.export.graphs import NUM_LOGITS_TO_KEEP, IOSpec
 from gptneo_onnx.export.optimized import optimization_summary
 from gptneo_onnx.export.output_folder import write_json
@@ -135,9 +139,10 @@ def tokenizer_entry(folder: Path, name: str) -> dict:
     return {**file_entry(folder, name), "add_special_tokens": True, "skip_special_tokens": True}
 
 
-def tokenizer_config(config: GPTNeoConfig, tokenizer_path: Path) -> dict:
+def tokenizer_config(config: GPTNeoConfig, tokenizer_path: Path, checkpoint: Path | None = None) -> dict:
     """tokenizer_config.json for transformers(.js): GPT-2's tokenizer class, the checkpoint's special
-    tokens (pad falls back to eos, so a padded batch has one) and left padding, as the graphs expect."""
+    tokens (pad falls back to eos, so a padded batch has one), left padding, as the graphs expect,
+    and the chat template of the tokenizer's folder (`checkpoint`), if it has one."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -154,7 +159,25 @@ def tokenizer_config(config: GPTNeoConfig, tokenizer_path: Path) -> dict:
         "padding_side": "left",
         "model_max_length": config.max_position_embeddings,
         "clean_up_tokenization_spaces": False,
+        **({"chat_template": template} if (template := checkpoint_chat_template(checkpoint)) else {}),
     }
+
+
+def checkpoint_chat_template(folder: Path | None) -> str | list | None:
+    """A checkpoint's chat template: chat_template.jinja, else tokenizer_config.json's
+    `chat_template` (a string, or a list of named templates), as transformers saves them."""
+    if folder is None:
+        return None
+    if (folder / CHAT_TEMPLATE_NAME).is_file():
+        return (folder / CHAT_TEMPLATE_NAME).read_text(encoding="utf-8")
+    settings = folder / TOKENIZER_CONFIG_NAME
+    if not settings.is_file():
+        return None
+    try:
+        template = json.loads(settings.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{settings} is not a readable JSON object: {error}") from error
+    return template if isinstance(template, (str, list)) and template else None
 
 
 def cache_entry(config: GPTNeoConfig, plan: ExportPlan) -> dict | None:

@@ -20,12 +20,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gptneo_onnx.runtime import CausalLM, Model
 from gptneo_onnx.serve.access import Access, install_access
+from gptneo_onnx.serve.chat import ChatCompletions
+from gptneo_onnx.serve.chat_template import export_chat_template
 from gptneo_onnx.serve.completions import Completions
 from gptneo_onnx.serve.engine import Engine, EngineLimits
 from gptneo_onnx.serve.errors import APIError, install_error_handlers
 from gptneo_onnx.serve.heads import add_head_routes
 from gptneo_onnx.serve.metrics import ServerMetrics
-from gptneo_onnx.serve.protocol import CompletionRequest
+from gptneo_onnx.serve.protocol import ChatCompletionRequest, CompletionRequest
 from gptneo_onnx.serve.tokenizer_routes import add_tokenizer_routes
 
 MAX_BODY_BYTES = 4 * 2**20  # a 2,048-token prompt as ids is ~12 kB; embedding batches are larger
@@ -45,8 +47,10 @@ class ServerState:
         model_name: str,
         limits: EngineLimits | None = None,
         policy: str = "continuous",
+        chat_template: str | None = None,
     ):
         self._load = load
+        self.chat_template = chat_template  # a template's text, over the export's own
         self.model_name = model_name
         self.limits = limits or EngineLimits()
         self.policy = policy
@@ -54,6 +58,7 @@ class ServerState:
         self.model: Model | None = None
         self.engine: Engine | None = None
         self.completions: Completions | None = None
+        self.chat: ChatCompletions | None = None  # causal-lm exports with a tokenizer and a chat template
         self.phase = "loading"
         self.error: str | None = None
         self.in_flight = 0  # HTTP requests being answered (streams included)
@@ -69,6 +74,9 @@ class ServerState:
                 self.metrics.watch_engine(lambda: engine.stats.running, lambda: engine.stats.waiting)
                 self.engine = engine
                 self.completions = Completions(model, engine, self.metrics, self.model_name)
+                template = export_chat_template(model.manifest.folder, self.chat_template)
+                if template is not None and model.tokenizer is not None:
+                    self.chat = ChatCompletions(model, engine, self.metrics, self.model_name, template)
             self.model = model
             if self.phase == "loading":
                 self.phase = "ready"
@@ -207,12 +215,17 @@ def create_app(
         return service.stream(body, request) if body.stream else await service.answer(body, request)
 
     @app.post("/v1/chat/completions")
-    async def create_chat_completion() -> Response:
-        # GPT-Neo has no chat template; OpenAI answers its completion-only models the same way.
-        raise APIError(
-            404, "GPT-Neo is not a chat model and has no chat template: use /v1/completions with a prompt",
-            code="unsupported_endpoint",
-        )  # fmt: skip
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        state.require("causal-lm")
+        service = state.chat
+        if service is None:  # OpenAI answers its completion-only models the same way
+            raise APIError(
+                404, "this export has no chat template (base GPT-Neo is not a chat model): serve it with "
+                "--chat-template FILE, or use /v1/completions with a prompt",
+                code="unsupported_endpoint",
+            )  # fmt: skip
+        return service.stream(body, request) if body.stream else await service.answer(body, request)
 
     add_head_routes(app, state)
     add_tokenizer_routes(app, state)

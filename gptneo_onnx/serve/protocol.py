@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_LOGPROBS = 5  # the legacy completions API's limit
+MAX_TOP_LOGPROBS = 20  # the chat API's limit
+MAX_BEST_OF = 16  # candidates per prompt (rows in the batch each)
 MAX_LOGIT_BIAS = 100  # OpenAI's range for a bias: -100 (ban) to 100 (force)
 
 # A prompt: text, token ids, or a list of either.
@@ -24,15 +26,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. Unknown fields (OpenAI's `user`, ...) are ignored; `suffix` is
-    refused in completions.py, as GPT-Neo does not insert text."""
+class SamplingRequest(BaseModel):
+    """The decoding fields /v1/completions and /v1/chat/completions share. Unknown fields
+    (OpenAI's `user`, ...) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: PromptField
-    max_tokens: int | None = Field(default=16, ge=0)  # 0 only with echo: score the prompt
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
@@ -40,13 +40,9 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # OpenAI's penalties on the tokens generated so far (runtime GenerationConfig)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    best_of: int | None = Field(default=None, ge=1)  # refused unless it equals n (completions.py)
-    suffix: str | None = None
     # token id (as a JSON key, so a string) -> bias added to its logit before sampling
     logit_bias: dict[str, float] | None = None
     # Extensions (vLLM's names), sent by the official client through `extra_body`.
@@ -74,12 +70,80 @@ class CompletionRequest(BaseModel):
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token}")
         return bias
 
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions. `suffix` is refused in completions.py, as GPT-Neo does not insert
+    text; `best_of` ranks candidates there."""
+
+    prompt: PromptField
+    max_tokens: int | None = Field(default=16, ge=0)  # 0 only with echo: score the prompt
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_BEST_OF)
+    suffix: str | None = None
+
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, prompt: PromptField) -> PromptField:
         if isinstance(prompt, list) and not prompt:
             raise ValueError("prompt must not be an empty list")
         return prompt
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """A message as chat templates see it: `content` is text, or text parts (joined by newlines,
+    as vLLM's "string" content format does)."""
+
+    model_config = ConfigDict(extra="allow")  # `name` and other keys reach the template as sent
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, content: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        for part in content if isinstance(content, list) else ():
+            if part.type != "text" or part.text is None:
+                raise ValueError(
+                    f"only text content parts are offered (GPT-Neo reads text), got {part.type!r}"
+                )
+        return content
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(part.text or "" for part in self.content)
+        return self.content or ""
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "text"
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions: the messages go through the export's chat template (or
+    --chat-template). `max_completion_tokens` is OpenAI's current name for `max_tokens`; vLLM's
+    `add_generation_prompt`, `continue_final_message` and `chat_template_kwargs` are extensions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -113,6 +177,64 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] = Field(default_factory=list)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed event; the last (with stream_options.include_usage) has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
 

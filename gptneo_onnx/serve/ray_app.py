@@ -25,6 +25,7 @@ from ray.serve.config import BackpressureConfig
 
 from gptneo_onnx.runtime import ProviderOptions
 from gptneo_onnx.serve.access import Access, access_settings
+from gptneo_onnx.serve.chat_template import read_option
 from gptneo_onnx.serve.engine import EngineLimits
 
 DEPLOYMENT_NAME = "gptneo-onnx"
@@ -48,6 +49,7 @@ def deployment_app(
     shutdown_timeout: float = 30.0,
     access: Access | None = None,
     autoscaling: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> serve.Application:
     """The Ray Serve application: `replicas` copies of create_app, each loading the export itself,
     or as many as Ray's `autoscaling` config (AutoscalingConfig's fields) asks for."""
@@ -57,7 +59,7 @@ def deployment_app(
         from gptneo_onnx.runtime import Model
         from gptneo_onnx.serve.api import ServerState, create_app
 
-        state = ServerState(lambda: Model.load(folder, **options), model_name, limits, policy)
+        state = ServerState(lambda: Model.load(folder, **options), model_name, limits, policy, chat_template)
         state.load()  # the replica counts as started only once its model is loaded
         if state.phase == "failed":
             raise RuntimeError(state.error)
@@ -86,7 +88,8 @@ def build(args: dict[str, Any]) -> serve.Application:
     args: export_dir (required), model_name, replicas, policy, threads, shutdown_timeout, the
     limits max_concurrent, max_queue, max_input_tokens, max_total_tokens, request_timeout,
     api_key (default: $GPTNEO_ONNX_API_KEY where the application is built; empty is an error),
-    allowed_origins (a list), autoscaling_config (Ray's AutoscalingConfig fields, instead of
+    allowed_origins (a list), chat_template (a file on the node that builds the app, or the
+    template itself), autoscaling_config (Ray's AutoscalingConfig fields, instead of
     replicas; target_ongoing_requests defaults to max_concurrent),
     and any ProviderOptions field (provider, device_id, cuda_tf32, ...).
     """
@@ -97,6 +100,7 @@ def build(args: dict[str, Any]) -> serve.Application:
     limit_names = ("max_concurrent", "max_queue", "max_input_tokens", "max_total_tokens", "request_timeout")
     limits = EngineLimits(**{name: args[name] for name in limit_names if name in args})
     folder = Path(args["export_dir"])
+    chat_template = read_option(args["chat_template"]) if args.get("chat_template") else None
     return deployment_app(
         folder,
         args.get("model_name") or folder.name,
@@ -107,6 +111,7 @@ def build(args: dict[str, Any]) -> serve.Application:
         shutdown_timeout=float(args.get("shutdown_timeout", 30.0)),
         access=access_settings(args.get("api_key"), args.get("allowed_origins", ())),
         autoscaling=args.get("autoscaling_config"),
+        chat_template=chat_template,
     )
 
 
@@ -124,6 +129,7 @@ def run_on_ray(
     shutdown_timeout: float,
     access: Access | None = None,
     max_replicas: int | None = None,
+    chat_template: str | None = None,
 ) -> int:
     """Start (or join) Ray, run the app until SIGTERM / Ctrl-C, then shut Serve and Ray down.
     With `max_replicas`, Ray autoscales between `replicas` and it."""
@@ -140,7 +146,7 @@ def run_on_ray(
         scaling = None if max_replicas is None else {"min_replicas": replicas, "max_replicas": max_replicas}
         application = deployment_app(
             export_dir.resolve(), model_name, limits, policy, load_options, replicas, shutdown_timeout,
-            access, scaling,
+            access, scaling, chat_template,
         )  # fmt: skip
         try:
             serve.start(http_options={"host": host, "port": port})
