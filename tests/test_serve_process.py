@@ -152,7 +152,8 @@ def test_ray_serve_config_file_autoscales_from_one_replica_to_two_under_load(exp
     scaling = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1, "metrics_interval_s": 0.5,
                "look_back_period_s": 1, "downscale_delay_s": 600}  # fmt: skip
     args = {"export_dir": str(export), "threads": 1, "max_concurrent": 1, "max_queue": 16,
-            "autoscaling_config": scaling}  # fmt: skip
+            "autoscaling_config": scaling,
+            "chat_template": "Q: {{ messages[-1]['content'] }}\nA:"}  # fmt: skip
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{"name": "gptneo-onnx", "route_prefix": "/",
@@ -171,6 +172,12 @@ def test_ray_serve_config_file_autoscales_from_one_replica_to_two_under_load(exp
         descendants = psutil.Process(process.pid).children(recursive=True)
         idle = {httpx.get(f"{url}/health", timeout=10).headers["x-gptneo-onnx-replica"] for _ in range(6)}
         assert len(idle) == 1  # min_replicas: one, before any load
+        # the args' chat template reaches the replica: a chat turn is the completion of its prompt
+        greedy = {"max_tokens": 6, "temperature": 0}
+        chat = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "Hi"}], **greedy})  # fmt: skip
+        plain = httpx.post(f"{url}/v1/completions", json={"prompt": "Q: Hi\nA:", **greedy}, timeout=60)
+        assert chat.json()["choices"][0]["message"]["content"] == plain.json()["choices"][0]["text"]
         body = {"prompt": "Once upon a time", "max_tokens": 300, "min_tokens": 300, "temperature": 0}
         replicas: set[str] = set()
         deadline = time.monotonic() + 120  # a bound: Ray added the replica within ~10 s here
