@@ -365,3 +365,26 @@ def test_best_of_returns_the_most_likely_candidates(server, model, chat_export):
     for body in ({"best_of": 1, "n": 2}, {"best_of": 3, "stream": True}, {"best_of": 17}):
         response = httpx.post(f"{server}/v1/completions", json={"prompt": prompt, **body}, timeout=30)
         assert response.status_code == 400, body
+
+
+def test_checkpoint_templates_in_either_place_and_named_ones(tmp_path, tokenizer_file):
+    """A checkpoint's chat_template.jinja wins over its tokenizer_config.json's (as transformers
+    saves them); a list of named templates serves `default`; the export's tokenizer_config.json
+    then gives transformers the same template."""
+    from gptneo_onnx.export.sidecar import checkpoint_chat_template
+    from gptneo_onnx.serve.chat_template import export_chat_template
+
+    named = [{"name": "tool_use", "template": STRICT}, {"name": "default", "template": ZEPHYR}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert checkpoint_chat_template(tmp_path) == named
+    (tmp_path / "export").mkdir()
+    settings = {"chat_template": named, "eos_token": {"content": "</s>", "special": True}}
+    (tmp_path / "export" / "tokenizer_config.json").write_text(json.dumps(settings))
+    served = export_chat_template(tmp_path / "export")
+    expected = transformers_tokenizer(tokenizer_file, ZEPHYR).apply_chat_template(
+        CONVERSATIONS[1], tokenize=False
+    )
+    assert served.render(CONVERSATIONS[1], add_generation_prompt=False) == expected
+    (tmp_path / "chat_template.jinja").write_text(CHATML)
+    assert checkpoint_chat_template(tmp_path) == CHATML
+    assert checkpoint_chat_template(tmp_path / "missing") is None
