@@ -294,15 +294,19 @@ def test_chat_refusals_are_openai_errors(server, tmp_path_factory):
     assert text_parts.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
 
 
-def test_an_export_without_a_template_answers_404(tmp_path_factory):
+def test_an_export_without_a_template_or_a_tokenizer_answers_404(tmp_path_factory):
     base = export_tiny_lm(tmp_path_factory.getbasetemp() / "serve-lm")
-    state = ServerState(lambda: CausalLM.load(base, intra_op_threads=1), NAME, EngineLimits(max_concurrent=1))
-    with app_server(state) as url:
-        response = httpx.post(
-            f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
-        )
-    assert response.status_code == 404
-    assert "--chat-template" in response.json()["error"]["message"]
+    bare = export_tiny(
+        "causal-lm", tmp_path_factory.mktemp("bare") / "export", export_options={"validate": False}
+    )[1]
+    for folder, template, says in ((base, None, "--chat-template"), (bare, CHATML, "tokenizer.json")):
+        load = lambda folder=folder: CausalLM.load(folder, intra_op_threads=1)
+        state = ServerState(load, NAME, EngineLimits(max_concurrent=1), chat_template=template)
+        with app_server(state) as url:
+            body = {"messages": [{"role": "user", "content": "x"}]}
+            response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 404
+        assert says in response.json()["error"]["message"]
 
 
 def test_cli_chat_template_serves_a_base_export(tmp_path_factory):

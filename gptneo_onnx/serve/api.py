@@ -219,6 +219,10 @@ def create_app(
         state.check_model(body.model)
         state.require("causal-lm")
         service = state.chat
+        if service is None and state.model.tokenizer is None:
+            raise APIError(404, "chat needs the export's tokenizer.json, and this export has none: "
+                           "re-export with the tokenizer, or send token ids to /v1/completions",
+                           code="unsupported_endpoint")  # fmt: skip
         if service is None:  # OpenAI answers its completion-only models the same way
             raise APIError(
                 404, "this export has no chat template (base GPT-Neo is not a chat model): serve it with "
