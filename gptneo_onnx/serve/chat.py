@@ -10,8 +10,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from tokenizers import Tokenizer, decoders
+from fastapi.responses import JSONResponse
+from tokenizers import decoders
 
 from gptneo_onnx.runtime import CausalLM
 from gptneo_onnx.serve.chat_template import ChatTemplate, ChatTemplateError
@@ -49,6 +49,8 @@ class ChatCompletions(ChoiceRunner):
     ):
         super().__init__(model, engine, metrics, model_name)
         self.template = template
+        byte_level = isinstance(model.tokenizer.decoder, decoders.ByteLevel)
+        self.byte_alphabet = byte_level_alphabet() if byte_level else None  # None: bytes of the text
 
     def prompt(self, body: ChatCompletionRequest) -> tuple[str, list[int]]:
         """The rendered prompt and its token ids (the template writes any special tokens itself)."""
@@ -80,7 +82,7 @@ class ChatCompletions(ChoiceRunner):
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return super().submit(body, [self.prompt(body)], Plan(body.n, max_tokens, logprobs))
+        return self.start(body, [self.prompt(body)], Plan(body.n, max_tokens, logprobs))
 
     # ---- answers ------------------------------------------------------------------------------
     def chat_logprobs(self, entries: list[LogprobEntry]) -> ChatLogprobs:
@@ -99,8 +101,10 @@ class ChatCompletions(ChoiceRunner):
     def token_bytes(self, token_id: int) -> list[int]:
         """The token's own bytes: a byte-level BPE token may hold part of a character, which its
         decoded text ("\ufffd") loses."""
-        tokenizer = self.model.tokenizer
-        return list(exact_bytes(tokenizer, token_id) or self.token_text(token_id).encode("utf-8"))
+        token, alphabet = self.model.tokenizer.id_to_token(token_id), self.byte_alphabet
+        if alphabet is not None and token and all(character in alphabet for character in token):
+            return [alphabet[character] for character in token]
+        return list(self.token_text(token_id).encode("utf-8"))
 
     async def answer(self, body: ChatCompletionRequest, request: Request) -> JSONResponse:
         choices = self.submit(body)
@@ -122,10 +126,6 @@ class ChatCompletions(ChoiceRunner):
         )
         return JSONResponse(response.model_dump())
 
-    def stream(self, body: ChatCompletionRequest, request: Request) -> StreamingResponse:
-        choices = self.submit(body)
-        return StreamingResponse(self.events(body, choices, request), media_type="text/event-stream")
-
     async def events(
         self, body: ChatCompletionRequest, choices: list[Choice], request: Request
     ) -> AsyncIterator[str]:
@@ -138,29 +138,26 @@ class ChatCompletions(ChoiceRunner):
             )
             return f"data: {event.model_dump_json(exclude_none=True)}\n\n"
 
-        try:
-            for choice in choices:
-                yield chunk(
-                    [ChatChunkChoice(index=choice.candidate, delta=ChatDelta(role="assistant", content=""))]
-                )
-            async for choice, event, added in self.follow(choices, request):
-                if isinstance(event, TokenEvent):
-                    logprobs = self.chat_logprobs(choice.entries[-1:]) if body.logprobs else None
-                    if added or logprobs is not None:  # text held back (a stop string may start) waits
-                        delta = ChatDelta(content=added)
-                        yield chunk([ChatChunkChoice(index=choice.candidate, delta=delta, logprobs=logprobs)])
-                elif isinstance(event, FinishEvent):
-                    failure = finish_error(event)
-                    if failure is not None:
-                        yield failure.sse()
-                        return
-                    delta, reason = ChatDelta(content=added or None), finish_reason(event)
-                    yield chunk([ChatChunkChoice(index=choice.candidate, delta=delta, finish_reason=reason)])
-            if body.stream_options and body.stream_options.include_usage:
-                yield chunk([], usage=usage(choices))
-            yield "data: [DONE]\n\n"
-        except Exception as error:  # a failure mid-stream: an error event, then the stream closes
-            yield APIError(500, f"generation failed: {error}", code="generation_failed").sse()
+        for choice in choices:
+            yield chunk(
+                [ChatChunkChoice(index=choice.candidate, delta=ChatDelta(role="assistant", content=""))]
+            )
+        async for choice, event, added in self.follow(choices, request):
+            if isinstance(event, TokenEvent):
+                logprobs = self.chat_logprobs(choice.entries[-1:]) if body.logprobs else None
+                if added or logprobs is not None:  # text held back (a stop string may start) waits
+                    delta = ChatDelta(content=added)
+                    yield chunk([ChatChunkChoice(index=choice.candidate, delta=delta, logprobs=logprobs)])
+            elif isinstance(event, FinishEvent):
+                failure = finish_error(event)
+                if failure is not None:
+                    yield failure.sse()
+                    return
+                delta, reason = ChatDelta(content=added or None), finish_reason(event)
+                yield chunk([ChatChunkChoice(index=choice.candidate, delta=delta, finish_reason=reason)])
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk([], usage=usage(choices))
+        yield "data: [DONE]\n\n"
 
 
 @functools.cache
@@ -176,16 +173,6 @@ def byte_level_alphabet() -> dict[str, int]:
     for shift, byte in enumerate(byte for byte in range(256) if byte not in characters):
         characters[byte] = chr(256 + shift)
     return {character: byte for byte, character in characters.items()}
-
-
-def exact_bytes(tokenizer: Tokenizer | None, token_id: int) -> bytes | None:
-    """A byte-level BPE token's bytes; None for other tokenizers and tokens outside the alphabet."""
-    if tokenizer is None or not isinstance(tokenizer.decoder, decoders.ByteLevel):
-        return None
-    token, alphabet = tokenizer.id_to_token(token_id), byte_level_alphabet()
-    if not token or any(character not in alphabet for character in token):
-        return None
-    return bytes(alphabet[character] for character in token)
 
 
 def chat_id() -> str:

@@ -70,7 +70,6 @@ class ChatTemplate:
             raise ChatTemplateError(
                 f"the chat template does not compile: {error} (line {error.lineno})"
             ) from None
-        self.source = source
         self.special_tokens = dict(special_tokens or {})
 
     def render(
@@ -89,8 +88,6 @@ class ChatTemplate:
             prompt = self.template.render(
                 **context, messages=messages, add_generation_prompt=add_generation_prompt
             )
-        except ChatTemplateError:
-            raise
         except jinja2.TemplateError as error:  # undefined names, sandbox refusals, bad filters
             raise ChatTemplateError(f"the chat template failed: {error}") from None
         if continue_final_message:

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
-from gptneo_onnx.runtime import CausalLM, GenerationConfig
+from gptneo_onnx.runtime import CausalLM, GenerationConfig, IncrementalDecoder
 from gptneo_onnx.serve.engine import (
     Draining,
     Engine,
@@ -84,7 +85,8 @@ class Plan:
 
 
 class ChoiceRunner:
-    """Submits a request's choices to the engine and follows their events."""
+    """Submits a request's choices to the engine and follows their events. An endpoint gives
+    `submit(body)` (its prompts and plan, through `start`), `answer` and `events`."""
 
     def __init__(self, model: CausalLM, engine: Engine, metrics: ServerMetrics, model_name: str):
         self.model, self.engine, self.metrics, self.model_name = model, engine, metrics, model_name
@@ -116,7 +118,7 @@ class ChoiceRunner:
             frequency_penalty=body.frequency_penalty or 0.0,
         )  # the engine validates it (token ids within the vocabulary included)
 
-    def submit(self, body: SamplingRequest, prompts: list[tuple[str, list[int]]], plan: Plan) -> list[Choice]:
+    def start(self, body: SamplingRequest, prompts: list[tuple[str, list[int]]], plan: Plan) -> list[Choice]:
         """Submit every (prompt, candidate); candidate c of a seeded request samples with seed + c.
         On a refusal, cancel what was already submitted."""
         arrival = time.perf_counter()
@@ -177,8 +179,6 @@ class ChoiceRunner:
 
     def prompt_entries(self, prompt_ids: list[int], event: PromptEvent) -> list[LogprobEntry]:
         """The echoed prompt's entries: offsets where each token's text starts in the prompt."""
-        from gptneo_onnx.runtime import IncrementalDecoder
-
         entries, offset = [], 0
         tokenizer = self.model.tokenizer
         decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
@@ -190,6 +190,12 @@ class ChoiceRunner:
     def token_text(self, token_id: int) -> str:
         tokenizer = self.model.tokenizer
         return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else str(token_id)
+
+    def stream(self, body: SamplingRequest, request: Request) -> StreamingResponse:
+        """Server-sent events from the endpoint's `events`. Submitting happens here, before the
+        response starts, so a refusal is still an HTTP error and not an event."""
+        choices = self.submit(body)
+        return StreamingResponse(guarded(self.events(body, choices, request)), media_type="text/event-stream")
 
     async def finish_all(self, choices: list[Choice], request: Request) -> None:
         """Wait for every choice (cancelling them all if the client goes away); raise the first
@@ -232,6 +238,18 @@ class ChoiceRunner:
             watcher.cancel()
             for choice in choices:
                 choice.handle.cancel()
+
+
+async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A failure mid-stream: an error event, then the stream closes. Closing this closes `events`
+    at once (its choices are cancelled then, not when it is collected)."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as error:
+        yield APIError(500, f"generation failed: {error}", code="generation_failed").sse()
+    finally:
+        await events.aclose()
 
 
 async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, EngineEvent]]:

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from gptneo_onnx.serve.choices import (
     Choice,
@@ -73,7 +73,7 @@ class Completions(ChoiceRunner):
         return Plan(best_of, body.max_tokens, logprobs, body.echo, body.max_tokens == 0)
 
     def submit(self, body: CompletionRequest) -> list[Choice]:
-        return super().submit(body, self.prompts(body), self.plan(body))
+        return self.start(body, self.prompts(body), self.plan(body))
 
     # ---- answers ------------------------------------------------------------------------------
     def legacy_logprobs(self, entries: list[LogprobEntry]) -> CompletionLogprobs:
@@ -118,14 +118,10 @@ class Completions(ChoiceRunner):
         )
         return JSONResponse(response.model_dump())
 
-    def stream(self, body: CompletionRequest, request: Request) -> StreamingResponse:
-        """Server-sent events: one chunk per token, a finish chunk per choice, usage if asked, [DONE]."""
-        choices = self.submit(body)
-        return StreamingResponse(self.events(body, choices, request), media_type="text/event-stream")
-
     async def events(
         self, body: CompletionRequest, choices: list[Choice], request: Request
     ) -> AsyncIterator[str]:
+        """One chunk per token, a finish chunk per choice, usage if asked, [DONE]."""
         ident, created = completion_id(), int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -135,33 +131,26 @@ class Completions(ChoiceRunner):
             response = CompletionResponse(id=ident, created=created, model=self.model_name, choices=[item])
             return f"data: {response.model_dump_json(exclude={'usage'} if not include_usage else None)}\n\n"
 
-        try:
-            if body.echo and body.logprobs is None:
-                for choice in choices:
-                    yield chunk(choice, choice.prompt_text)
-            async for choice, event, added in self.follow(choices, request):
-                if isinstance(event, PromptEvent):  # the echo, with the prompt's logprobs
-                    yield chunk(
-                        choice, choice.prompt_text, logprobs=self.legacy_logprobs(choice.prompt_entries)
-                    )
-                elif isinstance(event, TokenEvent):
-                    logprobs = (
-                        self.legacy_logprobs(choice.entries[-1:]) if body.logprobs is not None else None
-                    )
-                    yield chunk(choice, added, logprobs=logprobs)
-                elif (failure := finish_error(event)) is not None:
-                    yield failure.sse()
-                    return
-                else:
-                    yield chunk(choice, added, finish_reason(event))
-            if include_usage:
-                usage_chunk = CompletionResponse(
-                    id=ident, created=created, model=self.model_name, choices=[], usage=usage(choices)
-                )
-                yield f"data: {usage_chunk.model_dump_json()}\n\n"
-            yield "data: [DONE]\n\n"
-        except Exception as error:  # a failure mid-stream: an error event, then the stream closes
-            yield APIError(500, f"generation failed: {error}", code="generation_failed").sse()
+        if body.echo and body.logprobs is None:
+            for choice in choices:
+                yield chunk(choice, choice.prompt_text)
+        async for choice, event, added in self.follow(choices, request):
+            if isinstance(event, PromptEvent):  # the echo, with the prompt's logprobs
+                yield chunk(choice, choice.prompt_text, logprobs=self.legacy_logprobs(choice.prompt_entries))
+            elif isinstance(event, TokenEvent):
+                logprobs = self.legacy_logprobs(choice.entries[-1:]) if body.logprobs is not None else None
+                yield chunk(choice, added, logprobs=logprobs)
+            elif (failure := finish_error(event)) is not None:
+                yield failure.sse()
+                return
+            else:
+                yield chunk(choice, added, finish_reason(event))
+        if include_usage:
+            usage_chunk = CompletionResponse(
+                id=ident, created=created, model=self.model_name, choices=[], usage=usage(choices)
+            )
+            yield f"data: {usage_chunk.model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
 
 
 def returned(choices: list[Choice], n: int) -> list[tuple[int, Choice]]:
